@@ -1,0 +1,47 @@
+"""`sft-dist`: argument parsing, and the mapping of outcomes to exit codes
+(0 success; 2 bad config, data or arguments, found before training; 1 a run that started and failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sft_dist.errors import UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sft-dist", description="Distributed supervised fine-tuning.")
+    commands = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "fine-tune a model"), ("data", "validate the data and print statistics")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("config", help="run config (YAML)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key by dotted path, e.g. --set train.lr=1e-4")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from sft_dist import driver
+
+            return driver.train(args.config, args.overrides)
+        if args.command == "data":
+            return data_command(args.config, args.overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def data_command(config_path: str, overrides: list[str]) -> int:
+    from sft_dist import config as config_lib
+    from sft_dist import driver
+
+    cfg = config_lib.load(config_path, overrides)
+    data = driver.prepare_data(cfg)
+    print(json.dumps(data.stats, indent=2))
+    return 0

@@ -1,0 +1,328 @@
+"""The run configuration: typed, frozen pydantic models of the YAML, loading, `--set` overrides and
+cross-field checks. Nothing else in sft_dist parses YAML. Imports no torch, Ray or DeepSpeed.
+
+Every section forbids unknown keys, so a typo is an error naming the dotted key and the file line,
+never a silent default downstream.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sft_dist.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str
+    gguf_file: str | None = None
+    task: Literal["causal_lm", "sequence_classification", "token_classification", "image_classification"] = (
+        "causal_lm"
+    )
+    # "auto" follows train.precision; DeepSpeed keeps fp32 master weights either way.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _task_supported(cls, task: str) -> str:
+        if task != "causal_lm":
+            raise ValueError(f"task {task!r} is not supported yet; use causal_lm")
+        return task
+
+
+class PeftConfig(Section):
+    method: Literal["none", "lora"] = "none"
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class DataConfig(Section):
+    train: str | list[str]
+    eval: str | list[str] | None = None
+    format: Literal["messages"] = "messages"
+    max_seq_len: int = Field(1024, gt=0)
+    packing: bool = False
+    loss_on: Literal["assistant", "all"] = "assistant"
+    on_bad_row: Literal["error", "skip"] = "error"
+
+    def train_files(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+    def eval_files(self) -> list[str]:
+        if self.eval is None:
+            return []
+        return [self.eval] if isinstance(self.eval, str) else list(self.eval)
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> "DataConfig":
+        for key, files in (("data.train", self.train_files()), ("data.eval", self.eval_files())):
+            for f in files:
+                if not Path(f).is_file():
+                    raise ValueError(f"{key}: file not found: {f}")
+        return self
+
+    @field_validator("packing")
+    @classmethod
+    def _packing_later(cls, packing: bool) -> bool:
+        if packing:
+            raise ValueError("packing is not supported yet; set data.packing: false")
+        return packing
+
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, gt=0)
+    epochs: int = Field(1, gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    # Optional restatement of micro_batch_size x grad_accum x workers; checked, never derived.
+    global_batch_size: int | None = Field(None, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    scheduler: Literal[SCHEDULERS] = "linear"  # type: ignore[valid-type]
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+
+
+class DeepSpeedConfig(Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("deepspeed.offload_params: needs deepspeed.stage: 3")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_optimizer_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
+        return self
+
+
+class GenerateConfig(Section):
+    num_prompts: int = Field(4, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(None, gt=0)
+    at_start: bool = True
+    at_end: bool = True
+    micro_batch_size: int | None = Field(None, gt=0)
+    generate: GenerateConfig | None = None
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, gt=0)
+    keep: int = Field(2, gt=0)
+
+
+class RayConfig(Section):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    address: str | None = None
+    max_failures: int = Field(0, ge=0)
+    storage_path: str | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Intra-op threads per worker: on CPU workers more threads than cores only adds contention.
+    threads_per_worker: int = Field(1, gt=0)
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(1, gt=0)
+    tensorboard: bool = False
+    mlflow: str | None = None
+
+
+class RunConfig(Section):
+    run_name: str | None = None
+    output_dir: str = "runs"
+    seed: int = 42
+    model: ModelConfig
+    peft: PeftConfig = PeftConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    ray: RayConfig = RayConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or "/" in name or name.startswith(".")):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return name
+
+    @model_validator(mode="after")
+    def _global_batch_matches(self) -> "RunConfig":
+        t = self.train
+        made = t.micro_batch_size * t.grad_accum * self.ray.num_workers
+        if t.global_batch_size is not None and t.global_batch_size != made:
+            raise ValueError(
+                f"train.global_batch_size: {t.global_batch_size} but train.micro_batch_size "
+                f"({t.micro_batch_size}) x train.grad_accum ({t.grad_accum}) x ray.num_workers "
+                f"({self.ray.num_workers}) = {made}; change one of them so the product matches"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self) -> "RunConfig":
+        if self.train.precision == "fp16" and not self.ray.use_gpu:
+            raise ValueError("train.precision: fp16 needs GPU workers (ray.use_gpu: true); use bf16 or fp32 on CPU")
+        return self
+
+    @model_validator(mode="after")
+    def _model_path_exists(self) -> "RunConfig":
+        path = self.model.name_or_path
+        looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+        if looks_local and not Path(path).expanduser().is_dir():
+            raise ValueError(f"model.name_or_path: folder not found: {path} (nor is it a hub name like org/model)")
+        if self.model.gguf_file and looks_local and not (Path(path).expanduser() / self.model.gguf_file).is_file():
+            raise ValueError(f"model.gguf_file: {self.model.gguf_file} not found in {path}")
+        return self
+
+    def run_dir(self) -> Path:
+        assert self.run_name, "resolve() names the run"
+        return Path(self.output_dir) / self.run_name
+
+    def storage_path(self) -> str:
+        return self.ray.storage_path or self.output_dir
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file, apply `--set key=value` overrides, validate, and resolve paths and run name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("config file not found", file=str(path))
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UserError(f"not valid YAML: {getattr(err, 'problem', err)}", file=str(path),
+                        line=mark.line + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise UserError("the top level must be a mapping of sections", file=str(path))
+    from_set = {}
+    for item in overrides:
+        key = apply_override(raw, item)
+        from_set[key] = item
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _user_error(err, path, text, from_set) from None
+    return resolve(config, path)
+
+
+def apply_override(raw: dict, item: str) -> str:
+    """Apply one `a.b.c=value` to the raw mapping; the value is parsed as YAML (so 3 is an int)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set a key inside a {type(child).__name__}", key=key)
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+    return key
+
+
+def resolve(config: RunConfig, config_path: Path) -> RunConfig:
+    """Name the run (config stem + time when unnamed) and make local paths absolute."""
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve())
+
+    data = config.data
+    updates: dict[str, Any] = {
+        "run_name": config.run_name or f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "output_dir": absolute(config.output_dir),
+        "data": data.model_copy(update={
+            "train": [absolute(f) for f in data.train_files()],
+            "eval": [absolute(f) for f in data.eval_files()] or None,
+        }),
+    }
+    if Path(config.model.name_or_path).expanduser().is_dir():
+        updates["model"] = config.model.model_copy(update={"name_or_path": absolute(config.model.name_or_path)})
+    if config.ray.storage_path and "://" not in config.ray.storage_path:
+        updates["ray"] = config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)})
+    return config.model_copy(update=updates)
+
+
+def dump(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _user_error(err: ValidationError, path: Path, text: str, from_set: dict[str, str]) -> UserError:
+    """The first validation problem, as one message naming the dotted key and its line."""
+    first = err.errors()[0]
+    # Union members and validators add their own names to the location: not part of the key.
+    loc = [str(p) for p in first["loc"]]
+    loc = [p for p in loc if not p.startswith(("function-", "literal", "str", "list[", "int", "dict[", "tuple["))]
+    key = ".".join(loc)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see the config reference in README.md)"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
+        message += f" (got {first['input']!r})"
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): (.*)", message, re.S)
+    if named:  # cross-field rules name their own key first
+        key, message = named.groups()
+    origin = next((from_set[k] for k in from_set if key == k or key.startswith(k + ".")), None)
+    if origin:
+        message += f" [from --set {origin}]"
+    return UserError(message, file=str(path), line=None if origin else _line_of(text, key), key=key or None)
+
+
+def _line_of(text: str, dotted_key: str) -> int | None:
+    """Line number (1-based) of a dotted key in the YAML text, or of its nearest existing parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in dotted_key.split(".") if dotted_key else []:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if k.value == part), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line

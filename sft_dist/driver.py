@@ -1,0 +1,81 @@
+"""What the driver does for `sft-dist train`: everything that can fail on bad input happens here,
+before Ray starts (config, run folder, data); then the launch, then the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from sft_dist import config as config_lib
+from sft_dist.config import RunConfig
+from sft_dist.data.batches import BatchPlan
+from sft_dist.data.prepare import PreparedData, prepare
+from sft_dist.errors import UserError
+from sft_dist.metrics import RunRecorder
+from sft_dist.model import load_tokenizer
+
+
+def prepare_data(cfg: RunConfig) -> PreparedData:
+    """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps."""
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer.chat_template is None:
+        raise UserError("the tokenizer has no chat template", key="model.name_or_path")
+    data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data")
+    t = cfg.train
+    plan = BatchPlan(data.stats["train"]["rows_kept"], t.micro_batch_size, t.grad_accum, cfg.ray.num_workers, cfg.seed)
+    if plan.steps_per_epoch == 0:
+        raise UserError(
+            f"{plan.num_examples} usable training examples are fewer than one global batch of "
+            f"{plan.global_batch_size} (train.micro_batch_size x train.grad_accum x ray.num_workers)",
+            key="data.train",
+        )
+    return data
+
+
+def create_run_dir(cfg: RunConfig) -> Path:
+    run_dir = cfg.run_dir()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run folder {run_dir} already exists; choose another run_name (or leave it unset)",
+                        key="run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    return run_dir
+
+
+def environment() -> dict[str, Any]:
+    """Versions and command line: with config.yaml, enough to reproduce the run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("sft_dist", "torch", "deepspeed", "transformers", "peft", "ray", "datasets"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "argv": sys.argv, "versions": versions}
+
+
+def train(config_path: str, overrides: list[str]) -> int:
+    cfg = config_lib.load(config_path, overrides)
+    data = prepare_data(cfg)
+    run_dir = create_run_dir(cfg)
+    print(f"run folder: {run_dir}", flush=True)
+    recorder = RunRecorder(run_dir)
+
+    from sft_dist import launcher  # Ray is imported only once the input is known to be good
+
+    launcher.connect(cfg)
+    error = launcher.fit(cfg, data, recorder.record)
+    summary = recorder.summary("failed" if error else "completed", data.stats, error)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(recorder.before_after())
+    if error:
+        print(f"error: training failed: {error}", file=sys.stderr)
+        return 1
+    print(f"done: {summary['steps']} steps; summary in {run_dir / 'summary.json'}")
+    return 0

@@ -1,0 +1,89 @@
+"""Driver side of Ray: connect to a cluster (or start an embedded one), build the `TorchTrainer`, run it,
+and forward rank 0's events to the recorder while it runs. The only driver module importing `ray.train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Empty, Queue
+
+from sft_dist.config import RunConfig
+from sft_dist.data.prepare import PreparedData
+from sft_dist.runtime import ray_worker_main
+
+
+def connect(cfg: RunConfig) -> None:
+    """Join `ray.address` / RAY_ADDRESS, an already initialized Ray, or start an embedded local one."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    per_worker = (cfg.ray.resources_per_worker or {}).get("CPU", 1)
+    # Logical CPUs, not cores: workers pin their own thread counts (ray.threads_per_worker).
+    num_cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * per_worker))
+    # The dashboard serves the state API that Ray Train's own monitors use; it listens on localhost only.
+    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+
+
+def fit(cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None]) -> str | None:
+    """Run training on Ray Train workers; returns None on success, else the failure's message."""
+    events = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop_per_worker=ray_worker_main,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=cfg.ray.resources_per_worker,
+            placement_strategy=cfg.ray.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.storage_path(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+    stop = threading.Event()
+    forwarder = threading.Thread(target=_forward, args=(events, on_event, stop), daemon=True)
+    forwarder.start()
+    try:
+        trainer.fit()
+        error = None
+    except ray.train.TrainingFailedError as failure:
+        error = _failure_message(failure)
+    finally:
+        stop.set()
+        forwarder.join()
+        _drain(events, on_event)
+    return error
+
+
+def _forward(events: Queue, on_event: Callable, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            on_event(events.get(timeout=0.5))
+        except Empty:
+            continue
+
+
+def _drain(events: Queue, on_event: Callable) -> None:
+    while not events.empty():
+        on_event(events.get_nowait())
+    ray.kill(events.actor)
+
+
+def _failure_message(failure: Exception) -> str:
+    """The worker's own error, first line, instead of Ray's nested wrapper text."""
+    text = str(failure).strip()
+    return text.splitlines()[-1] if text else type(failure).__name__

@@ -1,0 +1,84 @@
+"""The driver's record of a run: rank 0's events into `metrics.jsonl` (and generated samples into
+`samples.jsonl`), a progress line per event, and what `summary.json` needs at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path, out: TextIO = sys.stdout):
+        self.run_dir, self.out = run_dir, out
+        self.started_s = time.time()
+        self.setup: dict[str, Any] = {}
+        self.last_train: dict[str, Any] = {}
+        self.evals: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.end: dict[str, Any] = {}
+
+    def record(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        target = "samples.jsonl" if kind == "samples" else "metrics.jsonl"
+        with open(self.run_dir / target, "a") as handle:
+            handle.write(json.dumps(event) + "\n")
+        if kind == "setup":
+            self.setup = event
+            self._print(f"setup: {event['world_size']} workers, ZeRO-{event['zero_stage']}, "
+                        f"{event['param_elements_total']:,} parameters, {event['total_steps']} steps")
+        elif kind == "samples":
+            self.samples.append(event)
+        elif kind == "end":
+            self.end = event
+        elif "eval_loss" in event:
+            self.evals.append(event)
+            self._print(f"eval  step {event['step']}: eval_loss {event['eval_loss']:.4f} "
+                        f"ppl {event['eval_ppl']:.2f} token_acc {event['eval_token_acc']:.3f}")
+        elif "loss" in event:
+            self.last_train = event
+            self._print(self._progress(event))
+
+    def _progress(self, e: dict[str, Any]) -> str:
+        elapsed_s = time.time() - self.started_s
+        eta_s = elapsed_s / e["step"] * (e["total_steps"] - e["step"])
+        return (f"train step {e['step']}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
+                f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {eta_s:.0f}s")
+
+    def summary(self, status: str, data_stats: dict, error: str | None = None) -> dict[str, Any]:
+        return {
+            "status": status,
+            "run_dir": str(self.run_dir),
+            "steps": self.last_train.get("step", 0),
+            "total_steps": self.setup.get("total_steps"),
+            "stop_reason": self.end.get("stop_reason") if status == "completed" else "error",
+            "final": {k: v for k, v in self.last_train.items() if k not in ("epoch", "total_steps")},
+            "eval_first": self.evals[0] if self.evals else None,
+            "eval_last": self.evals[-1] if self.evals else None,
+            "best_checkpoint": None,
+            "data": data_stats,
+            "duration_s": round(time.time() - self.started_s, 1),
+            "error": error,
+        }
+
+    def before_after(self) -> str:
+        """The demo's closing lines: held-out loss and answers, first evaluation versus last."""
+        lines = []
+        if len(self.evals) >= 2:
+            first, last = self.evals[0], self.evals[-1]
+            lines.append(f"held-out eval_loss: {first['eval_loss']:.4f} (step {first['step']}) -> "
+                         f"{last['eval_loss']:.4f} (step {last['step']})")
+        if len(self.samples) >= 2:
+            before, after = self.samples[0]["samples"], self.samples[-1]["samples"]
+            hits = [sum(s["exact_match"] for s in x) for x in (before, after)]
+            lines.append(f"held-out answers, exact match {hits[0]}/{len(before)} -> {hits[1]}/{len(after)}:")
+            for b, a in zip(before, after):
+                lines.append(f"  prompt:   {b['prompt']}\n  expected: {b['expected']}\n"
+                             f"  before:   {b['answer']!r}\n  after:    {a['answer']!r}")
+        return "\n".join(lines)
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.out, flush=True)

@@ -1,0 +1,49 @@
+"""Pretrained model and tokenizer loading: a local Hugging Face folder, a hub name, or a GGUF file.
+
+Construction happens inside a context the engine hands in (for ZeRO-3, partitioned construction) without
+this module knowing what it is. Imports neither Ray nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft_dist.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        # Padded positions are masked and unsupervised, so any id will do; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
+    return PRECISION_DTYPES[precision] if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+
+
+def build(cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | None = None) -> torch.nn.Module:
+    """The pretrained causal LM, built inside `construction` (e.g. ZeRO-3 partitioned init)."""
+    with construction or contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            gguf_file=cfg.gguf_file,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and ZeRO-3 parameter hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model

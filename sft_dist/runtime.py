@@ -1,0 +1,121 @@
+"""The worker's view of the world: rank, world size, device, and where its events go.
+
+Two implementations of one small protocol: on Ray Train (events travel to the driver through a Ray
+queue) and without Ray (single process or torchrun; events go to a function in the same process), so
+the training loop runs, and is debugged and benchmarked, without Ray. The loop never imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class RunContext(Protocol):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Send a metrics event to the driver. Called on every rank; only rank 0's is sent."""
+
+
+@dataclass
+class RayRunContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    events: Any  # ray.util.queue.Queue owned by the driver
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.events.put(event)
+
+
+@dataclass
+class LocalRunContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    sink: Callable[[dict[str, Any]], None]
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.sink(event)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a collective: every rank must call it the same number of times)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (a collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def configure_worker(use_gpu: bool, threads: int) -> None:
+    """Process settings every worker needs before torch/DeepSpeed work starts."""
+    if not use_gpu:
+        # DeepSpeed otherwise probes for accelerators; on CPU workers it must use its CPU accelerator.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def ray_worker_main(loop_config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker."""
+    import ray.train
+    import ray.train.torch
+
+    from sft_dist.config import RunConfig
+    from sft_dist.data.prepare import PreparedData
+
+    cfg = RunConfig.model_validate(loop_config["config"])
+    configure_worker(cfg.ray.use_gpu, cfg.ray.threads_per_worker)
+    context = ray.train.get_context()
+    ctx = RayRunContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_rank=context.get_local_rank(),
+        device=ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu"),
+        events=loop_config["events"],
+    )
+    from sft_dist import train  # imported after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
+
+    train.run(ctx, cfg, PreparedData(**loop_config["data"]))
+
+
+def local_context(use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None]) -> LocalRunContext:
+    """A context for one process, or one of torchrun's (which sets RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    configure_worker(use_gpu, threads)
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_gpu else "gloo")
+    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
