@@ -19,6 +19,9 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="run config (YAML)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
+    commands.choices["train"].add_argument(
+        "--no-ray", action="store_true",
+        help="run the training loop in this process, without Ray (debugging, benchmarks, single GPU)")
     return p
 
 
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from sft_dist import driver
 
-            return driver.train(args.config, args.overrides)
+            return driver.train(args.config, args.overrides, use_ray=not args.no_ray)
         if args.command == "data":
             return data_command(args.config, args.overrides)
     except UserError as err:

@@ -47,6 +47,27 @@ def create_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder) -> str | None:
+    from sft_dist import launcher  # Ray is imported only once the input is known to be good
+
+    launcher.connect(cfg)
+    return launcher.fit(cfg, data, recorder.record)
+
+
+def fit_in_process(cfg: RunConfig, data: PreparedData, recorder: RunRecorder) -> str | None:
+    """The same loop in this one process, without Ray: for debugging, benchmarks and GPU checks."""
+    from sft_dist import runtime
+
+    ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record)
+    from sft_dist import train as train_loop  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
+
+    try:
+        train_loop.run(ctx, cfg, data)
+    except Exception as err:  # the run started: report it as a failed run (exit 1), with its cause
+        return f"rank {ctx.rank}: {type(err).__name__}: {err}"
+    return None
+
+
 def environment() -> dict[str, Any]:
     """Versions and command line: with config.yaml, enough to reproduce the run."""
     from importlib.metadata import PackageNotFoundError, version
@@ -60,17 +81,15 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "argv": sys.argv, "versions": versions}
 
 
-def train(config_path: str, overrides: list[str]) -> int:
+def train(config_path: str, overrides: list[str], use_ray: bool = True) -> int:
+    if not use_ray:
+        overrides = [*overrides, "ray.num_workers=1"]
     cfg = config_lib.load(config_path, overrides)
     data = prepare_data(cfg)
     run_dir = create_run_dir(cfg)
     print(f"run folder: {run_dir}", flush=True)
     recorder = RunRecorder(run_dir)
-
-    from sft_dist import launcher  # Ray is imported only once the input is known to be good
-
-    launcher.connect(cfg)
-    error = launcher.fit(cfg, data, recorder.record)
+    error = fit_on_ray(cfg, data, recorder) if use_ray else fit_in_process(cfg, data, recorder)
     summary = recorder.summary("failed" if error else "completed", data.stats, error)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(recorder.before_after())

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sft_dist.data.batches import collate, eval_batches
+from sft_dist.data.batches import collate, eval_batches, model_inputs
 from sft_dist.loss import token_loss_sums
 from sft_dist.runtime import RunContext, all_reduce_sum
 
@@ -28,7 +28,7 @@ def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int,
             # A rank whose share ran out still runs a forward (on example 0), counted with weight 0.
             rows = eval_set[[int(i) for i in indices] or [0]]
             batch = {k: v.to(ctx.device) for k, v in collate(rows["input_ids"], rows["labels"], pad_id).items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = engine(**model_inputs(batch)).logits
             if len(indices):
                 totals += torch.stack([s.double().cpu() for s in token_loss_sums(logits, batch["labels"])])
     module.train(was_training)

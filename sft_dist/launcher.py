@@ -84,6 +84,11 @@ def _drain(events: Queue, on_event: Callable) -> None:
 
 
 def _failure_message(failure: Exception) -> str:
-    """The worker's own error, first line, instead of Ray's nested wrapper text."""
-    text = str(failure).strip()
-    return text.splitlines()[-1] if text else type(failure).__name__
+    """Each failed rank's own error (its last line), instead of Ray's nested wrapper text."""
+    failures = getattr(failure, "worker_failures", None) or {None: failure}
+    lines = []
+    for rank, error in sorted(failures.items(), key=lambda item: -1 if item[0] is None else item[0]):
+        text = str(error).strip()
+        last = text.splitlines()[-1] if text else type(error).__name__
+        lines.append(last if rank is None else f"rank {rank}: {last}")
+    return "; ".join(lines)

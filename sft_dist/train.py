@@ -14,7 +14,7 @@ from transformers import set_seed
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
-from sft_dist.data.batches import BatchPlan, collate
+from sft_dist.data.batches import BatchPlan, collate, model_inputs
 from sft_dist.data.prepare import PreparedData
 from sft_dist.evaluate import generate_answers, validate
 from sft_dist.loss import token_loss_sums
@@ -92,12 +92,12 @@ def train_step(
     for indices in plan.micro_batches(step, ctx.rank):
         rows = train_set[[int(i) for i in indices]]
         batch = {k: v.to(ctx.device) for k, v in collate(rows["input_ids"], rows["labels"], pad_id).items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = engine(**model_inputs(batch)).logits
         loss_sum, _, _ = token_loss_sums(logits, batch["labels"])
         engine.backward(loss_sum * scale)
         engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
         loss_total += loss_sum.item()
-        tokens += batch["attention_mask"].sum().item()
+        tokens += sum(len(ids) for ids in rows["input_ids"])
     return loss_total, tokens, global_tokens
 
 

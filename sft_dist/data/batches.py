@@ -69,3 +69,9 @@ def collate(input_ids: list[list[int]], labels: list[list[int]], pad_token_id: i
         batch_labels[i, : len(labs)] = torch.tensor(labs)
         attention_mask[i, : len(ids)] = 1
     return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention_mask}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes: everything the collator made except the labels (packed rows
+    add position ids and a block-diagonal mask here without the loop knowing)."""
+    return {k: v for k, v in batch.items() if k != "labels"}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs sft_dist (editable) with its dev and GGUF extras.
+# Safe to run again: it reinstalls only when pyproject.toml changed since the last install.
+# TORCH_SPEC picks the torch build: the default pin resolves to the CPU build on this project's CI
+# machines; on a GPU machine install a CUDA build of the same range first (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+stamp=.venv/.installed-from
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "$torch_spec"
+  .venv/bin/python -m pip install -q -e ".[dev,gguf]"
+  echo "$want" > "$stamp"
+fi
