@@ -22,6 +22,10 @@ def parser() -> argparse.ArgumentParser:
     commands.choices["train"].add_argument(
         "--no-ray", action="store_true",
         help="run the training loop in this process, without Ray (debugging, benchmarks, single GPU)")
+    commands.choices["train"].add_argument(
+        "--resume", metavar="auto|PATH",
+        help="auto: continue the run named by run_name (else this config's newest run) from its latest "
+             "complete checkpoint; PATH: start a new run from that checkpoint (or run folder)")
     return p
 
 
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from sft_dist import driver
 
-            return driver.train(args.config, args.overrides, use_ray=not args.no_ray)
+            return driver.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
         if args.command == "data":
             return data_command(args.config, args.overrides)
     except UserError as err:

@@ -137,8 +137,18 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
+    # A checkpoint is also saved at the end of training whenever every_steps is set.
     every_steps: int | None = Field(None, gt=0)
     keep: int = Field(2, gt=0)
+    export_at_end: bool = False
+
+
+class DebugConfig(Section):
+    """Testing aids: make one rank fail once, at a step, to exercise recovery."""
+
+    fail_at_step: int | None = Field(None, gt=0)
+    fail_rank: int = Field(0, ge=0)
+    fail_mode: Literal["raise", "exit"] = "raise"
 
 
 class RayConfig(Section):
@@ -172,6 +182,7 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     ray: RayConfig = RayConfig()
     logging: LoggingConfig = LoggingConfig()
+    debug: DebugConfig = DebugConfig()
 
     @field_validator("run_name")
     @classmethod
@@ -208,6 +219,12 @@ class RunConfig(Section):
             raise ValueError(f"model.gguf_file: {self.model.gguf_file} not found in {path}")
         return self
 
+    @model_validator(mode="after")
+    def _fail_rank_exists(self) -> "RunConfig":
+        if self.debug.fail_rank >= self.ray.num_workers:
+            raise ValueError(f"debug.fail_rank: {self.debug.fail_rank} but there are {self.ray.num_workers} workers")
+        return self
+
     def run_dir(self) -> Path:
         assert self.run_name, "resolve() names the run"
         return Path(self.output_dir) / self.run_name
@@ -219,8 +236,9 @@ class RunConfig(Section):
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file, apply `--set key=value` overrides, validate, and resolve paths and run name."""
+def load(path: str | os.PathLike, overrides: list[str] = (), name_run: bool = True) -> RunConfig:
+    """Read a YAML file, apply `--set key=value` overrides, validate, and resolve paths (and, with
+    `name_run`, name an unnamed run after the config file and the time)."""
     path = Path(path)
     if not path.is_file():
         raise UserError("config file not found", file=str(path))
@@ -241,7 +259,7 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise _user_error(err, path, text, from_set) from None
-    return resolve(config, path)
+    return resolve(config, path, name_run)
 
 
 def apply_override(raw: dict, item: str) -> str:
@@ -263,14 +281,14 @@ def apply_override(raw: dict, item: str) -> str:
     return key
 
 
-def resolve(config: RunConfig, config_path: Path) -> RunConfig:
-    """Name the run (config stem + time when unnamed) and make local paths absolute."""
+def resolve(config: RunConfig, config_path: Path, name_run: bool = True) -> RunConfig:
+    """Make local paths absolute, and name an unnamed run (config stem + time) if asked."""
     def absolute(p: str) -> str:
         return str(Path(p).expanduser().resolve())
 
     data = config.data
     updates: dict[str, Any] = {
-        "run_name": config.run_name or f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "run_name": config.run_name or (f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}" if name_run else None),
         "output_dir": absolute(config.output_dir),
         "data": data.model_copy(update={
             "train": [absolute(f) for f in data.train_files()],
@@ -282,6 +300,30 @@ def resolve(config: RunConfig, config_path: Path) -> RunConfig:
     if config.ray.storage_path and "://" not in config.ray.storage_path:
         updates["ray"] = config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)})
     return config.model_copy(update=updates)
+
+
+# What a checkpoint's training state depends on: changing any of these makes a resume wrong. The world
+# size may change (the data position is global) as long as the global batch stays the same.
+RESUME_KEYS = ("seed", "model", "peft", "data", "train.micro_batch_size*grad_accum*num_workers",
+               "deepspeed.stage", "train.precision")
+
+
+def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """The values of RESUME_KEYS, as JSON-able data stored with every checkpoint."""
+    dumped = config.model_dump(mode="json")
+    t = config.train
+    values = {
+        "seed": config.seed, "model": dumped["model"], "peft": dumped["peft"], "data": dumped["data"],
+        "train.micro_batch_size*grad_accum*num_workers": t.micro_batch_size * t.grad_accum * config.ray.num_workers,
+        "deepspeed.stage": config.deepspeed.stage, "train.precision": t.precision,
+    }
+    assert tuple(values) == RESUME_KEYS
+    return values
+
+
+def changed_resume_keys(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    current = resume_fingerprint(config)
+    return [key for key in RESUME_KEYS if saved.get(key) != current[key]]
 
 
 def dump(config: RunConfig) -> str:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sft_dist import checkpoint
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
@@ -36,9 +37,9 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     return data
 
 
-def create_run_dir(cfg: RunConfig) -> Path:
+def create_run_dir(cfg: RunConfig, continuing: bool = False) -> Path:
     run_dir = cfg.run_dir()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if not continuing and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists; choose another run_name (or leave it unset)",
                         key="run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,22 +48,57 @@ def create_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder) -> str | None:
+def resume_checkpoint(cfg: RunConfig, resume: str) -> str:
+    """The complete checkpoint that `--resume auto|PATH` names, after checking the config still fits it."""
+    if resume == "auto":
+        where = Path(cfg.storage_path()) / cfg.run_name
+        if "://" in cfg.storage_path():
+            return ""  # object storage: Ray restores the run's latest checkpoint itself
+    else:
+        where = Path(resume).expanduser().resolve()
+    folders = [where] if checkpoint.NAME.search(where.name) else checkpoint.complete_checkpoints(where)
+    if not folders or checkpoint.problem(folders[-1]):
+        reason = checkpoint.problem(folders[-1]) if folders else "no complete checkpoint"
+        raise UserError(f"cannot resume from {where}: {reason}", key="--resume")
+    chosen = folders[-1]
+    changed = config_lib.changed_resume_keys(checkpoint.read_manifest(chosen)["fingerprint"], cfg)
+    if changed:
+        raise UserError(f"the config changed in keys that a resume cannot follow: {', '.join(changed)} "
+                        f"(checkpoint {chosen}); revert them or start a new run", key="--resume")
+    print(f"resuming from {chosen}", flush=True)
+    return str(chosen)
+
+
+def run_to_continue(cfg: RunConfig, config_path: str) -> RunConfig:
+    """`--resume auto` continues the run named by run_name, else the newest run of this config."""
+    if cfg.run_name is None:
+        runs = sorted(Path(cfg.output_dir).glob(f"{Path(config_path).stem}-*"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise UserError(f"no earlier run of {config_path} in {cfg.output_dir} to resume", key="--resume")
+        cfg = cfg.model_copy(update={"run_name": runs[-1].name})
+    if not cfg.run_dir().is_dir():
+        raise UserError(f"no run folder {cfg.run_dir()} to resume", key="run_name")
+    return cfg
+
+
+def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None) -> str | None:
     from sft_dist import launcher  # Ray is imported only once the input is known to be good
 
     launcher.connect(cfg)
-    return launcher.fit(cfg, data, recorder.record)
+    return launcher.fit(cfg, data, recorder.record, resume_from)
 
 
-def fit_in_process(cfg: RunConfig, data: PreparedData, recorder: RunRecorder) -> str | None:
+def fit_in_process(
+    cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None
+) -> str | None:
     """The same loop in this one process, without Ray: for debugging, benchmarks and GPU checks."""
     from sft_dist import runtime
 
-    ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record)
+    ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record, cfg.run_dir())
     from sft_dist import train as train_loop  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
 
     try:
-        train_loop.run(ctx, cfg, data)
+        train_loop.run(ctx, cfg, data, resume_from)
     except Exception as err:  # the run started: report it as a failed run (exit 1), with its cause
         return f"rank {ctx.rank}: {type(err).__name__}: {err}"
     return None
@@ -81,15 +117,19 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "argv": sys.argv, "versions": versions}
 
 
-def train(config_path: str, overrides: list[str], use_ray: bool = True) -> int:
+def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: str | None = None) -> int:
     if not use_ray:
         overrides = [*overrides, "ray.num_workers=1"]
-    cfg = config_lib.load(config_path, overrides)
+    cfg = config_lib.load(config_path, overrides, name_run=resume != "auto")
+    if resume == "auto":
+        cfg = run_to_continue(cfg, config_path)
+    resume_from = resume_checkpoint(cfg, resume) if resume else None
     data = prepare_data(cfg)
-    run_dir = create_run_dir(cfg)
+    run_dir = create_run_dir(cfg, continuing=resume == "auto")
     print(f"run folder: {run_dir}", flush=True)
     recorder = RunRecorder(run_dir)
-    error = fit_on_ray(cfg, data, recorder) if use_ray else fit_in_process(cfg, data, recorder)
+    fit = fit_on_ray if use_ray else fit_in_process
+    error = fit(cfg, data, recorder, resume_from or None)
     summary = recorder.summary("failed" if error else "completed", data.stats, error)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(recorder.before_after())

@@ -34,12 +34,15 @@ def connect(cfg: RunConfig) -> None:
     ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 
-def fit(cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None]) -> str | None:
+def fit(
+    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], resume_from: str | None = None
+) -> str | None:
     """Run training on Ray Train workers; returns None on success, else the failure's message."""
     events = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker=ray_worker_main,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events,
+                           "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,

@@ -30,6 +30,11 @@ class RunRecorder:
             self.setup = event
             self._print(f"setup: {event['world_size']} workers, ZeRO-{event['zero_stage']}, "
                         f"{event['param_elements_total']:,} parameters, {event['total_steps']} steps")
+        elif kind == "resume":
+            self._forget_after(event["step"])
+            for reason in event["skipped"]:
+                self._print(reason)
+            self._print(f"resumed at step {event['step']} from {event['checkpoint']}")
         elif kind == "samples":
             self.samples.append(event)
         elif kind == "end":
@@ -41,6 +46,15 @@ class RunRecorder:
         elif "loss" in event:
             self.last_train = event
             self._print(self._progress(event))
+
+    def _forget_after(self, step: int) -> None:
+        """Steps after the checkpoint are trained again: drop their earlier records (e.g. logged before
+        a worker failed), so metrics.jsonl reads as one uninterrupted run."""
+        path = self.run_dir / "metrics.jsonl"
+        events = [json.loads(line) for line in path.read_text().splitlines()]
+        kept = [e for e in events if e.get("event") or e["step"] <= step]
+        path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        self.evals = [e for e in self.evals if e["step"] <= step]
 
     def _progress(self, e: dict[str, Any]) -> str:
         elapsed_s = time.time() - self.started_s

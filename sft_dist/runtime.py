@@ -8,8 +8,10 @@ the training loop runs, and is debugged and benchmarked, without Ray. The loop n
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
@@ -25,6 +27,12 @@ class RunContext(Protocol):
     def emit(self, event: dict[str, Any]) -> None:
         """Send a metrics event to the driver. Called on every rank; only rank 0's is sent."""
 
+    def report_checkpoint(self, folder: Path, name: str, metrics: dict[str, Any]) -> None:
+        """Hand this rank's checkpoint files to storage as checkpoint `name` (a collective)."""
+
+    def restored_checkpoint(self) -> str | None:
+        """The checkpoint the runtime itself restarts from (after a worker failure), if any."""
+
 
 @dataclass
 class RayRunContext:
@@ -38,6 +46,23 @@ class RayRunContext:
         if self.rank == 0:
             self.events.put(event)
 
+    def report_checkpoint(self, folder: Path, name: str, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        # Every rank reports its own files; Ray merges them into one checkpoint folder in storage.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=name)
+
+    def restored_checkpoint(self) -> str | None:
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            return None
+        if type(restored.filesystem).__name__ == "LocalFileSystem":
+            return restored.path
+        return restored.to_directory()  # object-store storage: fetch a local copy
+
 
 @dataclass
 class LocalRunContext:
@@ -46,10 +71,20 @@ class LocalRunContext:
     local_rank: int
     device: torch.device
     sink: Callable[[dict[str, Any]], None]
+    storage_dir: Path  # where checkpoints go: the run folder
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.rank == 0:
             self.sink(event)
+
+    def report_checkpoint(self, folder: Path, name: str, metrics: dict[str, Any]) -> None:
+        # Each rank copies its own files; the manifest makes the folder count only once all are there.
+        shutil.copytree(folder, self.storage_dir / name, dirs_exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def restored_checkpoint(self) -> str | None:
+        return None  # without Ray nothing restarts the run; --resume names the checkpoint
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,10 +132,12 @@ def ray_worker_main(loop_config: dict[str, Any]) -> None:
     )
     from sft_dist import train  # imported after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
 
-    train.run(ctx, cfg, PreparedData(**loop_config["data"]))
+    train.run(ctx, cfg, PreparedData(**loop_config["data"]), loop_config.get("resume_from"))
 
 
-def local_context(use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None]) -> LocalRunContext:
+def local_context(
+    use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage_dir: Path
+) -> LocalRunContext:
     """A context for one process, or one of torchrun's (which sets RANK, WORLD_SIZE, MASTER_ADDR...)."""
     configure_worker(use_gpu, threads)
     if "RANK" not in os.environ:
@@ -112,7 +149,7 @@ def local_context(use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], 
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
-    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink)
+    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink, storage_dir)
 
 
 def _free_port() -> int:

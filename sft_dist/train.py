@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -11,9 +12,10 @@ import numpy as np
 import torch
 from transformers import set_seed
 
+from sft_dist import checkpoint, faults
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
-from sft_dist.config import RunConfig
+from sft_dist.config import RunConfig, resume_fingerprint
 from sft_dist.data.batches import BatchPlan, collate, model_inputs
 from sft_dist.data.prepare import PreparedData
 from sft_dist.evaluate import generate_answers, validate
@@ -25,7 +27,7 @@ def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:
     return cfg.train.max_steps or plan.steps_per_epoch * cfg.train.epochs
 
 
-def run(ctx: RunContext, cfg: RunConfig, data: PreparedData) -> None:
+def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | None = None) -> None:
     """Train to the end. Every rank runs every line: collectives stay symmetric."""
     set_seed(cfg.seed)
     engine_lib.init_distributed()
@@ -35,30 +37,67 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData) -> None:
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed)
     steps = total_steps(cfg, plan)
     engine = build_engine(ctx, cfg, steps)
+    start = resume(engine, ctx, resume_from)
     supervised_per_example = np.asarray(train_set["num_supervised"])
+    last_eval: dict[str, Any] = {}
 
-    def checkpoint_eval(step: int) -> None:
+    def evaluate_now(step: int) -> None:
         if eval_set is not None:
             mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-            ctx.emit({"step": step, **validate(engine, ctx, eval_set, mb, tokenizer.pad_token_id)})
+            last_eval.update(validate(engine, ctx, eval_set, mb, tokenizer.pad_token_id))
+            ctx.emit({"step": step, **last_eval})
         if cfg.eval.generate and data.prompts:
             g = cfg.eval.generate
             samples = generate_answers(engine, ctx, tokenizer, data.prompts, g.max_new_tokens, cfg.deepspeed.stage == 3)
             ctx.emit({"step": step, "event": "samples", "samples": samples})
 
-    if cfg.eval.at_start:
-        checkpoint_eval(0)
+    def save(step: int) -> None:
+        state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
+                 "fingerprint": resume_fingerprint(cfg)}
+        checkpoint.save(engine, ctx, state, {"step": step, **last_eval})
+
+    if cfg.eval.at_start and start == 0:
+        evaluate_now(0)
     window = Window()
-    for step in range(steps):
-        window.add(*train_step(engine, ctx, train_set, plan, step, supervised_per_example, tokenizer.pad_token_id))
-        if (step + 1) % cfg.logging.every_steps == 0 or step + 1 == steps:
-            ctx.emit({"step": step + 1, "epoch": (step + 1) / plan.steps_per_epoch, "total_steps": steps,
+    for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
+        faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
+        window.add(*train_step(engine, ctx, train_set, plan, step - 1, supervised_per_example, tokenizer.pad_token_id))
+        if step % cfg.logging.every_steps == 0 or step == steps:
+            ctx.emit({"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps,
                       **window.reduce(), "lr": engine.get_lr()[0], **grad_norm(engine)})
-        if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 != steps:
-            checkpoint_eval(step + 1)
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
+            evaluate_now(step)
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != steps:
+            save(step)
     if cfg.eval.at_end:
-        checkpoint_eval(steps)
+        evaluate_now(steps)
+    if cfg.checkpoint.every_steps:
+        save(steps)
     ctx.emit({"step": steps, "event": "end", "stop_reason": "max_steps" if cfg.train.max_steps else "epochs"})
+
+
+def resume(engine: Any, ctx: RunContext, requested: str | None) -> int:
+    """Load the checkpoint to continue from; returns its step (0 for a fresh start).
+
+    Ray's own latest checkpoint (after a worker failure) wins over the one the user asked for, as it
+    is newer; a torn candidate falls back to the newest complete checkpoint beside it.
+    """
+    candidates = [p for p in (ctx.restored_checkpoint(), requested) if p]
+    if not candidates:
+        return 0
+    skipped: list[str] = []
+    chosen = None
+    for candidate in map(Path, candidates):
+        usable = checkpoint.complete_checkpoints(candidate.parent, log=skipped.append)
+        usable = [p for p in usable if p.name <= candidate.name]
+        if usable:
+            chosen = usable[-1]
+            break
+    if chosen is None:
+        raise RuntimeError(f"no complete checkpoint to resume from among {candidates}: {skipped}")
+    state = checkpoint.load(engine, ctx, chosen)
+    ctx.emit({"step": state["step"], "event": "resume", "checkpoint": str(chosen), "skipped": skipped})
+    return state["step"]
 
 
 def build_engine(ctx: RunContext, cfg: RunConfig, steps: int) -> Any:

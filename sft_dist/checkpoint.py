@@ -1,0 +1,116 @@
+"""Sharded checkpoints: every rank saves its ZeRO shard and RNG state, rank 0 writes a manifest of
+every rank's files last, and the runtime hands the folder to its storage (Ray registers one checkpoint
+from all ranks' files). A folder counts as a checkpoint only if its manifest exists and every file it
+lists is there with the listed size, so a save torn by a crash is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sft_dist.runtime import RunContext, all_gather
+
+MANIFEST = "sft_dist_checkpoint.json"
+TAG = "state"  # DeepSpeed's sub-folder for the engine's files
+NAME = re.compile(r"checkpoint_step_(\d+)$")
+
+
+def folder_name(step: int) -> str:
+    return f"checkpoint_step_{step:07d}"
+
+
+def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Save the engine (all ranks' shards), loop state and RNG, then register the checkpoint.
+
+    Collective: every rank calls it at the same step.
+    """
+    staging = Path(tempfile.mkdtemp(prefix="sft_dist_checkpoint_"))
+    try:
+        engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state})
+        torch.save(rng_state(), staging / f"rng_rank{ctx.rank}.pt")
+        files: dict[str, int] = {}
+        for rank_files in all_gather(_file_sizes(staging)):
+            files.update(rank_files)
+        if ctx.rank == 0:
+            manifest = {"step": loop_state["step"], "world_size": ctx.world_size, "files": files, **loop_state}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        ctx.report_checkpoint(staging, folder_name(loop_state["step"]), metrics)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load(engine: Any, ctx: RunContext, folder: Path) -> dict[str, Any]:
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved loop state.
+
+    Collective: every rank loads the same folder.
+    """
+    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    manifest = read_manifest(folder)
+    rng_file = folder / f"rng_rank{ctx.rank}.pt"
+    if manifest["world_size"] == ctx.world_size and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None if it is."""
+    if not (folder / MANIFEST).is_file():
+        return "no completion manifest (the save did not finish)"
+    try:
+        files = read_manifest(folder)["files"]
+    except (json.JSONDecodeError, KeyError) as err:
+        return f"unreadable manifest ({err})"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"missing {name}"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, expected {size} (truncated?)"
+    return None
+
+
+def complete_checkpoints(parent: Path, log: Any = print) -> list[Path]:
+    """Complete checkpoint folders under `parent`, oldest first; torn ones are named and skipped."""
+    found = []
+    for folder in sorted(p for p in parent.glob("checkpoint_step_*") if NAME.search(p.name)):
+        reason = problem(folder)
+        if reason:
+            log(f"skipping checkpoint {folder}: {reason}")
+        else:
+            found.append(folder)
+    return found
+
+
+def rng_state() -> dict[str, Any]:
+    # JSON for Python's and NumPy's states keeps the file loadable with torch.load(weights_only=True).
+    np_state = np.random.get_state()
+    return {
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = json.loads(state["numpy"])
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
