@@ -12,14 +12,15 @@ from typing import Any, TextIO
 
 
 class RunRecorder:
-    def __init__(self, run_dir: Path, out: TextIO = sys.stdout):
-        self.run_dir, self.out = run_dir, out
+    def __init__(self, run_dir: Path, out: TextIO | None = None):
+        self.run_dir, self.out = run_dir, out  # None: whatever sys.stdout is when printing
         self.started_s = time.time()
         self.setup: dict[str, Any] = {}
         self.last_train: dict[str, Any] = {}
         self.evals: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
         self.end: dict[str, Any] = {}
+        self.first_step: tuple[int, float] | None = None
 
     def record(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -32,6 +33,7 @@ class RunRecorder:
                         f"{event['param_elements_total']:,} parameters, {event['total_steps']} steps")
         elif kind == "resume":
             self._forget_after(event["step"])
+            self.first_step = None
             for reason in event["skipped"]:
                 self._print(reason)
             self._print(f"resumed at step {event['step']} from {event['checkpoint']}")
@@ -57,8 +59,11 @@ class RunRecorder:
         self.evals = [e for e in self.evals if e["step"] <= step]
 
     def _progress(self, e: dict[str, Any]) -> str:
-        elapsed_s = time.time() - self.started_s
-        eta_s = elapsed_s / e["step"] * (e["total_steps"] - e["step"])
+        # Pace from the first logged step on, so start-up time does not inflate the estimate.
+        if self.first_step is None:
+            self.first_step = (e["step"], time.time())
+        done = e["step"] - self.first_step[0]
+        eta_s = (time.time() - self.first_step[1]) / done * (e["total_steps"] - e["step"]) if done else float("nan")
         return (f"train step {e['step']}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
                 f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {eta_s:.0f}s")
 
@@ -95,4 +100,4 @@ class RunRecorder:
         return "\n".join(lines)
 
     def _print(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        print(line, file=self.out or sys.stdout, flush=True)

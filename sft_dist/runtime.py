@@ -31,7 +31,7 @@ class RunContext(Protocol):
         """Hand this rank's checkpoint files to storage as checkpoint `name` (a collective)."""
 
     def restored_checkpoint(self) -> str | None:
-        """The checkpoint the runtime itself restarts from (after a worker failure), if any."""
+        """The latest checkpoint the runtime registered for this run (e.g. before a worker failed)."""
 
 
 @dataclass

@@ -25,13 +25,26 @@ def ray_cluster():
     ray.shutdown()
 
 
-def train_tiny(output_dir: Path, *overrides: str) -> Path:
+BASELINE_STEPS = 12
+
+
+@pytest.fixture(scope="session")
+def zero2_run(ray_cluster, tmp_path_factory):
+    """The reference trajectory: 2 workers x micro-batch 4 (global batch 8), ZeRO-2, no checkpoints."""
+    return train_tiny(tmp_path_factory.mktemp("zero2"), f"train.max_steps={BASELINE_STEPS}", "deepspeed.stage=2")
+
+
+@pytest.fixture(scope="session")
+def zero3_run(ray_cluster, tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("zero3"), f"train.max_steps={BASELINE_STEPS}", "deepspeed.stage=3")
+
+
+def train_tiny(output_dir: Path, *overrides: str, extra_args: tuple[str, ...] = (), run_name: str = "run") -> Path:
     """Run `sft-dist train configs/tiny-cpu.yaml` with overrides; returns the run folder."""
     from sft_dist.cli import main
 
-    run_name = "run"
     code = main(["train", str(TINY_CONFIG), "--set", f"output_dir={output_dir}", "--set", f"run_name={run_name}",
-                 *[arg for o in overrides for arg in ("--set", o)]])
+                 *[arg for o in overrides for arg in ("--set", o)], *extra_args])
     assert code == 0, f"training exited {code}"
     return output_dir / run_name
 

@@ -6,20 +6,8 @@ import json
 
 import pytest
 
+from conftest import BASELINE_STEPS as STEPS
 from conftest import eval_losses, read_events, train_losses, train_tiny
-
-STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def zero2_run(ray_cluster, tmp_path_factory):
-    """2 workers x micro-batch 4, ZeRO-2: global batch 8."""
-    return train_tiny(tmp_path_factory.mktemp("zero2"), f"train.max_steps={STEPS}", "deepspeed.stage=2")
-
-
-@pytest.fixture(scope="module")
-def zero3_run(ray_cluster, tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("zero3"), f"train.max_steps={STEPS}", "deepspeed.stage=3")
 
 
 @pytest.mark.parametrize("run", ["zero2_run", "zero3_run"])

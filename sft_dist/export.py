@@ -1,0 +1,78 @@
+"""Checkpoint to a Hugging Face folder: safetensors weights, config, tokenizer (with its chat template)
+and generation config, loadable with `AutoModelForCausalLM.from_pretrained(DIR)`.
+
+ZeRO shards are consolidated by DeepSpeed's own converter, which materialises one output shard at a
+time (lazy mode), so the whole model is never in one process's memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
+from huggingface_hub import save_torch_state_dict
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from sft_dist import checkpoint
+from sft_dist.config import RunConfig
+from sft_dist.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_SHARD_SIZE = "2GB"
+
+
+def choose_checkpoint(source: Path) -> Path:
+    """`source` itself if it is a checkpoint folder, else the latest complete one in the run folder."""
+    if not source.exists():
+        raise UserError("no such checkpoint or run folder", file=str(source))
+    if checkpoint.NAME.search(source.name):
+        reason = checkpoint.problem(source)
+        if reason:
+            raise UserError(f"not a complete checkpoint: {reason}", file=str(source))
+        return source
+    folders = checkpoint.complete_checkpoints(source)
+    if not folders:
+        raise UserError("no complete checkpoint in this run folder", file=str(source))
+    return folders[-1]
+
+
+def export(source: Path, out: Path, dtype: str = "fp32") -> Path:
+    folder = choose_checkpoint(source.resolve())
+    manifest = checkpoint.read_manifest(folder)
+    cfg = RunConfig.model_validate(manifest["config"])
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_weights(folder, staging, DTYPES[dtype], cfg.deepspeed.stage)
+    write_metadata(cfg, staging, DTYPES[dtype])
+    (staging / "sft_dist_export.json").write_text(json.dumps({"checkpoint": str(folder), "step": manifest["step"]}))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)  # the folder appears whole or not at all
+    return folder
+
+
+def write_weights(folder: Path, out: Path, dtype: torch.dtype, stage: int) -> None:
+    if stage > 0:
+        convert_zero_checkpoint_to_state_dict(str(folder), str(out), dtype=dtype, max_shard_size=MAX_SHARD_SIZE,
+                                              safe_serialization=True, tag=checkpoint.TAG)
+        return
+    # Without ZeRO every rank holds the whole model; rank 0's model-states file has it.
+    states = torch.load(folder / checkpoint.TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    weights = {name: tensor.to(dtype) for name, tensor in states["module"].items()}
+    save_torch_state_dict(weights, str(out), max_shard_size=MAX_SHARD_SIZE, safe_serialization=True)
+
+
+def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
+    m = cfg.model
+    config = AutoConfig.from_pretrained(m.name_or_path, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
+    config.dtype = dtype
+    config.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
+    tokenizer.save_pretrained(out)
+    try:
+        generation = GenerationConfig.from_pretrained(m.name_or_path)
+    except OSError:  # no generation_config.json (e.g. a GGUF source): derive it from the model config
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(out)

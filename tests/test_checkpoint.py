@@ -1,0 +1,102 @@
+"""Checkpoints: automatic recovery from worker failures, manual resume, torn checkpoints, export.
+Real Ray workers and DeepSpeed engines; losses compared with uninterrupted runs of the same config."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sft_dist import checkpoint
+from sft_dist.cli import main
+from sft_dist.loss import token_loss_sums
+
+from conftest import BASELINE_STEPS, eval_losses, read_events, train_losses, train_tiny
+
+RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
+
+
+@pytest.fixture(scope="module")
+def failed_zero2_run(ray_cluster, tmp_path_factory):
+    """Rank 1 raises at step 7; Ray restarts the workers, which resume from the step-5 checkpoint."""
+    return train_tiny(tmp_path_factory.mktemp("fail2"), f"train.max_steps={BASELINE_STEPS}", "deepspeed.stage=2",
+                      "checkpoint.every_steps=5", "debug.fail_at_step=7", "debug.fail_rank=1",
+                      "ray.max_failures=1")
+
+
+@pytest.fixture(scope="module")
+def failed_zero3_run(ray_cluster, tmp_path_factory):
+    """Rank 0's process dies outright (os._exit) at step 7, under ZeRO-3."""
+    return train_tiny(tmp_path_factory.mktemp("fail3"), f"train.max_steps={BASELINE_STEPS}", "deepspeed.stage=3",
+                      "checkpoint.every_steps=5", "debug.fail_at_step=7", "debug.fail_mode=exit",
+                      "ray.max_failures=1")
+
+
+@pytest.mark.parametrize("failed, baseline", [("failed_zero2_run", "zero2_run"), ("failed_zero3_run", "zero3_run")])
+def test_a_failed_worker_is_restarted_and_the_run_retraces_the_uninterrupted_one(failed, baseline, request):
+    failed_dir, baseline_dir = request.getfixturevalue(failed), request.getfixturevalue(baseline)
+    assert (failed_dir / ".debug-failed-at-step-7").exists()  # the failure really happened
+    resumes = [e for e in read_events(failed_dir) if e.get("event") == "resume"]
+    assert [e["step"] for e in resumes] == [5]
+    steps = [e["step"] for e in read_events(failed_dir) if "loss" in e]
+    assert steps == list(range(1, BASELINE_STEPS + 1))  # each step recorded once
+    assert train_losses(failed_dir) == pytest.approx(train_losses(baseline_dir), rel=RTOL)
+    assert json.loads((failed_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, tmp_path):
+    constant = ("train.scheduler=constant", "train.warmup_ratio=0", "checkpoint.every_steps=3", "eval.generate=null")
+    longer = train_tiny(tmp_path / "long", "train.max_steps=8", *constant)
+    short = train_tiny(tmp_path / "short", "train.max_steps=4", *constant)
+    resumed = train_tiny(tmp_path / "short", "train.max_steps=8", *constant, extra_args=("--resume", "auto"))
+    assert resumed == short
+    assert [e["step"] for e in read_events(resumed) if e.get("event") == "resume"] == [4]
+    assert train_losses(resumed) == pytest.approx(train_losses(longer), rel=RTOL)
+
+
+def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, capsys):
+    code = main(["train", str(failed_zero2_run / "config.yaml"), "--set", "train.micro_batch_size=2",
+                 "--resume", str(failed_zero2_run)])
+    assert code == 2
+    assert "train.micro_batch_size*grad_accum*num_workers" in capsys.readouterr().err
+
+
+def test_a_torn_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, capsys):
+    run = train_tiny(tmp_path, "train.max_steps=4", "checkpoint.every_steps=2", "eval.generate=null",
+                     extra_args=("--no-ray",))
+    latest = run / checkpoint.folder_name(4)
+    shard = next((latest / checkpoint.TAG).glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a crash mid-write
+    assert "truncated" in checkpoint.problem(latest)
+    resumed = train_tiny(tmp_path, "train.max_steps=4", "checkpoint.every_steps=2", "eval.generate=null",
+                         extra_args=("--no-ray", "--resume", str(run)), run_name="again")
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {latest}" in out and "resumed at step 2" in out
+    assert train_losses(resumed) == pytest.approx(train_losses(run)[2:], rel=RTOL)
+
+
+def exported_eval_loss(model_dir: Path, output_dir: Path) -> float:
+    """Token-weighted eval loss of an exported model, in one process, on the run's tokenized eval set."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
+    rows = datasets.load_from_disk(eval_dir)
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for row in rows:  # one example at a time: no padding, nothing for a mask to hide
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
+            loss, count, _ = token_loss_sums(logits, torch.tensor([row["labels"]]))
+            loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
+    return loss_sum / tokens
+
+
+@pytest.mark.parametrize("run", ["failed_zero2_run", "failed_zero3_run"])
+def test_export_gives_the_model_the_engine_evaluated(run, request, tmp_path):
+    run_dir = request.getfixturevalue(run)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "chat_template.jinja").is_file()
+    assert exported_eval_loss(tmp_path / "hf", run_dir.parent) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
