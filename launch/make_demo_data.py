@@ -1,6 +1,6 @@
 """Generate the quickstart task: normalise human-written dates to ISO 8601.
 
-    python launch/make_demo_data.py [--n-train 600] [--n-eval 64] [--seed 0]
+    python launch/make_demo_data.py [--n-train 256] [--n-eval 64] [--seed 0]
 
 Writes configs/data/dates/{train,eval}.jsonl, one chat per line:
     {"messages": [{"role": "user", "content": "Convert to an ISO 8601 date: March 5, 2021"},
@@ -62,18 +62,18 @@ def make_row(rng: random.Random, day: dt.date) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-train", type=int, default=600)
+    parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-eval", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
-    # Sample distinct days once, then split: guarantees train and eval share no date.
-    span = (LAST_DAY - FIRST_DAY).days + 1
-    offsets = rng.sample(range(span), args.n_train + args.n_eval)
-    days = [FIRST_DAY + dt.timedelta(days=o) for o in offsets]
-    splits = {"train": days[:args.n_train], "eval": days[args.n_train:]}
+    # Shuffle all days once and cut eval first: train and eval share no date, the eval split
+    # does not change with --n-train, and a smaller train split is a prefix of a larger one.
+    days = [FIRST_DAY + dt.timedelta(days=o) for o in range((LAST_DAY - FIRST_DAY).days + 1)]
+    rng.shuffle(days)
+    splits = {"eval": days[:args.n_eval], "train": days[args.n_eval:args.n_eval + args.n_train]}
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, split_days in splits.items():

@@ -6,6 +6,7 @@ lists is there with the listed size, so a save torn by a crash is never resumed 
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
 from sft_dist.runtime import RunContext, all_gather
 
@@ -53,12 +55,34 @@ def load(engine: Any, ctx: RunContext, folder: Path) -> dict[str, Any]:
 
     Collective: every rank loads the same folder.
     """
+    # A universal copy (see universal_copy) loads through the same call when the engine was built with
+    # DeepSpeed's `checkpoint.load_universal`.
     engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
     manifest = read_manifest(folder)
     rng_file = folder / f"rng_rank{ctx.rank}.pt"
     if manifest["world_size"] == ctx.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return manifest
+
+
+def universal_copy(folder: Path, ctx: RunContext) -> Path:
+    """A copy of `folder` in DeepSpeed's universal format, which loads at any world size.
+
+    Collective: rank 0 converts (once; the manifest copied last marks a finished conversion) into
+    `.universal/` beside the checkpoint, on the same shared storage, while the others wait.
+    """
+    out = folder.parent / ".universal" / folder.name
+    if ctx.rank == 0 and not (out / MANIFEST).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(folder / TAG), output_folder=str(out / TAG), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True,
+            # Our checkpoints carry no tensor-parallel layout info; plain data parallelism needs none.
+            inject_missing_state=True,
+        ))
+        shutil.copy(folder / MANIFEST, out / MANIFEST)
+    all_gather(None)  # a barrier: the converted files exist for every rank past this line
+    return out
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from sft_dist.errors import UserError
@@ -19,6 +18,10 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="run config (YAML)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
+    export.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     commands.choices["train"].add_argument(
         "--no-ray", action="store_true",
         help="run the training loop in this process, without Ray (debugging, benchmarks, single GPU)")
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             return driver.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
         if args.command == "data":
             return data_command(args.config, args.overrides)
+        if args.command == "export":
+            return export_command(args.checkpoint, args.out, args.dtype)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -45,10 +50,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def data_command(config_path: str, overrides: list[str]) -> int:
+    """Prepare the data exactly as `train` would (and cache it); print its statistics and one example."""
+    from pathlib import Path
+
     from sft_dist import config as config_lib
     from sft_dist import driver
+    from sft_dist.data import stats
+    from sft_dist.data.prepare import first_example
+    from sft_dist.model import load_tokenizer
 
     cfg = config_lib.load(config_path, overrides)
     data = driver.prepare_data(cfg)
-    print(json.dumps(data.stats, indent=2))
+    example = stats.marked_example(load_tokenizer(cfg.model), *first_example(data.train_dir))
+    print(stats.report(data.stats, example))
+    print(f"tokenized rows: {Path(data.train_dir).parent}")
     return 0
+
+
+def export_command(source: str, out: str, dtype: str) -> int:
+    from pathlib import Path
+
+    from sft_dist import runtime
+
+    runtime.configure_worker(use_gpu=False, threads=torch_threads())
+    from sft_dist import export  # after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
+
+    folder = export.export(Path(source), Path(out), dtype)
+    print(f"exported {folder} -> {out}")
+    return 0
+
+
+def torch_threads() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)))

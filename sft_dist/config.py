@@ -7,14 +7,16 @@ never a silent default downstream.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from sft_dist.errors import UserError
 
@@ -51,37 +53,158 @@ class PeftConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# The canonical field names of each data.format; data.fields maps them to a dataset's own column names.
+# (Classification and token-classification formats will add their own entries here.)
+FORMAT_FIELDS = {
+    "messages": ("messages", "role", "content"),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+ROLES = ("system", "user", "assistant")
+
+
+def is_local_source(path: str) -> bool:
+    """A local file, glob or folder rather than a hub dataset name ("name" or "org/name")."""
+    return (Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+            or any(c in path for c in "*?[") or path.endswith(DATA_SUFFIXES))
+
+
+class SourceConfig(Section):
+    """One data source: a local file, glob or folder (data files or `save_to_disk`), or a hub dataset name."""
+
+    path: str
+    # A multiplier: each row counts `weight` times per epoch (2: twice; 0.5: a fixed half of the rows).
+    weight: float = Field(1.0, gt=0)
+    config: str | None = None  # hub dataset configuration (subset)
+    split: str = "train"  # hub dataset or DatasetDict split
+
+    def resolved(self) -> "SourceConfig":
+        if not is_local_source(self.path):
+            return self
+        return self.model_copy(update={"path": str(Path(self.path).expanduser().resolve())})
+
+
+# A source is written as a plain path or as a mapping. The tags name the union members the way
+# config._user_error already drops from error locations, so a bad key reads `data.train.0.weight`.
+SourceEntry = Annotated[
+    Union[Annotated[str, Tag("str")], Annotated[SourceConfig, Tag("dict[source]")]],
+    Discriminator(lambda v: "str" if isinstance(v, str) else "dict[source]"),
+]
+EvalEntry = Annotated[
+    Union[Annotated[float, Tag("float")], Annotated[list[SourceEntry], Tag("list[sources]")]],
+    Discriminator(lambda v: "float" if isinstance(v, (int, float)) and not isinstance(v, bool) else "list[sources]"),
+]
+
+
 class DataConfig(Section):
-    train: str | list[str]
-    eval: str | list[str] | None = None
-    format: Literal["messages"] = "messages"
+    train: list[SourceEntry]
+    # Sources, or a fraction (0-1) of the training rows held out (chosen by content, the same every run).
+    eval: EvalEntry | None = None
+    format: Literal[tuple(FORMAT_FIELDS)] = "messages"  # type: ignore[valid-type]
+    fields: dict[str, str] = Field(default_factory=dict)  # canonical field name -> the dataset's column
+    roles: dict[str, str] = Field(default_factory=dict)  # the dataset's role names -> system/user/assistant
+    chat_template: str | None = None  # a named template, Jinja text or a .jinja file; else the tokenizer's
     max_seq_len: int = Field(1024, gt=0)
-    packing: bool = False
+    truncation: Literal["right", "drop"] = "right"
     loss_on: Literal["assistant", "all"] = "assistant"
+    packing: bool = False
+    group_by_length: bool = False
     on_bad_row: Literal["error", "skip"] = "error"
+    streaming: bool = False
+    num_proc: int | None = Field(None, gt=0)  # tokenizing processes; default: by data size and CPUs
 
-    def train_files(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else list(self.train)
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _listify(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (str, dict)):
+            return [value]
+        fraction_ok = info.field_name == "eval" and isinstance(value, (int, float))
+        if value is not None and not isinstance(value, list) and not fraction_ok:
+            raise ValueError("expected a path, a {path, weight, config, split} mapping, or a list of them")
+        return value
 
-    def eval_files(self) -> list[str]:
-        if self.eval is None:
+    def train_sources(self) -> list[SourceConfig]:
+        return [SourceConfig(path=s) if isinstance(s, str) else s for s in self.train]
+
+    def eval_sources(self) -> list[SourceConfig]:
+        if not isinstance(self.eval, list):
             return []
-        return [self.eval] if isinstance(self.eval, str) else list(self.eval)
+        return [SourceConfig(path=s) if isinstance(s, str) else s for s in self.eval]
+
+    def eval_fraction(self) -> float | None:
+        return self.eval if isinstance(self.eval, float) else None
+
+    def resolved(self) -> "DataConfig":
+        """Local source paths made absolute; plain paths stay plain strings."""
+        def absolute(entry: str | SourceConfig) -> str | SourceConfig:
+            if isinstance(entry, str):
+                return SourceConfig(path=entry).resolved().path
+            return entry.resolved()
+
+        eval_ = [absolute(s) for s in self.eval] if isinstance(self.eval, list) else self.eval
+        return self.model_copy(update={"train": [absolute(s) for s in self.train], "eval": eval_})
 
     @model_validator(mode="after")
-    def _files_exist(self) -> "DataConfig":
-        for key, files in (("data.train", self.train_files()), ("data.eval", self.eval_files())):
-            for f in files:
-                if not Path(f).is_file():
-                    raise ValueError(f"{key}: file not found: {f}")
+    def _local_sources_exist(self) -> "DataConfig":
+        for key, sources in (("data.train", self.train_sources()), ("data.eval", self.eval_sources())):
+            for source in sources:
+                problem = _local_source_problem(source.path)
+                if problem:
+                    raise ValueError(f"{key}: {problem}")
         return self
 
-    @field_validator("packing")
-    @classmethod
-    def _packing_later(cls, packing: bool) -> bool:
-        if packing:
-            raise ValueError("packing is not supported yet; set data.packing: false")
-        return packing
+    @model_validator(mode="after")
+    def _eval_fraction_in_range(self) -> "DataConfig":
+        fraction = self.eval_fraction()
+        if fraction is not None and not 0 < fraction < 1:
+            raise ValueError(f"data.eval: a held-out fraction must be between 0 and 1, got {fraction}")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_sources_unweighted(self) -> "DataConfig":
+        if any(s.weight != 1 for s in self.eval_sources()):
+            raise ValueError("data.eval: mixing weights apply to training sources only; remove weight")
+        return self
+
+    @model_validator(mode="after")
+    def _fields_belong_to_format(self) -> "DataConfig":
+        unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
+        if unknown:
+            raise ValueError(f"data.fields: {', '.join(unknown)} is not a field of data.format {self.format} "
+                             f"(its fields: {', '.join(FORMAT_FIELDS[self.format])})")
+        return self
+
+    @model_validator(mode="after")
+    def _roles_map_to_known_roles(self) -> "DataConfig":
+        wrong = sorted(v for v in self.roles.values() if v not in ROLES)
+        if wrong:
+            raise ValueError(f"data.roles: maps to {', '.join(wrong)}; map each dataset role to one of {ROLES}")
+        return self
+
+    @model_validator(mode="after")
+    def _grouping_needs_unpacked_rows(self) -> "DataConfig":
+        if self.group_by_length and self.packing:
+            raise ValueError("data.group_by_length: packed rows are all about data.max_seq_len long, so grouping "
+                             "them by length does nothing; set data.packing or data.group_by_length to false")
+        return self
+
+
+def _local_source_problem(path: str) -> str | None:
+    """Why a local source cannot be read (None when it can, or when it is a hub name)."""
+    if not is_local_source(path):
+        return None
+    if any(c in path for c in "*?["):
+        matches = [p for p in glob.glob(os.path.expanduser(path), recursive=True) if p.endswith(DATA_SUFFIXES)]
+        return None if matches else f"no {'/'.join(DATA_SUFFIXES)} file matches the glob {path}"
+    local = Path(path).expanduser()
+    if not local.exists():
+        return f"file not found: {path}"
+    if local.is_file() and not path.endswith(DATA_SUFFIXES):
+        return f"unsupported file type {local.suffix or '(none)'}: {path} (use {', '.join(DATA_SUFFIXES)} files, " \
+               "a folder of them, or a datasets save_to_disk folder)"
+    return None
 
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -290,10 +413,7 @@ def resolve(config: RunConfig, config_path: Path, name_run: bool = True) -> RunC
     updates: dict[str, Any] = {
         "run_name": config.run_name or (f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}" if name_run else None),
         "output_dir": absolute(config.output_dir),
-        "data": data.model_copy(update={
-            "train": [absolute(f) for f in data.train_files()],
-            "eval": [absolute(f) for f in data.eval_files()] or None,
-        }),
+        "data": data.resolved(),
     }
     if Path(config.model.name_or_path).expanduser().is_dir():
         updates["model"] = config.model.model_copy(update={"name_or_path": absolute(config.model.name_or_path)})

@@ -4,6 +4,7 @@ before Ray starts (config, run folder, data); then the launch, then the summary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -14,7 +15,8 @@ from sft_dist import checkpoint
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
-from sft_dist.data.prepare import PreparedData, prepare
+from sft_dist.data.prepare import PreparedData, prepare, row_lengths
+from sft_dist.data.stats import batching_stats
 from sft_dist.errors import UserError
 from sft_dist.metrics import RunRecorder
 from sft_dist.model import load_tokenizer
@@ -23,18 +25,20 @@ from sft_dist.model import load_tokenizer
 def prepare_data(cfg: RunConfig) -> PreparedData:
     """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps."""
     tokenizer = load_tokenizer(cfg.model)
-    if tokenizer.chat_template is None:
-        raise UserError("the tokenizer has no chat template", key="model.name_or_path")
     data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data")
     t = cfg.train
-    plan = BatchPlan(data.stats["train"]["rows_kept"], t.micro_batch_size, t.grad_accum, cfg.ray.num_workers, cfg.seed)
+    lengths = row_lengths(data.train_dir)
+    plan = BatchPlan(len(lengths), t.micro_batch_size, t.grad_accum, cfg.ray.num_workers, cfg.seed,
+                     lengths if cfg.data.group_by_length else None)
     if plan.steps_per_epoch == 0:
+        rows = "packed rows" if cfg.data.packing else "examples"
         raise UserError(
-            f"{plan.num_examples} usable training examples are fewer than one global batch of "
+            f"{plan.num_examples} usable training {rows} are fewer than one global batch of "
             f"{plan.global_batch_size} (train.micro_batch_size x train.grad_accum x ray.num_workers)",
             key="data.train",
         )
-    return data
+    train_stats = {**data.stats["train"], "batching": batching_stats(plan, lengths)}
+    return dataclasses.replace(data, stats={**data.stats, "train": train_stats})
 
 
 def create_run_dir(cfg: RunConfig, continuing: bool = False) -> Path:

@@ -20,7 +20,7 @@ from sft_dist.config import RunConfig
 _hf_deepspeed_config: HfDeepSpeedConfig | None = None
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     t, ds = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.offload_optimizer:
@@ -44,6 +44,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "fp16": {"enabled": t.precision == "fp16"},
         "steps_per_print": 10**9,  # we log ourselves; DeepSpeed's own step prints are noise
         "wall_clock_breakdown": False,
+        # Resuming at another world size goes through a universal checkpoint (checkpoint.universal_copy).
+        "checkpoint": {"load_universal": load_universal},
     }
     return _merge(config, ds.extra)
 

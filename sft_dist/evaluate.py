@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sft_dist.data.batches import collate, eval_batches, model_inputs
+from sft_dist.data.batches import attention_of, collate, eval_batches, model_inputs
 from sft_dist.loss import token_loss_sums
 from sft_dist.runtime import RunContext, all_reduce_sum
 
@@ -27,7 +27,7 @@ def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int,
         for indices in eval_batches(len(eval_set), micro_batch_size, ctx.rank, ctx.world_size):
             # A rank whose share ran out still runs a forward (on example 0), counted with weight 0.
             rows = eval_set[[int(i) for i in indices] or [0]]
-            batch = {k: v.to(ctx.device) for k, v in collate(rows["input_ids"], rows["labels"], pad_id).items()}
+            batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
             logits = engine(**model_inputs(batch)).logits
             if len(indices):
                 totals += torch.stack([s.double().cpu() for s in token_loss_sums(logits, batch["labels"])])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -110,6 +111,10 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
         torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed JIT-builds its ops with the first `ninja` on PATH. Ray workers inherit the raylet's PATH,
+    # which may find another ninja than the driver's environment; two ninja versions each see the
+    # other's build as stale and rebuild the cached ops on every start (minutes on small machines).
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 def ray_worker_main(loop_config: dict[str, Any]) -> None:

@@ -16,8 +16,9 @@ from sft_dist import checkpoint, faults
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig, resume_fingerprint
-from sft_dist.data.batches import BatchPlan, collate, model_inputs
+from sft_dist.data.batches import BatchPlan, attention_of, collate, grouping_lengths, model_inputs
 from sft_dist.data.prepare import PreparedData
+from sft_dist.data.templates import chat_template
 from sft_dist.evaluate import generate_answers, validate
 from sft_dist.loss import token_loss_sums
 from sft_dist.runtime import RunContext, all_gather, all_reduce_sum
@@ -32,12 +33,14 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     set_seed(cfg.seed)
     engine_lib.init_distributed()
     tokenizer = model_lib.load_tokenizer(cfg.model)
+    if cfg.data.chat_template:  # generation prompts render as the training data did
+        tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
-    plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed)
+    plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
+                     grouping_lengths(train_set, cfg.data.group_by_length))
     steps = total_steps(cfg, plan)
-    engine = build_engine(ctx, cfg, steps)
-    start = resume(engine, ctx, resume_from)
+    engine, start = build_and_restore(ctx, cfg, steps, resume_from)
     supervised_per_example = np.asarray(train_set["num_supervised"])
     last_eval: dict[str, Any] = {}
 
@@ -53,7 +56,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
 
     def save(step: int) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
-                 "fingerprint": resume_fingerprint(cfg)}
+                 "fingerprint": resume_fingerprint(cfg), "config": cfg.model_dump(mode="json")}
         checkpoint.save(engine, ctx, state, {"step": step, **last_eval})
 
     if cfg.eval.at_start and start == 0:
@@ -76,32 +79,40 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     ctx.emit({"step": steps, "event": "end", "stop_reason": "max_steps" if cfg.train.max_steps else "epochs"})
 
 
-def resume(engine: Any, ctx: RunContext, requested: str | None) -> int:
-    """Load the checkpoint to continue from; returns its step (0 for a fresh start).
+def build_and_restore(ctx: RunContext, cfg: RunConfig, steps: int, requested: str | None) -> tuple[Any, int]:
+    """The engine, restored from the checkpoint to continue from if there is one; and its step."""
+    restart, skipped = resume_point(ctx, cfg, requested)
+    other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
+    if other_world_size:
+        restart = checkpoint.universal_copy(restart, ctx)
+    engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
+    if restart is None:
+        return engine, 0
+    step = checkpoint.load(engine, ctx, restart)["step"]
+    ctx.emit({"step": step, "event": "resume", "checkpoint": str(restart), "skipped": skipped})
+    return engine, step
 
-    Ray's own latest checkpoint (after a worker failure) wins over the one the user asked for, as it
-    is newer; a torn candidate falls back to the newest complete checkpoint beside it.
+
+def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to continue from (None: a fresh start), and the torn ones skipped on the way.
+
+    The run's own newest complete checkpoint (there after a worker failure, or with --resume auto)
+    wins over a checkpoint of another run named by --resume PATH. The run folder is scanned rather
+    than trusting Ray's registry alone: a worker that dies hard can take a checkpoint's registration
+    with it while its files are complete on disk.
     """
-    candidates = [p for p in (ctx.restored_checkpoint(), requested) if p]
-    if not candidates:
-        return 0
     skipped: list[str] = []
-    chosen = None
-    for candidate in map(Path, candidates):
-        usable = checkpoint.complete_checkpoints(candidate.parent, log=skipped.append)
-        usable = [p for p in usable if p.name <= candidate.name]
-        if usable:
-            chosen = usable[-1]
-            break
-    if chosen is None:
-        raise RuntimeError(f"no complete checkpoint to resume from among {candidates}: {skipped}")
-    state = checkpoint.load(engine, ctx, chosen)
-    ctx.emit({"step": state["step"], "event": "resume", "checkpoint": str(chosen), "skipped": skipped})
-    return state["step"]
+    if "://" in cfg.storage_path():  # object storage: only Ray knows the run's checkpoints
+        latest = ctx.restored_checkpoint()
+        own = [latest] if latest else []
+    else:
+        own = checkpoint.complete_checkpoints(Path(cfg.storage_path()) / cfg.run_name, log=skipped.append)
+    chosen = own[-1] if own else requested
+    return (Path(chosen) if chosen else None), skipped
 
 
-def build_engine(ctx: RunContext, cfg: RunConfig, steps: int) -> Any:
-    ds_config = engine_lib.deepspeed_config(cfg, ctx.world_size)
+def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> Any:
+    ds_config = engine_lib.deepspeed_config(cfg, ctx.world_size, load_universal)
     dtype = model_lib.weight_dtype(cfg.model, cfg.train.precision)
     model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -130,7 +141,7 @@ def train_step(
     loss_total = tokens = 0.0
     for indices in plan.micro_batches(step, ctx.rank):
         rows = train_set[[int(i) for i in indices]]
-        batch = {k: v.to(ctx.device) for k, v in collate(rows["input_ids"], rows["labels"], pad_id).items()}
+        batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
         logits = engine(**model_inputs(batch)).logits
         loss_sum, _, _ = token_loss_sums(logits, batch["labels"])
         engine.backward(loss_sum * scale)

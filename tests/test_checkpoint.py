@@ -100,3 +100,15 @@ def test_export_gives_the_model_the_engine_evaluated(run, request, tmp_path):
     assert main(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "chat_template.jinja").is_file()
     assert exported_eval_loss(tmp_path / "hf", run_dir.parent) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage, run, baseline",
+                         [(2, "failed_zero2_run", "zero2_run"), (3, "failed_zero3_run", "zero3_run")])
+def test_resume_at_another_world_size_continues_the_trajectory(stage, run, baseline, request, tmp_path):
+    """2 workers -> 1 worker (grad_accum 2 keeps the global batch) through a universal checkpoint."""
+    run_dir, baseline_dir = request.getfixturevalue(run), request.getfixturevalue(baseline)
+    one = train_tiny(tmp_path, f"train.max_steps={BASELINE_STEPS}", f"deepspeed.stage={stage}",
+                     "ray.num_workers=1", "train.grad_accum=2", "eval.generate=null",
+                     extra_args=("--resume", str(run_dir / checkpoint.folder_name(10))))
+    assert [e["step"] for e in read_events(one) if e.get("event") == "resume"] == [10]
+    assert train_losses(one) == pytest.approx(train_losses(baseline_dir)[10:], rel=1e-4)

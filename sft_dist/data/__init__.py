@@ -1,2 +1,4 @@
-"""Data: sources → normalized conversations → tokens with labels → batches. Knows nothing of DeepSpeed
-or Ray, and never calls torch.distributed."""
+"""Data: sources (sources) → normalized rows (formats) → tokens with labels (templates, chat, encode) →
+cached, optionally packed rows (prepare, packing) → global batches and tensors (batches); statistics
+(stats) and bad-row reporting (badrows). Knows nothing of DeepSpeed or Ray, and never calls
+torch.distributed."""

@@ -1,62 +1,57 @@
-"""Conversations to token ids with labels, through the tokenizer's own chat template.
+"""Conversations to text with supervised character spans, through a chat template.
 
 The supervised spans come from the template itself, not from per-model role strings: rendering the
-conversation up to an assistant turn (with the generation prompt) and up to the end of that turn gives
-the turn's character span in the full rendering; the offsets of a single tokenization of the full text
-map that span to tokens. Trailing whitespace after the turn's end token (ChatML's newline) is not
-supervised: the model should learn to stop, not to emit the separator.
+conversation up to an assistant turn (with the generation prompt) and through the end of that turn gives
+the turn's character span in the full rendering. `encode` maps spans to tokens through the offsets of
+one tokenization of the full text. Trailing whitespace after the turn's end token (ChatML's newline) is
+not supervised: the model should learn to stop, not to emit the separator.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sft_dist.data.sources import BadRow
+import jinja2
+
+from sft_dist.data.badrows import BadRow
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except jinja2.TemplateError as err:  # the template's own raise_exception (e.g. "roles must alternate")
+        raise BadRow("template_error", str(err)) from None
 
 
-def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
-    """Character spans in `text` (the full rendering) of each assistant turn, its end marker included."""
-    spans = []
-    for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        before = render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-        through = render(tokenizer, messages[: i + 1])
-        if not (text.startswith(before) and text.startswith(through.rstrip())):
-            raise BadRow(
-                "template_not_prefix_stable",
-                "the chat template renders earlier turns differently in longer conversations",
-            )
-        spans.append((len(before), len(through.rstrip())))
-    return spans
-
-
-def tokenize_conversation(
-    tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int, loss_on: str
-) -> dict[str, Any]:
-    """Token ids and labels (IGNORE_INDEX outside supervised spans), right-truncated to max_seq_len."""
-    text = render(tokenizer, messages)
-    # The template already holds any BOS/EOS it wants; adding special tokens again would double them.
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+def render_with_spans(
+    tokenizer: Any, template: str, messages: list[dict[str, str]], loss_on: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the character spans to supervise (every assistant turn, or everything)."""
+    text = render(tokenizer, template, messages)
     if loss_on == "all":
-        labels = list(ids)
-    else:
-        spans = assistant_char_spans(tokenizer, messages, text)
-        labels = [
-            tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
-            for tok, (start, _end) in zip(ids, offsets)
-        ]
-    truncated = len(ids) > max_seq_len
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    num_supervised = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 predicts nothing
-    return {"input_ids": ids, "labels": labels, "num_supervised": num_supervised, "truncated": truncated}
+        return text, [(0, len(text))]
+    return text, [_turn_span(tokenizer, template, messages, i, text)
+                  for i, turn in enumerate(messages) if turn["role"] == "assistant"]
+
+
+def _turn_span(tokenizer: Any, template: str, messages: list[dict[str, str]], i: int, text: str) -> tuple[int, int]:
+    """Character span of assistant turn i in `text`, its end marker included."""
+    through = render(tokenizer, template, messages[: i + 1]).rstrip()
+    if not text.startswith(through):
+        raise BadRow("template_not_prefix_stable",
+                     "the chat template renders earlier turns differently in longer conversations")
+    before = render(tokenizer, template, messages[:i], generation_prompt=True) if i else None
+    if before is not None and text.startswith(before) and len(before) <= len(through):
+        return len(before), len(through)
+    # A leading assistant turn (nothing to render before it), or a template that adds a default system
+    # prompt only to non-empty conversations: find the turn's content just before its end marker.
+    start = text.rfind(messages[i]["content"].strip(), 0, len(through))
+    if start < 0:
+        raise BadRow("template_not_prefix_stable", f"cannot find assistant turn {i} in the rendered text")
+    return start, len(through)
 
 
 def generation_prompt(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:

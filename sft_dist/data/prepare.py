@@ -1,6 +1,7 @@
-"""Driver-side preparation: rows → validated conversations → tokens with labels, written once to an
+"""Driver-side preparation: sources → encoded rows → kept examples → (packed) rows, written once to an
 Arrow cache that every worker memory-maps. Runs before any worker starts, so no worker sits in a
-collective while another tokenizes, and a second run on the same data and tokenizer skips the work.
+collective while another tokenizes; a second run with the same data, tokenizer, template and settings
+finds the cache and skips the work.
 """
 
 from __future__ import annotations
@@ -9,32 +10,32 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 
-from sft_dist.config import DataConfig, EvalConfig
-from sft_dist.data.chat import generation_prompt, tokenize_conversation
-from sft_dist.data.formats import to_messages
-from sft_dist.data.sources import BadRow, BadRowPolicy, read_jsonl
+from sft_dist.config import DataConfig, EvalConfig, SourceConfig
+from sft_dist.data import stats as stats_lib
+from sft_dist.data.badrows import BadRow, Origin, bad_row_error
+from sft_dist.data.chat import generation_prompt
+from sft_dist.data.encode import FEATURES, SAVED_COLUMNS, Encoder, raw_row
+from sft_dist.data.formats import Chat, normalize
+from sft_dist.data.packing import pack
+from sft_dist.data.sources import Part, first_line, fingerprint, open_source
+from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
 
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
 
-CACHE_FORMAT_VERSION = "1"  # bump when the tokenized layout or masking rules change
-
-
-@dataclass(frozen=True)
-class SplitStats:
-    rows_read: int
-    rows_kept: int
-    dropped: dict[str, int]
-    tokens: int
-    supervised_tokens: int
-    truncated: int
+CACHE_FORMAT_VERSION = "2"  # bump when the saved layout, masking or packing rules change
+COMPLETE = "prepared.json"  # written last: a cache folder without it is incomplete
+ROWS_PER_PROCESS = 20_000  # below this, starting tokenizer processes costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -48,82 +49,223 @@ class PreparedData:
         return asdict(self)
 
 
+@dataclass
+class Encoded:
+    """One source after encoding: every row, kept or not, per part, with the counts of what was dropped."""
+
+    source: SourceConfig
+    parts: list[tuple[Part, datasets.Dataset]]
+    bad: Counter
+    dropped: Counter
+    empty_files: list[str]
+
+
 def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: Path) -> PreparedData:
-    splits = {"train": data.train_files(), "eval": data.eval_files()}
-    dirs, stats, eval_rows = {}, {}, []
-    for split, files in splits.items():
-        if not files:
-            continue
-        rows, policy = _read_conversations(files, data.on_bad_row)
-        if split == "eval":
-            eval_rows = rows
-        key = _cache_key(files, data, tokenizer)
-        dirs[split], stats[split] = _tokenize_cached(rows, policy, data, tokenizer, cache_root / key / split)
-    prompts = []
-    if eval_cfg.generate and eval_rows:
-        for messages in eval_rows[: eval_cfg.generate.num_prompts]:
-            prompt, expected = generation_prompt(messages)
-            prompts.append({"messages": prompt, "expected": expected})
-    return PreparedData(dirs["train"], dirs.get("eval"), stats, prompts)
-
-
-def _read_conversations(files: list[str], on_bad_row: str) -> tuple[list[list[dict]], BadRowPolicy]:
-    policy = BadRowPolicy(on_bad_row)
-    conversations = []
-    for row in read_jsonl(files, policy):
+    template = _template(data, tokenizer)
+    num_prompts = eval_cfg.generate.num_prompts if eval_cfg.generate else 0
+    key = cache_key(data, tokenizer, template, num_prompts)
+    out = cache_root / key
+    if not (out / COMPLETE).is_file():
+        tmp = cache_root / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "work").mkdir(parents=True)
         try:
-            conversations.append(to_messages(row.data))
-        except BadRow as bad:
-            policy.handle(bad, row.file, row.line)
-    if not conversations:
-        raise UserError(f"no usable rows (skipped by reason: {dict(policy.skipped)})", file=", ".join(files))
-    return conversations, policy
+            summary = _build(data, Encoder(data, tokenizer, template), num_prompts, tmp)
+            (tmp / COMPLETE).write_text(json.dumps(summary, indent=1))
+        finally:
+            shutil.rmtree(tmp / "work", ignore_errors=True)  # intermediate tables; the saved rows are copies
+        if (out / COMPLETE).is_file():  # another run prepared the same data meanwhile
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    summary = json.loads((out / COMPLETE).read_text())
+    eval_dir = out / "eval"
+    return PreparedData(str(out / "train"), str(eval_dir) if eval_dir.is_dir() else None,
+                        summary["stats"], summary["prompts"])
 
 
-def _tokenize_cached(
-    conversations: list[list[dict]], policy: BadRowPolicy, data: DataConfig, tokenizer: Any, out: Path
-) -> tuple[str, dict]:
-    stats_file = out / "stats.json"
-    if stats_file.is_file():  # written last: its presence means the cache is complete
-        return str(out), json.loads(stats_file.read_text())
-
-    def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        rows = [tokenize_conversation(tokenizer, m, data.max_seq_len, data.loss_on) for m in batch["messages"]]
-        return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "num_supervised", "truncated")}
-
-    dataset = datasets.Dataset.from_dict({"messages": conversations})
-    dataset = dataset.map(tokenize, batched=True, remove_columns=["messages"], desc="tokenizing")
-    no_supervision = sum(n == 0 for n in dataset["num_supervised"])
-    dataset = dataset.filter(lambda n: n > 0, input_columns="num_supervised")
-    if len(dataset) == 0:
-        raise UserError("every example was left with zero supervised tokens (check data.max_seq_len)")
-    dropped = dict(policy.skipped) | ({"no_supervised_tokens": no_supervision} if no_supervision else {})
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    stats = SplitStats(
-        rows_read=len(conversations) + sum(policy.skipped.values()),
-        rows_kept=len(dataset),
-        dropped=dropped,
-        tokens=sum(lengths),
-        supervised_tokens=int(sum(dataset["num_supervised"])),
-        truncated=int(sum(dataset["truncated"])),
-    )
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
-    (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return str(out), asdict(stats)
+def _template(data: DataConfig, tokenizer: Any) -> str | None:
+    if data.format in ("messages", "alpaca"):
+        return chat_template(tokenizer, data.chat_template)
+    if data.format == "prompt_completion" and (data.chat_template or tokenizer.chat_template):
+        return chat_template(tokenizer, data.chat_template)  # for conversational prompt/completion rows
+    return None
 
 
-def _cache_key(files: list[str], data: DataConfig, tokenizer: Any) -> str:
-    digest = hashlib.sha256(CACHE_FORMAT_VERSION.encode())
-    for f in files:
-        digest.update(f.encode())
-        with open(f, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(str(tokenizer.chat_template).encode())
-    digest.update(json.dumps([data.format, data.max_seq_len, data.loss_on, data.on_bad_row]).encode())
+def _build(data: DataConfig, encoder: Encoder, num_prompts: int, out: Path) -> dict[str, Any]:
+    work = out / "work"
+    train = [_encode_source(s, i, encoder, data, work) for i, s in enumerate(data.train_sources())]
+    evals = [_encode_source(s, i, encoder, data, work / "eval") for i, s in enumerate(data.eval_sources())]
+    fraction = data.eval_fraction()
+    splits = {"train": (train, False)}
+    if evals or fraction:
+        splits["eval"] = (evals or train, True)
+    stats = {}
+    for split, (encoded, heldout) in splits.items():
+        stats[split] = _save_split(split, encoded, heldout, data, out)
+    prompts = _prompts(splits["eval"][0], fraction, num_prompts, data) if "eval" in splits else []
+    return {"stats": stats, "prompts": prompts}
+
+
+def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataConfig, out: Path) -> dict[str, Any]:
+    """Select the split's examples, weight, pack and save them; returns the split's statistics."""
+    fraction, weighted, kept = data.eval_fraction(), [], 0
+    for source in encoded:
+        for _part, table in source.parts:
+            examples = _kept(table, heldout if fraction else None, fraction)
+            kept += len(examples)
+            weighted.append(examples if split == "eval" else _weighted(examples, source.source))
+    if not kept:
+        raise _nothing_usable(split, encoded, data)
+    # (concatenate_datasets hashes its inputs for a fingerprint: seconds, for nothing, with one input)
+    examples = weighted[0] if len(weighted) == 1 else datasets.concatenate_datasets(weighted)
+    saved = examples.select_columns(list(SAVED_COLUMNS))
+    if data.packing:
+        saved = pack(saved, data.max_seq_len, out / "work" / split)
+    saved.save_to_disk(str(out / split))
+    if split == "eval" and fraction:  # held out of the training rows: what was read and dropped is on train
+        rows_read, bad, dropped = kept, Counter(), Counter()
+    else:
+        rows_read = sum(len(t) for s in encoded for _p, t in s.parts)
+        bad, dropped = sum((s.bad for s in encoded), Counter()), sum((s.dropped for s in encoded), Counter())
+    stats = stats_lib.split_stats(rows_read, kept, bad, dropped, examples, saved)
+    stats["empty_files"] = [f for s in encoded for f in s.empty_files] if split == "train" or not fraction else []
+    if split == "train" and fraction:
+        stats["held_out"] = sum(len(_kept(t, True, fraction)) for s in encoded for _p, t in s.parts)
+    return stats
+
+
+def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: DataConfig, work: Path) -> Encoded:
+    """Encode every part of a source; under on_bad_row: error, stop at the first bad row (or empty file)."""
+    parts, problems = open_source(source, data.streaming, work)
+    for bad, origin in problems:
+        if data.on_bad_row == "error":
+            raise bad_row_error(bad.reason, bad.detail, origin)
+    result = Encoded(source, [], Counter(), Counter(), [origin.file for _bad, origin in problems])
+    for k, part in enumerate(parts):
+        table = _encode_part(part, encoder, data, work / f"source{index}-part{k}")
+        bad, dropped = stats_lib.reason_counts(table)
+        if bad and data.on_bad_row == "error":
+            raise _first_bad_row(table, part)
+        result.parts.append((part, table))
+        result.bad.update(bad)
+        result.dropped.update(dropped)
+    return result
+
+
+def _encode_part(part: Part, encoder: Encoder, data: DataConfig, work: Path) -> datasets.Dataset:
+    work.mkdir(parents=True, exist_ok=True)
+    if isinstance(part.dataset, datasets.IterableDataset):
+        # Streaming: rows are read and encoded on the fly; only the encoded rows are written.
+        try:
+            return datasets.Dataset.from_generator(
+                _encoded_stream, features=FEATURES, gen_kwargs={"stream": part.dataset, "encoder": encoder},
+                cache_dir=str(work), fingerprint=hashlib.sha256(str(work).encode()).hexdigest()[:16])
+        except datasets.exceptions.DatasetGenerationError as err:  # a reader failed mid-stream
+            raise UserError(f"cannot read this source: {first_line(err)}", file=part.name) from None
+    num_proc = data.num_proc or min(len(os.sched_getaffinity(0)), len(part.dataset) // ROWS_PER_PROCESS) or None
+    if num_proc and num_proc > 1:
+        # The map forks: the Rust tokenizer's own thread pool would warn and serialize in each child.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return part.dataset.map(
+        encoder, batched=True, with_indices=True, remove_columns=part.dataset.column_names, features=FEATURES,
+        num_proc=num_proc, cache_file_name=str(work / "encoded.arrow"), load_from_cache_file=False)
+
+
+def _encoded_stream(stream: datasets.IterableDataset, encoder: Encoder, batch_size: int = 1000):
+    start = 0
+    for batch in stream.iter(batch_size=batch_size):
+        count = len(next(iter(batch.values())))
+        out = encoder(batch, list(range(start, start + count)))
+        start += count
+        for j in range(count):
+            yield {name: column[j] for name, column in out.items()}
+
+
+def _first_bad_row(table: datasets.Dataset, part: Part) -> UserError:
+    index = pc.index(table.data.table.column("bad"), True).as_py()
+    row = table[index]
+    return bad_row_error(row["reason"], row["detail"], Origin(part.name, row["line"], row["row"]))
+
+
+def _kept(table: datasets.Dataset, heldout: bool | None, fraction: float | None) -> datasets.Dataset:
+    """The kept rows; with a held-out fraction, only the held-out (or only the other) rows."""
+    columns = table.data.table
+    keep = pc.is_null(columns.column("reason"))
+    if heldout is not None:
+        side = pc.less(columns.column("heldout_u"), fraction)
+        keep = pc.and_(keep, side if heldout else pc.invert(side))
+    return table.select(np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
+
+
+def _weighted(examples: datasets.Dataset, source: SourceConfig) -> datasets.Dataset:
+    """Each row `weight` times: whole copies, plus a fixed subset (seeded by the source) for the fraction."""
+    if source.weight == 1:
+        return examples
+    whole, fraction = divmod(source.weight, 1)
+    n = len(examples)
+    seed = int.from_bytes(hashlib.sha256(source.path.encode()).digest()[:8], "big")
+    extra = np.random.default_rng(seed).permutation(n)[: round(fraction * n)]
+    return examples.select(np.sort(np.concatenate([np.tile(np.arange(n), int(whole)), extra])))
+
+
+def _nothing_usable(split: str, encoded: list[Encoded], data: DataConfig) -> UserError:
+    bad = sum((s.bad for s in encoded), Counter())
+    dropped = sum((s.dropped for s in encoded), Counter())
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted((bad + dropped).items())) or "no rows"
+    names = ", ".join(s.source.path for s in encoded)
+    hint = " (check data.max_seq_len and data.loss_on)" if dropped else ""
+    return UserError(f"no usable {split} rows (dropped: {counts}){hint}", file=names,
+                     key="data.eval" if split == "eval" else "data.train")
+
+
+def _prompts(encoded: list[Encoded], fraction: float | None, num_prompts: int, data: DataConfig) -> list[dict]:
+    """The first kept eval conversations, split before their last assistant turn, for generation."""
+    prompts = []
+    for source in encoded:
+        for part, table in source.parts:
+            for index in _kept(table, True if fraction else None, fraction)["row"][: num_prompts - len(prompts)]:
+                example = normalize(raw_row(_raw_batch(part, index), 0), data)
+                if isinstance(example, Chat):
+                    prompt, expected = generation_prompt(example.messages)
+                    prompts.append({"messages": prompt, "expected": expected})
+    return prompts[:num_prompts]
+
+
+def _raw_batch(part: Part, index: int) -> dict[str, list]:
+    if isinstance(part.dataset, datasets.Dataset):
+        return part.dataset[index : index + 1]
+    for k, row in enumerate(part.dataset):  # a stream: read again up to the row (prompts come first)
+        if k == index:
+            return {name: [value] for name, value in row.items()}
+    raise BadRow("missing_row", f"row {index} is no longer in the stream")
+
+
+def cache_key(data: DataConfig, tokenizer: Any, template: str | None, num_prompts: int) -> str:
+    """The data (files by path, size and mtime), tokenizer, template and every setting that changes rows."""
+    payload = {
+        "version": CACHE_FORMAT_VERSION,
+        # num_proc and streaming change how the rows are made, not which rows.
+        "data": data.model_dump(mode="json", exclude={"num_proc", "streaming"}),
+        "sources": [fingerprint(s) for s in data.train_sources() + data.eval_sources()],
+        "template": template,
+        "special_tokens": [tokenizer.bos_token_id, tokenizer.eos_token_id],
+        "num_prompts": num_prompts,
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend else json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
     return digest.hexdigest()[:16]
+
+
+def row_lengths(rows_dir: str) -> np.ndarray:
+    """Token count of each saved row (an example, or a packed row)."""
+    return np.asarray(datasets.load_from_disk(rows_dir)["length"], dtype=np.int64)
+
+
+def first_example(rows_dir: str) -> tuple[list[int], list[int]]:
+    """The first example of the saved rows (the first one packed into row 0 when packing)."""
+    row = datasets.load_from_disk(rows_dir)[0]
+    length = row["seq_lens"][0] if "seq_lens" in row else row["length"]
+    return row["input_ids"][:length], row["labels"][:length]

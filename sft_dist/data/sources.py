@@ -1,66 +1,179 @@
-"""Reading raw rows from local files, each row tagged with where it came from (file and line), so that
-every later complaint about a row can name its origin.
+"""Opening data sources as `datasets` tables: memory-mapped Arrow, or iterables with `data.streaming`.
+
+Local JSONL/JSON/Parquet/CSV files, globs and folders of them, `save_to_disk` folders, and hub datasets.
+A source opens as parts, one per file (or folder, or hub split), so that a bad row can be traced to its
+file. JSON files are read line by line here rather than by Arrow's JSON reader: a malformed line,
+invalid UTF-8 or a field whose type changes between rows then becomes a countable bad row with its line
+number, instead of an exception from inside pyarrow that names neither.
 """
 
 from __future__ import annotations
 
+import csv
+import glob
+import hashlib
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import datasets
+
+from sft_dist.config import DATA_SUFFIXES, SourceConfig, is_local_source
+from sft_dist.data.badrows import BadRow, Origin
 from sft_dist.errors import UserError
+
+# Raw JSON rows: the line's text (parsed later, in parallel) or why it could not even be read.
+JSON_FEATURES = datasets.Features(
+    {"_json": datasets.Value("string"), "_error": datasets.Value("string"), "_line": datasets.Value("int64")}
+)
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass(frozen=True)
-class Row:
-    data: dict[str, Any]
-    file: str
-    line: int
+class Part:
+    name: str  # what error messages cite: the file, the folder or the hub name
+    dataset: datasets.Dataset | datasets.IterableDataset
 
 
-class BadRow(Exception):
-    """A row that cannot be used; `reason` is a short, countable label, `detail` the specifics."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-@dataclass
-class BadRowPolicy:
-    """`error` stops at the first bad row with its file and line; `skip` counts rows by reason."""
-
-    on_bad_row: str
-    skipped: Counter = field(default_factory=Counter)
-
-    def handle(self, bad: BadRow, file: str, line: int) -> None:
-        if self.on_bad_row == "error":
-            raise UserError(f"{bad} (set data.on_bad_row: skip to skip such rows)", file=file, line=line)
-        self.skipped[bad.reason] += 1
+def open_source(
+    source: SourceConfig, streaming: bool, work_dir: Path
+) -> tuple[list[Part], list[tuple[BadRow, Origin]]]:
+    """The source's parts, and the file-level problems (empty files) that the bad-row policy judges."""
+    if not is_local_source(source.path):
+        return [_open_hub(source, streaming)], []
+    path = Path(source.path).expanduser()
+    if path.is_dir() and is_saved_dataset(path):
+        return [_open_saved(path, source.split, streaming)], []
+    parts, problems = [], []
+    for file in data_files(source.path):
+        part = None if os.path.getsize(file) == 0 else _open_file(file, streaming, work_dir)
+        if part is None or (isinstance(part.dataset, datasets.Dataset) and len(part.dataset) == 0):
+            problems.append((BadRow("empty_file", "the file has no rows"), Origin(file)))
+        else:
+            parts.append(part)
+    return parts, problems
 
 
-def read_jsonl(files: list[str], policy: BadRowPolicy) -> Iterator[Row]:
-    for file in files:
-        path = Path(file)
-        if path.stat().st_size == 0:
-            raise UserError("data file is empty", file=file)
-        with path.open("rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    data = json.loads(raw.decode("utf-8"))
-                    if not isinstance(data, dict):
-                        raise BadRow("not_an_object", f"expected a JSON object, got {type(data).__name__}")
-                except UnicodeDecodeError as err:
-                    policy.handle(BadRow("invalid_utf8", str(err)), file, line_no)
-                    continue
-                except json.JSONDecodeError as err:
-                    policy.handle(BadRow("malformed_json", err.msg), file, line_no)
-                    continue
-                except BadRow as bad:
-                    policy.handle(bad, file, line_no)
-                    continue
-                yield Row(data, file, line_no)
+def data_files(path: str) -> list[str]:
+    """The data files a local path names: itself, a glob's matches, or a folder's files (sorted)."""
+    expanded = os.path.expanduser(path)
+    if any(c in path for c in "*?["):
+        files = glob.glob(expanded, recursive=True)
+    elif os.path.isdir(expanded):
+        files = [str(p) for p in Path(expanded).rglob("*")]
+    else:
+        files = [expanded]
+    files = sorted(f for f in files if f.endswith(DATA_SUFFIXES) and os.path.isfile(f))
+    if not files:
+        raise UserError(f"no {', '.join(DATA_SUFFIXES)} files here", file=path)
+    return files
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in SAVED_DATASET_MARKERS)
+
+
+def fingerprint(source: SourceConfig) -> list[Any]:
+    """What identifies the source's content for the cache key: local files by path, size and mtime."""
+    if not is_local_source(source.path):
+        return [source.path, source.config, source.split]
+    path = Path(source.path).expanduser()
+    files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() and is_saved_dataset(path) \
+        else data_files(source.path)
+    return [source.split] + [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+
+
+def _open_file(file: str, streaming: bool, work_dir: Path) -> Part:
+    if file.endswith((".jsonl", ".json")):
+        if streaming:
+            return Part(file, datasets.IterableDataset.from_generator(
+                json_rows, features=JSON_FEATURES, gen_kwargs={"file": file}))
+        stat = os.stat(file)
+        # Our own fingerprint: the library's would hash the arguments (the path), not the file's content.
+        stamp = hashlib.sha256(json.dumps([file, stat.st_size, stat.st_mtime_ns]).encode()).hexdigest()[:16]
+        return Part(file, datasets.Dataset.from_generator(
+            json_rows, features=JSON_FEATURES, gen_kwargs={"file": file}, cache_dir=str(work_dir / "raw"),
+            fingerprint=stamp))
+    kind = file.rsplit(".", 1)[-1]
+    # CSV cells stay strings: type inference would turn an answer "42" into a number in one file only.
+    extra = {"features": _csv_strings(file)} if kind == "csv" else {}
+    try:
+        return Part(file, datasets.load_dataset(kind, data_files=[file], split="train", streaming=streaming,
+                                                cache_dir=str(work_dir / "raw"), **extra))
+    except Exception as err:  # corrupt or unparsable files: the library's exception types vary by format
+        raise UserError(f"cannot read this {kind} file: {first_line(err)}", file=file) from None
+
+
+def _csv_strings(file: str) -> datasets.Features:
+    with open(file, newline="", encoding="utf-8", errors="replace") as handle:
+        header = next(csv.reader(handle), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def json_rows(file: str) -> Iterator[dict[str, Any]]:
+    """A JSONL file's non-empty lines, or a JSON array's elements, as raw JSON text with line numbers."""
+    with open(file, "rb") as handle:
+        head = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        handle.seek(0)
+        yield from (_json_array(handle) if head.startswith(b"[") else _json_lines(handle))
+
+
+def _json_lines(handle) -> Iterator[dict[str, Any]]:
+    for line_no, raw in enumerate(handle, start=1):
+        if line_no == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first row
+        if not raw.strip():
+            continue
+        try:
+            yield {"_json": raw.decode("utf-8").rstrip("\r\n"), "_error": None, "_line": line_no}
+        except UnicodeDecodeError as err:
+            yield {"_json": None, "_error": f"invalid_utf8: byte {err.start} of the line is not UTF-8",
+                   "_line": line_no}
+
+
+def _json_array(handle) -> Iterator[dict[str, Any]]:
+    """A JSON file holding one array of rows: parsed whole (such files are not meant to exceed memory)."""
+    try:
+        rows = json.loads(handle.read().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        yield {"_json": None, "_error": f"invalid_utf8: byte {err.start} of the file is not UTF-8", "_line": None}
+        return
+    except json.JSONDecodeError as err:
+        yield {"_json": None, "_error": f"malformed_json: {err.msg} (column {err.colno})", "_line": err.lineno}
+        return
+    for row in rows:
+        yield {"_json": json.dumps(row), "_error": None, "_line": None}
+
+
+def _open_saved(path: Path, split: str, streaming: bool) -> Part:
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged folder: name it rather than the library's internals
+        raise UserError(f"cannot read this save_to_disk folder: {first_line(err)}", file=str(path)) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(f"no split {split!r} here (splits: {', '.join(loaded)}); set the source's split",
+                            file=str(path))
+        loaded = loaded[split]
+    return Part(str(path), loaded.to_iterable_dataset() if streaming else loaded)
+
+
+def _open_hub(source: SourceConfig, streaming: bool) -> Part:
+    try:
+        loaded = datasets.load_dataset(source.path, source.config, split=source.split, streaming=streaming)
+    except Exception as err:  # offline, unknown name, gated, missing config or split: all need the same advice
+        raise UserError(
+            f"cannot load hub dataset (config {source.config}, split {source.split}): {first_line(err)}. "
+            "Offline? Point the source at a local file or save_to_disk folder (HF_HUB_OFFLINE=1 skips the "
+            "network retries)", file=source.path) from None
+    return Part(source.path, loaded)
+
+
+def first_line(err: BaseException) -> str:
+    """The root cause's first line: `datasets` wraps reader errors in a generic "error while generating"."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
