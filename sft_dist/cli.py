@@ -70,17 +70,7 @@ def data_command(config_path: str, overrides: list[str]) -> int:
 def export_command(source: str, out: str, dtype: str) -> int:
     from pathlib import Path
 
-    from sft_dist import runtime
+    from sft_dist import driver
 
-    runtime.configure_worker(use_gpu=False, threads=torch_threads())
-    from sft_dist import export  # after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
-
-    folder = export.export(Path(source), Path(out), dtype)
-    print(f"exported {folder} -> {out}")
+    driver.export_checkpoint(Path(source), Path(out), dtype)
     return 0
-
-
-def torch_threads() -> int:
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)))

@@ -263,7 +263,13 @@ class CheckpointConfig(Section):
     # A checkpoint is also saved at the end of training whenever every_steps is set.
     every_steps: int | None = Field(None, gt=0)
     keep: int = Field(2, gt=0)
-    export_at_end: bool = False
+    export_at_end: bool = False  # write the final checkpoint as a Hugging Face folder, {run}/model
+
+    @model_validator(mode="after")
+    def _export_needs_checkpoints(self) -> "CheckpointConfig":
+        if self.export_at_end and self.every_steps is None:
+            raise ValueError("checkpoint.export_at_end: needs checkpoint.every_steps (there is nothing to export)")
+        return self
 
 
 class DebugConfig(Section):

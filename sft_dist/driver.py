@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -140,5 +141,19 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
     if error:
         print(f"error: training failed: {error}", file=sys.stderr)
         return 1
+    if cfg.checkpoint.export_at_end:
+        export_checkpoint(Path(cfg.storage_path()) / cfg.run_name, run_dir / "model")
     print(f"done: {summary['steps']} steps; summary in {run_dir / 'summary.json'}")
     return 0
+
+
+def export_checkpoint(source: Path, out: Path, dtype: str = "fp32") -> None:
+    """`sft-dist export`, and `checkpoint.export_at_end`: a checkpoint as a Hugging Face folder."""
+    from sft_dist import runtime
+
+    # Consolidation is CPU work here, whatever the workers used.
+    runtime.configure_worker(use_gpu=False, threads=len(os.sched_getaffinity(0)))
+    from sft_dist import export  # after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
+
+    folder = export.export(source, out, dtype)
+    print(f"exported {folder} -> {out}", flush=True)
