@@ -1,6 +1,6 @@
 """Generate the quickstart task: normalise human-written dates to ISO 8601.
 
-    python launch/make_demo_data.py [--n-train 256] [--n-eval 64] [--seed 0]
+    python launch/make_demo_data.py [--n-train 256] [--n-eval 63] [--seed 0]
 
 Writes configs/data/dates/{train,eval}.jsonl, one chat per line:
     {"messages": [{"role": "user", "content": "Convert to an ISO 8601 date: March 5, 2021"},
@@ -60,10 +60,14 @@ def make_row(rng: random.Random, day: dt.date) -> dict:
                          {"role": "assistant", "content": day.isoformat()}]}
 
 
+EVAL_RESERVE = 64
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=256)
-    parser.add_argument("--n-eval", type=int, default=64)
+    # Odd on purpose: validation on 2 workers must neither drop nor double-count the odd example out.
+    parser.add_argument("--n-eval", type=int, default=63)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
@@ -73,15 +77,16 @@ def main() -> None:
     # does not change with --n-train, and a smaller train split is a prefix of a larger one.
     days = [FIRST_DAY + dt.timedelta(days=o) for o in range((LAST_DAY - FIRST_DAY).days + 1)]
     rng.shuffle(days)
-    splits = {"eval": days[:args.n_eval], "train": days[args.n_eval:args.n_eval + args.n_train]}
+    # A fixed reserve of eval days (and of random phrasings) comes first, so --n-eval changes nothing else.
+    reserve = max(args.n_eval, EVAL_RESERVE)
+    splits = {"eval": days[:reserve], "train": days[reserve:reserve + args.n_train]}
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, split_days in splits.items():
+        rows = [make_row(rng, day) for day in split_days][: args.n_eval if name == "eval" else None]
         path = args.out / f"{name}.jsonl"
-        with path.open("w") as f:
-            for day in split_days:
-                f.write(json.dumps(make_row(rng, day)) + "\n")
-        print(f"wrote {len(split_days)} rows to {path}")
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

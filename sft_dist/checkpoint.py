@@ -19,11 +19,16 @@ import numpy as np
 import torch
 from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+from sft_dist.errors import UserError
 from sft_dist.runtime import RunContext, all_gather
 
 MANIFEST = "sft_dist_checkpoint.json"
 TAG = "state"  # DeepSpeed's sub-folder for the engine's files
 NAME = re.compile(r"checkpoint_step_(\d+)$")
+# Each checkpoint's metrics carry a retention score, higher is better, by which Ray's CheckpointConfig
+# keeps the best; one saved without a validation at its step ranks below every validated one.
+SCORE = "checkpoint_score"
+UNSCORED = -1e30
 
 
 def folder_name(step: int) -> str:
@@ -43,7 +48,8 @@ def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict
         for rank_files in all_gather(_file_sizes(staging)):
             files.update(rank_files)
         if ctx.rank == 0:
-            manifest = {"step": loop_state["step"], "world_size": ctx.world_size, "files": files, **loop_state}
+            manifest = {"step": loop_state["step"], "world_size": ctx.world_size, "files": files,
+                        "metrics": metrics, **loop_state}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         ctx.report_checkpoint(staging, folder_name(loop_state["step"]), metrics)
     finally:
@@ -116,6 +122,28 @@ def complete_checkpoints(parent: Path, log: Any = print) -> list[Path]:
         else:
             found.append(folder)
     return found
+
+
+def best(found: list[Path]) -> Path | None:
+    """The checkpoint with the best validation score (the newest of equals); None if none was validated."""
+    scores = {f: read_manifest(f).get("metrics", {}).get(SCORE, UNSCORED) for f in found}
+    scored = [f for f in found if scores[f] > UNSCORED]
+    return max(scored, key=lambda f: (scores[f], f.name)) if scored else None
+
+
+def choose(source: Path) -> Path:
+    """`source` itself if it is a checkpoint folder; in a run folder its best checkpoint, else its latest."""
+    if not source.exists():
+        raise UserError("no such checkpoint or run folder", file=str(source))
+    if NAME.search(source.name):
+        reason = problem(source)
+        if reason:
+            raise UserError(f"not a complete checkpoint: {reason}", file=str(source))
+        return source
+    found = complete_checkpoints(source)
+    if not found:
+        raise UserError("no complete checkpoint in this run folder", file=str(source))
+    return best(found) or found[-1]
 
 
 def rng_state() -> dict[str, Any]:

@@ -13,18 +13,22 @@ from sft_dist.errors import UserError
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sft-dist", description="Distributed supervised fine-tuning.")
     commands = p.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "fine-tune a model"), ("data", "validate the data and print statistics")):
+    for name, help_text in (("train", "fine-tune a model"), ("data", "validate the data and print statistics"),
+                            ("eval", "run the config's validation on a saved checkpoint")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="run config (YAML)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
-    export.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    export.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its best, else latest)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    commands.choices["train"].add_argument(
-        "--no-ray", action="store_true",
-        help="run the training loop in this process, without Ray (debugging, benchmarks, single GPU)")
+    commands.choices["eval"].add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best, else latest)")
+    for name in ("train", "eval"):
+        commands.choices[name].add_argument(
+            "--no-ray", action="store_true",
+            help="run in this process, without Ray (debugging, benchmarks, single GPU)")
     commands.choices["train"].add_argument(
         "--resume", metavar="auto|PATH",
         help="auto: continue the run named by run_name (else this config's newest run) from its latest "
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             from sft_dist import driver
 
             return driver.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
+        if args.command == "eval":
+            from sft_dist import driver
+
+            return driver.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
         if args.command == "data":
             return data_command(args.config, args.overrides)
         if args.command == "export":

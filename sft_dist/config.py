@@ -247,16 +247,67 @@ class DeepSpeedConfig(Section):
 
 
 class GenerateConfig(Section):
+    """Greedy answers to held-out prompts, scored by exact match and by `match`."""
+
     num_prompts: int = Field(4, gt=0)
     max_new_tokens: int = Field(32, gt=0)
+    # exact: answer == expected; contains: expected occurs in the answer; regex: `pattern`'s first group
+    # (or whole match) in the answer equals expected, or without a pattern expected is a regex the answer
+    # must match in full; json: both parse as JSON and are equal.
+    match: Literal["exact", "contains", "regex", "json"] = "exact"
+    pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> "GenerateConfig":
+        if self.pattern is not None:
+            if self.match != "regex":
+                raise ValueError("eval.generate.pattern: only used with eval.generate.match: regex")
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"eval.generate.pattern: not a valid regular expression ({err})") from None
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    """Stop when `eval.metric` has not improved by more than `min_delta` for `patience` validations."""
+
+    patience: int = Field(gt=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
+EVAL_METRICS = ("eval_loss", "eval_ppl", "eval_token_acc", "eval_exact_match", "eval_match")
 
 
 class EvalConfig(Section):
     every_steps: int | None = Field(None, gt=0)
     at_start: bool = True
+    at_epoch_end: bool = False
     at_end: bool = True
     micro_batch_size: int | None = Field(None, gt=0)
     generate: GenerateConfig | None = None
+    # The validation metric: it picks the best checkpoint and drives early stopping.
+    metric: Literal[EVAL_METRICS] = "eval_loss"  # type: ignore[valid-type]
+    mode: Literal["min", "max"] | None = None  # default: min for eval_loss / eval_ppl, else max
+    early_stopping: EarlyStoppingConfig | None = None
+    # A validation (or generation) pass that runs longer fails the run, naming the phase, instead of
+    # leaving the other ranks waiting in a collective until the process-group timeout.
+    timeout_s: float | None = Field(None, gt=0)
+
+    def direction(self) -> Literal["min", "max"]:
+        return self.mode or ("min" if self.metric in ("eval_loss", "eval_ppl") else "max")
+
+    @model_validator(mode="after")
+    def _generation_metric_needs_generation(self) -> "EvalConfig":
+        if self.metric in ("eval_exact_match", "eval_match") and self.generate is None:
+            raise ValueError(f"eval.metric: {self.metric} comes from generation; set eval.generate")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_periodic_validation(self) -> "EvalConfig":
+        if self.early_stopping and not (self.every_steps or self.at_epoch_end):
+            raise ValueError("eval.early_stopping: needs periodic validation (eval.every_steps or eval.at_epoch_end)")
+        return self
 
 
 class CheckpointConfig(Section):
@@ -346,6 +397,14 @@ class RunConfig(Section):
             raise ValueError(f"model.name_or_path: folder not found: {path} (nor is it a hub name like org/model)")
         if self.model.gguf_file and looks_local and not (Path(path).expanduser() / self.model.gguf_file).is_file():
             raise ValueError(f"model.gguf_file: {self.model.gguf_file} not found in {path}")
+        return self
+
+    @model_validator(mode="after")
+    def _periodic_validation_has_data(self) -> "RunConfig":
+        e = self.eval
+        asked = "eval.early_stopping" if e.early_stopping else "eval.every_steps" if e.every_steps else None
+        if asked and self.data.eval is None:
+            raise ValueError(f"{asked}: there is no validation data; set data.eval (files, or a held-out fraction)")
         return self
 
     @model_validator(mode="after")

@@ -8,9 +8,12 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sft_dist import checkpoint
 from sft_dist import config as config_lib
@@ -86,27 +89,59 @@ def run_to_continue(cfg: RunConfig, config_path: str) -> RunConfig:
     return cfg
 
 
-def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None) -> str | None:
+def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None,
+               evaluate: str | None = None) -> str | None:
     from sft_dist import launcher  # Ray is imported only once the input is known to be good
 
     launcher.connect(cfg)
-    return launcher.fit(cfg, data, recorder.record, resume_from)
+    with stop_on_sigterm() as stop:  # after connecting: Ray's core worker installs a SIGTERM handler of its own
+        return launcher.fit(cfg, data, recorder.record, resume_from, stop, evaluate)
 
 
-def fit_in_process(
-    cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None
-) -> str | None:
+def fit_in_process(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None,
+                   evaluate: str | None = None) -> str | None:
     """The same loop in this one process, without Ray: for debugging, benchmarks and GPU checks."""
     from sft_dist import runtime
 
-    ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record, cfg.run_dir())
+    with stop_on_sigterm() as stop:
+        ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record, cfg.run_dir(),
+                                    stop)
+        return run_in_process(ctx, cfg, data, resume_from, evaluate)
+
+
+def run_in_process(ctx: Any, cfg: RunConfig, data: PreparedData, resume_from: str | None,
+                   evaluate: str | None) -> str | None:
     from sft_dist import train as train_loop  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
 
     try:
-        train_loop.run(ctx, cfg, data, resume_from)
+        if evaluate:
+            train_loop.evaluate_checkpoint(ctx, cfg, data, evaluate)
+        else:
+            train_loop.run(ctx, cfg, data, resume_from)
     except Exception as err:  # the run started: report it as a failed run (exit 1), with its cause
         return f"rank {ctx.rank}: {type(err).__name__}: {err}"
     return None
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """SIGTERM (`ray job stop`, `scancel`, a node shutting down) sets the event: the workers finish their
+    step, save a checkpoint and stop, and the run can be continued with --resume auto."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if not stop.is_set():
+            print("SIGTERM: finishing the current step, saving a checkpoint, then stopping", flush=True)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def environment() -> dict[str, Any]:
@@ -135,15 +170,62 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
     recorder = RunRecorder(run_dir)
     fit = fit_on_ray if use_ray else fit_in_process
     error = fit(cfg, data, recorder, resume_from or None)
-    summary = recorder.summary("failed" if error else "completed", data.stats, error)
+    error = recorder.worker_error() or error  # a worker's own account (e.g. a timed-out validation) first
+    summary = recorder.summary(data.stats, error, best_checkpoint(cfg))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(recorder.before_after())
     if error:
         print(f"error: training failed: {error}", file=sys.stderr)
         return 1
+    if summary["status"] == "stopped":
+        print(f"stopped at step {summary['steps']} with a checkpoint; continue with --resume auto "
+              f"--set run_name={cfg.run_name}", flush=True)
+        return STOPPED_EXIT
     if cfg.checkpoint.export_at_end:
         export_checkpoint(Path(cfg.storage_path()) / cfg.run_name, run_dir / "model")
-    print(f"done: {summary['steps']} steps; summary in {run_dir / 'summary.json'}")
+    print(f"done: {summary['steps']} steps ({summary['stop_reason']}); summary in {run_dir / 'summary.json'}")
+    return 0
+
+
+STOPPED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended
+
+
+def best_checkpoint(cfg: RunConfig) -> dict[str, Any] | None:
+    """The run's checkpoint with the best validation metric: its path, step and metric value."""
+    if "://" in cfg.storage_path():
+        return None  # object storage: Ray's result names its best checkpoint
+    found = checkpoint.complete_checkpoints(Path(cfg.storage_path()) / cfg.run_name, log=lambda _: None)
+    best = checkpoint.best(found)
+    if best is None:
+        return None
+    manifest = checkpoint.read_manifest(best)
+    return {"path": str(best), "step": manifest["step"], cfg.eval.metric: manifest["metrics"].get(cfg.eval.metric)}
+
+
+def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool = True) -> int:
+    """`sft-dist eval`: validate a checkpoint as the run would, with the config's workers."""
+    if not use_ray:
+        overrides = [*overrides, "ray.num_workers=1"]
+    folder = checkpoint.choose(Path(source).expanduser().resolve())
+    cfg = config_lib.load(config_path, [*overrides, "checkpoint.every_steps=null", "checkpoint.export_at_end=false"])
+    cfg = cfg.model_copy(update={"run_name": f"eval-{cfg.run_name}"})
+    changed = [k for k in config_lib.changed_resume_keys(checkpoint.read_manifest(folder)["fingerprint"], cfg)
+               if k in ("model", "peft")]
+    if changed:
+        raise UserError(f"the checkpoint {folder} was trained with another {', '.join(changed)}", key=changed[0])
+    data = prepare_data(cfg)
+    run_dir = create_run_dir(cfg)
+    print(f"evaluating {folder}; run folder: {run_dir}", flush=True)
+    recorder = RunRecorder(run_dir)
+    fit = fit_on_ray if use_ray else fit_in_process
+    error = fit(cfg, data, recorder, None, evaluate=str(folder))
+    error = recorder.worker_error() or error
+    if error:
+        print(f"error: evaluation failed: {error}", file=sys.stderr)
+        return 1
+    result = {"checkpoint": str(folder), **(recorder.evals[-1] if recorder.evals else {})}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -1,14 +1,23 @@
 """Coordinated validation: every rank evaluates a disjoint shard, totals are all-reduced, and every rank
-gets the same metrics. Also greedy generation on held-out prompts, in lockstep on all ranks.
+gets the same metrics. Also greedy generation on held-out prompts, in lockstep on all ranks; the best
+metric and early-stopping state; and a watchdog that fails a validation that hangs.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
+import os
+import re
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
+from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import attention_of, collate, eval_batches, model_inputs
 from sft_dist.loss import token_loss_sums
 from sft_dist.runtime import RunContext, all_reduce_sum
@@ -39,9 +48,9 @@ def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int,
 
 
 def generate_answers(
-    engine: Any, ctx: RunContext, tokenizer: Any, prompts: list[dict], max_new_tokens: int, zero3: bool
+    engine: Any, ctx: RunContext, tokenizer: Any, prompts: list[dict], generate: GenerateConfig, zero3: bool
 ) -> list[dict[str, Any]]:
-    """Greedy answers to held-out prompts, with exact match against the expected answer.
+    """Greedy answers to held-out prompts, scored by exact match and by the configured match rule.
 
     Every rank generates every prompt: under ZeRO-3 each decoding step is a collective, and
     `synced_gpus` keeps ranks stepping together until all have finished.
@@ -56,11 +65,108 @@ def generate_answers(
                 prompt["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
             ).to(ctx.device)
             output = module.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **inputs, max_new_tokens=generate.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 synced_gpus=zero3 and ctx.world_size > 1,
             )
             answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            samples.append({"prompt": prompt["messages"][-1]["content"], "expected": prompt["expected"],
-                            "answer": answer, "exact_match": answer == prompt["expected"].strip()})
+            expected = prompt["expected"].strip()
+            samples.append({"prompt": prompt["messages"][-1]["content"], "expected": expected, "answer": answer,
+                            "exact_match": answer == expected, "match": matches(answer, expected, generate)})
     module.train(was_training)
     return samples
+
+
+def generation_metrics(samples: list[dict[str, Any]]) -> dict[str, float]:
+    return {"eval_exact_match": sum(s["exact_match"] for s in samples) / len(samples),
+            "eval_match": sum(s["match"] for s in samples) / len(samples)}
+
+
+def matches(answer: str, expected: str, generate: GenerateConfig) -> bool:
+    """Whether a generated answer counts as right under `eval.generate.match`."""
+    if generate.match == "contains":
+        return expected in answer
+    if generate.match == "regex":
+        if generate.pattern is None:
+            return re.fullmatch(expected, answer) is not None
+        found = re.search(generate.pattern, answer)
+        return found is not None and (found.group(1) if found.groups() else found.group(0)).strip() == expected
+    if generate.match == "json":
+        try:
+            return json.loads(answer) == json.loads(expected)
+        except json.JSONDecodeError:
+            return False
+    return answer == expected
+
+
+@dataclass
+class BestTracker:
+    """The best value of the validation metric, where it was, and validations since it improved.
+
+    Fed the all-reduced metrics, it reaches the same state on every rank; it is saved in checkpoints.
+    """
+
+    metric: str
+    mode: str  # "min" or "max"
+    patience: int | None = None
+    min_delta: float = 0.0
+    best: float | None = None
+    best_step: int | None = None
+    stale_evals: int = 0
+
+    @classmethod
+    def for_config(cls, cfg: EvalConfig, saved: dict[str, Any] | None = None) -> "BestTracker":
+        stopping = cfg.early_stopping
+        tracker = cls(cfg.metric, cfg.direction(), stopping and stopping.patience,
+                      stopping.min_delta if stopping else 0.0)
+        if saved:  # a resumed run keeps its best and its patience count
+            tracker.best, tracker.best_step, tracker.stale_evals = saved["best"], saved["best_step"], saved["stale_evals"]
+        return tracker
+
+    def update(self, metrics: dict[str, Any], step: int) -> bool:
+        """Take one validation's metrics; True when they are a new best."""
+        if self.metric not in metrics:
+            return False
+        value = metrics[self.metric]
+        gain = (self.best - value if self.mode == "min" else value - self.best) if self.best is not None else math.inf
+        if self.best is None or gain > 0:
+            self.best, self.best_step = value, step
+        self.stale_evals = 0 if gain > self.min_delta else self.stale_evals + 1
+        return self.best_step == step
+
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.stale_evals >= self.patience
+
+    def score(self, metrics: dict[str, Any]) -> float | None:
+        """The metric signed so that higher is better (a checkpoint's retention score); None if absent."""
+        if self.metric not in metrics:
+            return None
+        return -metrics[self.metric] if self.mode == "min" else metrics[self.metric]
+
+    def state(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k in ("best", "best_step", "stale_evals")}
+
+
+@contextmanager
+def deadline(timeout_s: float | None, phase: str, rank: int, on_timeout: Callable[[str], None]) -> Iterator[None]:
+    """Fail the run when the block runs past `timeout_s`.
+
+    A hung collective cannot be interrupted from Python, so the watchdog thread reports the phase and
+    ends this process; the runtime then fails the run (or restarts it, with ray.max_failures).
+    """
+    if timeout_s is None:
+        yield
+        return
+
+    def expire() -> None:
+        message = f"{phase} on rank {rank} ran past eval.timeout_s={timeout_s:g}s"
+        on_timeout(message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

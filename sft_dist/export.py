@@ -24,23 +24,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_SHARD_SIZE = "2GB"
 
 
-def choose_checkpoint(source: Path) -> Path:
-    """`source` itself if it is a checkpoint folder, else the latest complete one in the run folder."""
-    if not source.exists():
-        raise UserError("no such checkpoint or run folder", file=str(source))
-    if checkpoint.NAME.search(source.name):
-        reason = checkpoint.problem(source)
-        if reason:
-            raise UserError(f"not a complete checkpoint: {reason}", file=str(source))
-        return source
-    folders = checkpoint.complete_checkpoints(source)
-    if not folders:
-        raise UserError("no complete checkpoint in this run folder", file=str(source))
-    return folders[-1]
-
-
 def export(source: Path, out: Path, dtype: str = "fp32") -> Path:
-    folder = choose_checkpoint(source.resolve())
+    folder = checkpoint.choose(source.resolve())
     manifest = checkpoint.read_manifest(folder)
     cfg = RunConfig.model_validate(manifest["config"])
     staging = out.with_name(out.name + ".partial")

@@ -14,6 +14,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
+from sft_dist.checkpoint import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
 from sft_dist.runtime import ray_worker_main
@@ -35,14 +36,19 @@ def connect(cfg: RunConfig) -> None:
 
 
 def fit(
-    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], resume_from: str | None = None
+    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], resume_from: str | None = None,
+    stop: threading.Event | None = None, evaluate: str | None = None,
 ) -> str | None:
-    """Run training on Ray Train workers; returns None on success, else the failure's message."""
-    events = Queue(actor_options={"num_cpus": 0})
+    """Run training (or, with `evaluate`, validation of that checkpoint) on Ray Train workers.
+
+    Setting `stop` asks the workers to save and stop at the end of their current step. Returns None on
+    success, else the failure's message.
+    """
+    events, control = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker=ray_worker_main,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events,
-                           "resume_from": resume_from},
+                           "control": control, "resume_from": resume_from, "evaluate": evaluate},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
@@ -54,11 +60,15 @@ def fit(
             name=cfg.run_name,
             storage_path=cfg.storage_path(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # Ray keeps the `keep` best-scored checkpoints and always the latest (what a restart resumes
+            # from). Without validation every score is equal, and the tie goes to the most recent: the
+            # last `keep` are kept.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
         ),
     )
-    stop = threading.Event()
-    forwarder = threading.Thread(target=_forward, args=(events, on_event, stop), daemon=True)
+    done = threading.Event()
+    forwarder = threading.Thread(target=_forward, args=(events, control, on_event, stop, done), daemon=True)
     forwarder.start()
     try:
         trainer.fit()
@@ -66,14 +76,21 @@ def fit(
     except ray.train.TrainingFailedError as failure:
         error = _failure_message(failure)
     finally:
-        stop.set()
+        done.set()
         forwarder.join()
         _drain(events, on_event)
+        ray.kill(control.actor)
     return error
 
 
-def _forward(events: Queue, on_event: Callable, stop: threading.Event) -> None:
-    while not stop.is_set():
+def _forward(events: Queue, control: Queue, on_event: Callable, stop: threading.Event | None,
+             done: threading.Event) -> None:
+    """Rank 0's events to the recorder, and a stop request (once) to the workers."""
+    stop_sent = False
+    while not done.is_set():
+        if stop is not None and stop.is_set() and not stop_sent:
+            control.put("stop")
+            stop_sent = True
         try:
             on_event(events.get(timeout=0.5))
         except Empty:

@@ -20,6 +20,7 @@ class RunRecorder:
         self.evals: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
         self.end: dict[str, Any] = {}
+        self.errors: list[str] = []  # what workers reported before failing (e.g. a validation timeout)
         self.first_step: tuple[int, float] | None = None
 
     def record(self, event: dict[str, Any]) -> None:
@@ -41,10 +42,13 @@ class RunRecorder:
             self.samples.append(event)
         elif kind == "end":
             self.end = event
+        elif kind == "error":
+            self.errors.append(event["message"])
         elif "eval_loss" in event:
             self.evals.append(event)
             self._print(f"eval  step {event['step']}: eval_loss {event['eval_loss']:.4f} "
-                        f"ppl {event['eval_ppl']:.2f} token_acc {event['eval_token_acc']:.3f}")
+                        f"ppl {event['eval_ppl']:.2f} token_acc {event['eval_token_acc']:.3f}"
+                        + (f" exact_match {event['eval_exact_match']:.3f}" if "eval_exact_match" in event else ""))
         elif "loss" in event:
             self.last_train = event
             self._print(self._progress(event))
@@ -67,17 +71,27 @@ class RunRecorder:
         return (f"train step {e['step']}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
                 f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {eta_s:.0f}s")
 
-    def summary(self, status: str, data_stats: dict, error: str | None = None) -> dict[str, Any]:
+    def worker_error(self) -> str | None:
+        return "; ".join(self.errors) or None
+
+    def summary(self, data_stats: dict, error: str | None = None, best_checkpoint: dict | None = None
+                ) -> dict[str, Any]:
+        stop_reason = "error" if error else self.end.get("stop_reason")
+        best = {k: self.end.get(k) for k in ("metric", "best", "best_step")}
         return {
-            "status": status,
+            "status": "failed" if error else "stopped" if stop_reason == "stop" else "completed",
             "run_dir": str(self.run_dir),
-            "steps": self.last_train.get("step", 0),
+            "steps": self.end.get("step", self.last_train.get("step", 0)),
             "total_steps": self.setup.get("total_steps"),
-            "stop_reason": self.end.get("stop_reason") if status == "completed" else "error",
+            # max_steps, epochs, early_stopping, or stop (SIGTERM: saved, to be continued with --resume)
+            "stop_reason": stop_reason,
             "final": {k: v for k, v in self.last_train.items() if k not in ("epoch", "total_steps")},
             "eval_first": self.evals[0] if self.evals else None,
             "eval_last": self.evals[-1] if self.evals else None,
-            "best_checkpoint": None,
+            # The best validation seen (perhaps at step 0, before training), and the best checkpoint kept.
+            "best": {"metric": best["metric"], "value": best["best"], "step": best["best_step"]}
+            if best["best"] is not None else None,
+            "best_checkpoint": best_checkpoint,
             "data": data_stats,
             "duration_s": round(time.time() - self.started_s, 1),
             "error": error,

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -34,6 +35,11 @@ class RunContext(Protocol):
     def restored_checkpoint(self) -> str | None:
         """The latest checkpoint the runtime registered for this run (e.g. before a worker failed)."""
 
+    def interruption(self) -> str | None:
+        """"stop" when the driver was asked to stop (SIGTERM), "preempted" when a node of the run is
+        about to be reclaimed, else None. Every rank calls it at every step; ranks may disagree (the
+        loop agrees on the answer with a collective)."""
+
 
 @dataclass
 class RayRunContext:
@@ -42,6 +48,7 @@ class RayRunContext:
     local_rank: int
     device: torch.device
     events: Any  # ray.util.queue.Queue owned by the driver
+    control: Any  # ray.util.queue.Queue: the driver puts "stop" into it on SIGTERM
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -64,6 +71,15 @@ class RayRunContext:
             return restored.path
         return restored.to_directory()  # object-store storage: fetch a local copy
 
+    def interruption(self) -> str | None:
+        import ray.train
+
+        # Ray Train's own preemption notice (e.g. a spot node being drained); a broadcast from rank 0,
+        # so every rank must ask at every step.
+        if ray.train.get_preemption_info() is not None:
+            return "preempted"
+        return "stop" if self.rank == 0 and not self.control.empty() else None
+
 
 @dataclass
 class LocalRunContext:
@@ -73,6 +89,7 @@ class LocalRunContext:
     device: torch.device
     sink: Callable[[dict[str, Any]], None]
     storage_dir: Path  # where checkpoints go: the run folder
+    stop: threading.Event  # set by the process's SIGTERM handler
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -86,6 +103,9 @@ class LocalRunContext:
 
     def restored_checkpoint(self) -> str | None:
         return None  # without Ray nothing restarts the run; --resume names the checkpoint
+
+    def interruption(self) -> str | None:
+        return "stop" if self.stop.is_set() else None
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -134,14 +154,19 @@ def ray_worker_main(loop_config: dict[str, Any]) -> None:
         local_rank=context.get_local_rank(),
         device=ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu"),
         events=loop_config["events"],
+        control=loop_config["control"],
     )
     from sft_dist import train  # imported after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
 
-    train.run(ctx, cfg, PreparedData(**loop_config["data"]), loop_config.get("resume_from"))
+    data = PreparedData(**loop_config["data"])
+    if loop_config.get("evaluate"):
+        train.evaluate_checkpoint(ctx, cfg, data, loop_config["evaluate"])
+    else:
+        train.run(ctx, cfg, data, loop_config.get("resume_from"))
 
 
 def local_context(
-    use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage_dir: Path
+    use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage_dir: Path, stop: threading.Event
 ) -> LocalRunContext:
     """A context for one process, or one of torchrun's (which sets RANK, WORLD_SIZE, MASTER_ADDR...)."""
     configure_worker(use_gpu, threads)
@@ -154,7 +179,7 @@ def local_context(
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
-    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink, storage_dir)
+    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink, storage_dir, stop)
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ from sft_dist.config import RunConfig, resume_fingerprint
 from sft_dist.data.batches import BatchPlan, attention_of, collate, grouping_lengths, model_inputs
 from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
-from sft_dist.evaluate import generate_answers, validate
+from sft_dist.evaluate import BestTracker, deadline, generate_answers, generation_metrics, validate
 from sft_dist.loss import token_loss_sums
 from sft_dist.runtime import RunContext, all_gather, all_reduce_sum
 
@@ -28,8 +28,41 @@ def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:
     return cfg.train.max_steps or plan.steps_per_epoch * cfg.train.epochs
 
 
-def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | None = None) -> None:
-    """Train to the end. Every rank runs every line: collectives stay symmetric."""
+@dataclass
+class Session:
+    """What a worker holds once set up: the engine and the data it trains and validates on."""
+
+    ctx: RunContext
+    cfg: RunConfig
+    engine: Any
+    tokenizer: Any
+    train_set: Any
+    eval_set: Any | None
+    prompts: list[dict]
+    plan: BatchPlan
+
+    def validate(self, step: int) -> dict[str, Any]:
+        """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
+        cfg, ctx, metrics = self.cfg, self.ctx, {}
+        fail = lambda message: ctx.emit({"step": step, "event": "error", "message": message})  # noqa: E731
+        if self.eval_set is not None:
+            with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
+                mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.tokenizer.pad_token_id))
+        if cfg.eval.generate and self.prompts:
+            with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
+                samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
+                                           cfg.deepspeed.stage == 3)
+            metrics.update(generation_metrics(samples))
+            ctx.emit({"step": step, "event": "samples", "samples": samples})
+        if metrics:
+            ctx.emit({"step": step, **metrics})
+        return metrics
+
+
+def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | None, skipped: list[str] = ()
+           ) -> tuple[Session, dict[str, Any]]:
+    """Build the session, restored from `restart` when given; returns it with the saved loop state."""
     set_seed(cfg.seed)
     engine_lib.init_distributed()
     tokenizer = model_lib.load_tokenizer(cfg.model)
@@ -39,58 +72,108 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
-    steps = total_steps(cfg, plan)
-    engine, start = build_and_restore(ctx, cfg, steps, resume_from)
-    supervised_per_example = np.asarray(train_set["num_supervised"])
-    last_eval: dict[str, Any] = {}
+    engine, loop_state = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
+    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan), loop_state
 
-    def evaluate_now(step: int) -> None:
-        if eval_set is not None:
-            mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-            last_eval.update(validate(engine, ctx, eval_set, mb, tokenizer.pad_token_id))
-            ctx.emit({"step": step, **last_eval})
-        if cfg.eval.generate and data.prompts:
-            g = cfg.eval.generate
-            samples = generate_answers(engine, ctx, tokenizer, data.prompts, g.max_new_tokens, cfg.deepspeed.stage == 3)
-            ctx.emit({"step": step, "event": "samples", "samples": samples})
 
-    def save(step: int) -> None:
+def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | None = None) -> None:
+    """Train to the end (or an early stop, or a requested stop). Every rank runs every line, so
+    collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
+    restart, skipped = resume_point(ctx, cfg, resume_from)
+    session, loop_state = set_up(ctx, cfg, data, restart, skipped)
+    engine, plan = session.engine, session.plan
+    steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
+    tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
+    supervised_per_example = np.asarray(session.train_set["num_supervised"])
+    pad_id = session.tokenizer.pad_token_id
+
+    def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
+                 "epoch": step // plan.steps_per_epoch, "best": tracker.state(),
                  "fingerprint": resume_fingerprint(cfg), "config": cfg.model_dump(mode="json")}
-        checkpoint.save(engine, ctx, state, {"step": step, **last_eval})
+        score = tracker.score(metrics)
+        checkpoint.save(engine, ctx, state,
+                        {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score})
+
+    def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
+        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
+                "lr": engine.get_lr()[0], **grad_norm(engine)}
 
     if cfg.eval.at_start and start == 0:
-        evaluate_now(0)
-    window = Window()
+        tracker.update(session.validate(0), 0)
+    window, reason, step, preemption_saved = Window(), None, start, False
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
-        window.add(*train_step(engine, ctx, train_set, plan, step - 1, supervised_per_example, tokenizer.pad_token_id))
-        if step % cfg.logging.every_steps == 0 or step == steps:
-            ctx.emit({"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps,
-                      **window.reduce(), "lr": engine.get_lr()[0], **grad_norm(engine)})
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
-            evaluate_now(step)
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != steps:
-            save(step)
-    if cfg.eval.at_end:
-        evaluate_now(steps)
-    if cfg.checkpoint.every_steps:
-        save(steps)
-    ctx.emit({"step": steps, "event": "end", "stop_reason": "max_steps" if cfg.train.max_steps else "epochs"})
+        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id))
+        logged = step % cfg.logging.every_steps == 0 or step == steps
+        if logged:
+            ctx.emit(train_metrics(step))
+        metrics = session.validate(step) if validation_due(cfg, plan, step, steps) else {}
+        tracker.update(metrics, step)
+        reason = agreed_stop(ctx, "early_stopping" if tracker.should_stop() else None)
+        if reason in ("stop", "early_stopping") and not logged:  # the last step is always in metrics.jsonl
+            ctx.emit(train_metrics(step))
+        # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
+        # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
+        # way the run can be continued.
+        just_in_time = reason == "preempted" and not preemption_saved and step != steps
+        periodic = cfg.checkpoint.every_steps and step != steps and (
+            step % cfg.checkpoint.every_steps == 0 or reason == "early_stopping")
+        if just_in_time or periodic or reason == "stop":
+            save(step, metrics)
+        preemption_saved |= just_in_time
+        if reason in ("stop", "early_stopping"):
+            break
+    else:
+        reason = "max_steps" if cfg.train.max_steps else "epochs"
+        if step > start:  # not a resume of a run that had already finished
+            metrics = session.validate(step) if cfg.eval.at_end else {}
+            tracker.update(metrics, step)
+            if cfg.checkpoint.every_steps:
+                save(step, metrics)
+    ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": tracker.metric, **tracker.state()})
 
 
-def build_and_restore(ctx: RunContext, cfg: RunConfig, steps: int, requested: str | None) -> tuple[Any, int]:
-    """The engine, restored from the checkpoint to continue from if there is one; and its step."""
-    restart, skipped = resume_point(ctx, cfg, requested)
+def validation_due(cfg: RunConfig, plan: BatchPlan, step: int, steps: int) -> bool:
+    """A periodic validation at this step (the final one is the loop's own, with eval.at_end)."""
+    periodic = cfg.eval.every_steps and step % cfg.eval.every_steps == 0
+    epoch_end = cfg.eval.at_epoch_end and step % plan.steps_per_epoch == 0
+    return bool(periodic or epoch_end) and step != steps
+
+
+def agreed_stop(ctx: RunContext, local_reason: str | None) -> str | None:
+    """Collective: why the run stops now, as every rank agrees ("stop" > "preempted" > "early_stopping").
+
+    A SIGTERM or preemption notice may reach one rank before another; the all-reduce makes all ranks
+    act at the same step, so no rank is left alone in the next collective.
+    """
+    reasons = ("early_stopping", "preempted", "stop")
+    local = [local_reason, ctx.interruption()]
+    flags = torch.tensor([float(any(r == reason for r in local)) for reason in reasons], dtype=torch.float64)
+    agreed = all_reduce_sum(flags)
+    return next((reason for reason, flag in zip(reversed(reasons), reversed(agreed.tolist())) if flag), None)
+
+
+def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, folder: str) -> None:
+    """`sft-dist eval`: the run's validation on a saved checkpoint, distributed like training."""
+    session, loop_state = set_up(ctx, cfg, data, Path(folder))
+    session.validate(loop_state["step"])
+    ctx.emit({"step": loop_state["step"], "event": "end", "stop_reason": "evaluated"})
+
+
+def build_and_restore(
+    ctx: RunContext, cfg: RunConfig, steps: int, restart: Path | None, skipped: list[str] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The engine, restored from `restart` when given; and the loop state saved with it."""
     other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
     if other_world_size:
         restart = checkpoint.universal_copy(restart, ctx)
     engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
     if restart is None:
-        return engine, 0
-    step = checkpoint.load(engine, ctx, restart)["step"]
-    ctx.emit({"step": step, "event": "resume", "checkpoint": str(restart), "skipped": skipped})
-    return engine, step
+        return engine, {}
+    loop_state = checkpoint.load(engine, ctx, restart)
+    ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped)})
+    return engine, loop_state
 
 
 def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Path | None, list[str]]:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -16,7 +21,7 @@ from sft_dist import checkpoint
 from sft_dist.cli import main
 from sft_dist.loss import token_loss_sums
 
-from conftest import BASELINE_STEPS, eval_losses, read_events, train_losses, train_tiny
+from conftest import BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, train_losses, train_tiny
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
 
@@ -113,3 +118,28 @@ def test_resume_at_another_world_size_continues_the_trajectory(stage, run, basel
                      extra_args=("--resume", str(run_dir / checkpoint.folder_name(10))))
     assert [e["step"] for e in read_events(one) if e.get("event") == "resume"] == [10]
     assert train_losses(one) == pytest.approx(train_losses(baseline_dir)[10:], rel=1e-4)
+
+
+def test_sigterm_finishes_the_step_saves_and_stops_then_resume_continues(tmp_path):
+    """What `ray job stop`, `scancel` or a node shutdown do to the driver: the run saves and exits 143."""
+    command = [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), "--no-ray", "--set", f"output_dir={tmp_path}",
+               "--set", "run_name=r", "--set", "train.max_steps=100000", "--set", "eval.generate=null"]
+    # Without the process-group variables that an in-process --no-ray run of this session left behind.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
+        assert proc.poll() is None and time.time() < deadline, f"the run never got to step 3: {proc.stdout.read()}"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert (summary["status"], summary["stop_reason"]) == ("stopped", "stop")
+    stopped_at = summary["steps"]
+    assert checkpoint.problem(tmp_path / "r" / checkpoint.folder_name(stopped_at)) is None
+    resumed = train_tiny(tmp_path, f"train.max_steps={stopped_at + 2}", "eval.generate=null",
+                         extra_args=("--no-ray", "--resume", "auto"), run_name="r")
+    assert [e["step"] for e in read_events(resumed) if e.get("event") == "resume"] == [stopped_at]
+    assert json.loads((resumed / "summary.json").read_text())["status"] == "completed"

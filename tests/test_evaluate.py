@@ -1,0 +1,75 @@
+"""Coordinated validation: early stopping agreed by all ranks, the best checkpoint, `sft-dist eval`,
+validation that leaves training alone, generation under ZeRO-3, and the limits (timeout, empty set).
+Real Ray workers and DeepSpeed engines on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft_dist.cli import main
+
+from conftest import TINY_CONFIG, eval_losses, read_events, train_losses, train_tiny
+
+
+@pytest.fixture(scope="module")
+def early_stopped_run(ray_cluster, tmp_path_factory):
+    """Validation every 3 steps; an improvement must exceed 10 nats to count, so patience 2 runs out at
+    step 6 (step 0 is the first validation, steps 3 and 6 fail to improve enough)."""
+    return train_tiny(tmp_path_factory.mktemp("early"), "train.max_steps=12", "eval.every_steps=3",
+                      "eval.early_stopping.patience=2", "eval.early_stopping.min_delta=10",
+                      "checkpoint.every_steps=3", "checkpoint.keep=1")
+
+
+def test_early_stopping_stops_every_rank_at_the_same_step_and_names_the_best_checkpoint(early_stopped_run):
+    summary = json.loads((early_stopped_run / "summary.json").read_text())
+    assert (summary["status"], summary["stop_reason"], summary["steps"]) == ("completed", "early_stopping", 6)
+    assert [e["step"] for e in read_events(early_stopped_run) if "loss" in e] == list(range(1, 7))
+    losses = {e["step"]: e["eval_loss"] for e in read_events(early_stopped_run) if "eval_loss" in e}
+    assert list(losses) == [0, 3, 6]
+    best = summary["best_checkpoint"]
+    assert best["step"] == 6 and best["eval_loss"] == pytest.approx(min(losses.values()))
+    assert summary["best"] == {"metric": "eval_loss", "value": pytest.approx(losses[6]), "step": 6}
+    # keep=1: Ray kept the best (which is also the latest) and deleted the step-3 checkpoint
+    assert sorted(p.name for p in early_stopped_run.glob("checkpoint_step_*")) == ["checkpoint_step_0000006"]
+
+
+def test_validation_leaves_the_training_trajectory_alone(early_stopped_run, zero2_run):
+    """The same config validated (and generating) every 3 steps follows the run validated only at the ends."""
+    assert train_losses(early_stopped_run) == pytest.approx(train_losses(zero2_run)[:6], rel=1e-6)
+
+
+def test_eval_command_reproduces_the_logged_eval_loss(early_stopped_run, tmp_path, capsys):
+    code = main(["eval", str(TINY_CONFIG), "--checkpoint", str(early_stopped_run),
+                 "--set", f"output_dir={tmp_path}"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["checkpoint"].endswith("checkpoint_step_0000006") and result["step"] == 6
+    assert result["eval_loss"] == pytest.approx(eval_losses(early_stopped_run)[-1], rel=1e-6)
+
+
+def test_generation_under_zero3_completes_on_every_rank_and_writes_samples(zero3_run):
+    samples = [json.loads(line) for line in (zero3_run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 12]  # at the start and at the end
+    assert all(len(s["samples"]) == 2 and all(x["answer"] is not None for x in s["samples"]) for s in samples)
+    ends = [e for e in read_events(zero3_run) if "eval_exact_match" in e]
+    assert len(ends) == 2
+
+
+def test_a_validation_past_its_timeout_fails_the_run_naming_the_phase(ray_cluster, tmp_path, capsys):
+    code = main(["train", str(TINY_CONFIG), "--set", f"output_dir={tmp_path}", "--set", "run_name=slow",
+                 "--set", "eval.timeout_s=0.001", "--set", "train.max_steps=2"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "validation at step 0 on rank" in err and "ran past eval.timeout_s=0.001s" in err
+    assert json.loads((tmp_path / "slow" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_an_empty_validation_set_is_refused_before_training(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(["train", str(TINY_CONFIG), "--set", f"output_dir={tmp_path}", "--set", f"data.eval={empty}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.eval" in err and str(empty) in err
