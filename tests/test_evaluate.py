@@ -73,3 +73,30 @@ def test_an_empty_validation_set_is_refused_before_training(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert str(empty) in err and "no rows" in err
+
+
+@pytest.mark.parametrize("rule, pattern, answer, expected, hit", [
+    ("exact", None, "2001-02-03", "2001-02-03", True),
+    ("exact", None, "2001-02-03.", "2001-02-03", False),
+    ("contains", None, "It is 2001-02-03.", "2001-02-03", True),
+    ("regex", r"(\d{4}-\d\d-\d\d)", "Answer: 2001-02-03!", "2001-02-03", True),
+    ("regex", None, "2001-02-03", r"\d{4}-\d\d-\d\d", True),
+    ("json", None, '{"b": 2, "a": 1}', '{"a": 1, "b": 2}', True),
+    ("json", None, '{"a": 1', '{"a": 1}', False),
+])
+def test_generation_match_rules(rule, pattern, answer, expected, hit):
+    from sft_dist.config import GenerateConfig
+    from sft_dist.evaluate import matches
+
+    assert matches(answer, expected, GenerateConfig(match=rule, pattern=pattern)) is hit
+
+
+def test_best_tracker_counts_patience_from_the_last_real_improvement():
+    from sft_dist.evaluate import BestTracker
+
+    tracker = BestTracker("eval_loss", "min", patience=2, min_delta=0.1)
+    for step, loss in [(0, 3.0), (1, 2.5), (2, 2.45), (3, 2.6)]:
+        tracker.update({"eval_loss": loss}, step)
+    assert (tracker.best, tracker.best_step, tracker.should_stop()) == (2.45, 2, True)
+    resumed = BestTracker("eval_loss", "min", patience=2, min_delta=0.1, **tracker.state())
+    assert resumed == tracker
