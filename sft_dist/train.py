@@ -1,4 +1,6 @@
-"""The training loop, run identically on every worker: set up, then step → log → maybe validate."""
+"""The training loop, run identically on every worker: set up (or restore), then for each step:
+train → log → maybe validate → agree whether to stop → maybe checkpoint. Also `sft-dist eval`'s
+worker side, which sets up the same way and validates once."""
 
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ class Session:
     def validate(self, step: int) -> dict[str, Any]:
         """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
         cfg, ctx, metrics = self.cfg, self.ctx, {}
-        fail = lambda message: ctx.emit({"step": step, "event": "error", "message": message})  # noqa: E731
+
+        def fail(message: str) -> None:  # the watchdog's last word, before it ends this process
+            ctx.emit({"step": step, "event": "error", "message": message})
+
         if self.eval_set is not None:
             with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
