@@ -34,6 +34,7 @@ class ModelConfig(Section):
     # "auto" follows train.precision; DeepSpeed keeps fp32 master weights either way.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
+    dropout: float | None = Field(None, ge=0, lt=1)  # overrides every *dropout* probability of the model config
     trust_remote_code: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
 
@@ -207,7 +208,10 @@ def _local_source_problem(path: str) -> str | None:
     return None
 
 
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# transformers.get_scheduler names; scheduler-specific arguments go in train.scheduler_kwargs (e.g.
+# num_cycles for cosine_with_restarts, num_decay_steps for warmup_stable_decay: default a tenth of the run).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "warmup_stable_decay", "cosine_with_min_lr")
 
 
 class TrainConfig(Section):
@@ -220,11 +224,42 @@ class TrainConfig(Section):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int | None = Field(None, ge=0)  # instead of warmup_ratio
     scheduler: Literal[SCHEDULERS] = "linear"  # type: ignore[valid-type]
+    scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0)
+    # Discriminative learning rates: block i of L gets lr x decay^(L-1-i), the embeddings decay^L; then
+    # the first `lr_overrides` regular expression that matches a parameter's name sets its lr outright.
+    layerwise_lr_decay: float | None = Field(None, gt=0, le=1)
+    lr_overrides: dict[str, float] = Field(default_factory=dict)
+    # Regularisation: NEFTune noise on the input embeddings while training; label smoothing of the
+    # training loss (validation reports the plain loss).
+    neftune_alpha: float | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainConfig":
+        if self.warmup_steps is not None and self.warmup_ratio:
+            raise ValueError("train.warmup_steps: set it or train.warmup_ratio, not both")
+        return self
+
+    @field_validator("lr_overrides")
+    @classmethod
+    def _patterns_compile(cls, overrides: dict[str, float]) -> dict[str, float]:
+        for pattern, lr in overrides.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a regular expression ({err})") from None
+            if lr <= 0:
+                raise ValueError(f"{pattern!r}: the learning rate must be positive, got {lr}")
+        return overrides
+
+    def warmup(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * total_steps)
 
 
 class DeepSpeedConfig(Section):

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from typing import Any, Iterator
 
 import deepspeed
 import torch
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from sft_dist.config import RunConfig
+from sft_dist.config import RunConfig, TrainConfig
 
 # transformers finds the ZeRO-3 config through a module-level weak reference (for partitioned
 # `from_pretrained`, and later for `generate(synced_gpus=...)`), so it must outlive construction.
@@ -68,32 +70,72 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     global _hf_deepspeed_config
     if ds_config["zero_optimization"]["stage"] == 3:
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
+    else:  # an earlier ZeRO-3 engine in this process (tests, --no-ray) must not partition this model
+        _hf_deepspeed_config = None
+        unset_hf_deepspeed_config()
     yield
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases and norm scales (1-D) are not decayed."""
-    decay, no_decay = [], []
-    for _name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")  # a transformer block's index
+
+
+def parameter_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (learning rate, weight decay).
+
+    Weight decay on matrices only (biases and norm scales, 1-D, are not decayed); per-parameter learning
+    rates from train.layerwise_lr_decay and train.lr_overrides. The scheduler scales every group alike.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    blocks = [_block_index(n) for n, _ in named]
+    num_blocks = max((b for b in blocks if b is not None), default=-1) + 1
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for (name, param), block in zip(named, blocks):
         shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned params keep their shape here
-        (decay if len(shape) >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        key = (_learning_rate(name, block, num_blocks, t), t.weight_decay if len(shape) >= 2 else 0.0)
+        group = groups.setdefault(key, {"params": [], "lr": key[0], "weight_decay": key[1], "names": []})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
 
 
-def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], total_steps: int) -> Any:
+def _block_index(name: str) -> int | None:
+    found = LAYER.search(name)
+    return int(next(g for g in found.groups() if g is not None)) if found else None
+
+
+def _learning_rate(name: str, block: int | None, num_blocks: int, t: TrainConfig) -> float:
+    for pattern, lr in t.lr_overrides.items():
+        if re.search(pattern, name):
+            return lr
+    if t.layerwise_lr_decay is None:
+        return t.lr
+    if block is not None:
+        depth = num_blocks - 1 - block
+    else:  # outside the blocks: the embeddings sit below them all, the final norm and head on top
+        depth = num_blocks if "embed" in name or "wte" in name or "wpe" in name else 0
+    return t.lr * t.layerwise_lr_decay ** depth
+
+
+def group_summary(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The effective groups, for the log: lr, weight decay, size and a few parameter names."""
+    return [{"lr": g["lr"], "weight_decay": g["weight_decay"], "params": len(g["names"]),
+             "examples": g["names"][:3]} for g in groups]
+
+
+def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], total_steps: int,
+               groups: list[dict[str, Any]]) -> Any:
     t = cfg.train
+    kwargs = dict(t.scheduler_kwargs)
+    if t.scheduler == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", max(1, total_steps // 10))
 
     def scheduler(optimizer: torch.optim.Optimizer) -> Any:
-        return get_scheduler(
-            t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
-        )
+        return get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup(total_steps),
+                             num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
 
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, t.weight_decay),
+        model_parameters=[{k: v for k, v in g.items() if k != "names"} for g in groups],
         config=ds_config,
         lr_scheduler=scheduler,
     )

@@ -10,7 +10,8 @@ import contextlib
 from typing import Any, ContextManager
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.neftune import neftune_post_forward_hook
 
 from sft_dist.config import ModelConfig
 
@@ -32,11 +33,19 @@ def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
     return PRECISION_DTYPES[precision] if cfg.dtype == "auto" else DTYPES[cfg.dtype]
 
 
-def build(cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | None = None) -> torch.nn.Module:
+def build(cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | None = None,
+          neftune_alpha: float | None = None) -> torch.nn.Module:
     """The pretrained causal LM, built inside `construction` (e.g. ZeRO-3 partitioned init)."""
+    config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
+                                        trust_remote_code=cfg.trust_remote_code)
+    if cfg.dropout is not None:
+        for name, value in vars(config).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, cfg.dropout)
     with construction or contextlib.nullcontext():
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
+            config=config,
             gguf_file=cfg.gguf_file,
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
@@ -46,4 +55,9 @@ def build(cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | N
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and ZeRO-3 parameter hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if neftune_alpha is not None:
+        # transformers' own NEFTune hook: uniform noise on the input embeddings, only in training mode.
+        embeddings = model.get_input_embeddings()
+        embeddings.neftune_noise_alpha = neftune_alpha
+        embeddings.register_forward_hook(neftune_post_forward_hook)
     return model

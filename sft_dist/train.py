@@ -109,7 +109,8 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     window, reason, step, preemption_saved = Window(), None, start, False
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
-        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id))
+        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id,
+                               cfg.train.label_smoothing))
         logged = step % cfg.logging.every_steps == 0 or step == steps
         if logged:
             ctx.emit(train_metrics(step))
@@ -202,18 +203,22 @@ def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tupl
 def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> Any:
     ds_config = engine_lib.deepspeed_config(cfg, ctx.world_size, load_universal)
     dtype = model_lib.weight_dtype(cfg.model, cfg.train.precision)
-    model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config))
+    model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config), cfg.train.neftune_alpha)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine = engine_lib.initialize(model, cfg, ds_config, steps)
+    groups = engine_lib.parameter_groups(model, cfg.train)
+    engine = engine_lib.initialize(model, cfg, ds_config, steps, groups)
     local, total = engine_lib.parameter_elements(engine.module)
     ctx.emit({"step": 0, "event": "setup", "world_size": ctx.world_size, "zero_stage": cfg.deepspeed.stage,
               "total_steps": steps, "param_elements_total": total, "param_elements_per_rank": all_gather(local),
-              "trainable_params": trainable if cfg.deepspeed.stage != 3 else total})
+              "trainable_params": trainable if cfg.deepspeed.stage != 3 else total,
+              "param_groups": engine_lib.group_summary(groups),
+              "optimizer_lrs": [g["lr"] for g in engine.optimizer.param_groups]})
     return engine
 
 
 def train_step(
-    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray, pad_id: int
+    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray, pad_id: int,
+    label_smoothing: float = 0.0,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
@@ -231,7 +236,7 @@ def train_step(
         rows = train_set[[int(i) for i in indices]]
         batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
         logits = engine(**model_inputs(batch)).logits
-        loss_sum, _, _ = token_loss_sums(logits, batch["labels"])
+        loss_sum, _, _ = token_loss_sums(logits, batch["labels"], label_smoothing)
         engine.backward(loss_sum * scale)
         engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
         loss_total += loss_sum.item()

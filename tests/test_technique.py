@@ -1,0 +1,67 @@
+"""Fine-tuning technique: discriminative learning rates honoured by the optimizer under ZeRO-2 and
+ZeRO-3, NEFTune noise only while training, label smoothing, schedules. Real DeepSpeed engines, in
+process (--no-ray); the tiny model has 2 transformer blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from sft_dist import model as model_lib
+from sft_dist.config import ModelConfig
+from sft_dist.loss import token_loss_sums
+
+from conftest import REPO, read_events, train_tiny
+
+TINY_MODEL = REPO / "configs" / "models" / "tiny-llama"
+LR, DECAY = 3e-3, 0.5
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_layerwise_decay_sets_the_optimizer_groups_and_lower_blocks_move_less(stage, tmp_path):
+    run = train_tiny(tmp_path, "train.max_steps=1", f"deepspeed.stage={stage}", "train.warmup_ratio=0",
+                     "train.scheduler=constant", f"train.lr={LR}", f"train.layerwise_lr_decay={DECAY}",
+                     "checkpoint.every_steps=1", "checkpoint.export_at_end=true", "eval.generate=null",
+                     extra_args=("--no-ray",))
+    setup = next(e for e in read_events(run) if e.get("event") == "setup")
+    # embeddings: 2 blocks below the top; block 0: 1 below; block 1, final norm and head: the top
+    assert sorted(setup["optimizer_lrs"]) == pytest.approx([LR * DECAY**2, LR * DECAY, LR])
+    before, after = load_file(TINY_MODEL / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    moved = {i: (after[f"model.layers.{i}.mlp.up_proj.weight"] - before[f"model.layers.{i}.mlp.up_proj.weight"])
+             .abs().mean().item() for i in (0, 1)}
+    # Adam's first step moves each weight by about its lr: block 0 about half as far as block 1
+    assert moved[0] == pytest.approx(moved[1] * DECAY, rel=0.2)
+
+
+def test_lr_overrides_win_over_layerwise_decay(tmp_path):
+    run = train_tiny(tmp_path, "train.max_steps=1", "train.warmup_ratio=0", "train.scheduler=constant",
+                     f"train.lr={LR}", f"train.layerwise_lr_decay={DECAY}", "train.lr_overrides={lm_head: 1.0e-5}",
+                     "eval.generate=null", "eval.at_start=false", "eval.at_end=false", extra_args=("--no-ray",))
+    groups = next(e for e in read_events(run) if e.get("event") == "setup")["param_groups"]
+    head = next(g for g in groups if g["examples"] == ["lm_head.weight"])
+    assert head["lr"] == 1e-5 and head["params"] == 1
+
+
+def test_neftune_adds_noise_to_the_embeddings_only_in_training_mode():
+    unset_hf_deepspeed_config()  # a ZeRO-3 engine built earlier in this process would partition these
+    plain = model_lib.build(ModelConfig(name_or_path=str(TINY_MODEL)), torch.float32)
+    noisy = model_lib.build(ModelConfig(name_or_path=str(TINY_MODEL)), torch.float32, neftune_alpha=5.0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    embed = {name: m.get_input_embeddings() for name, m in (("plain", plain), ("noisy", noisy))}
+    for module in embed.values():
+        module.eval()
+    assert torch.equal(embed["plain"](ids), embed["noisy"](ids))
+    for module in embed.values():
+        module.train()
+    assert not torch.equal(embed["plain"](ids), embed["noisy"](ids))
+
+
+def test_label_smoothing_raises_the_training_loss_of_a_confident_model():
+    logits = torch.full((1, 3, 5), -10.0)
+    logits[0, :, 2] = 10.0
+    labels = torch.tensor([[-100, 2, 2]])
+    plain, count, _ = token_loss_sums(logits, labels)
+    smoothed, _, _ = token_loss_sums(logits, labels, label_smoothing=0.1)
+    assert count.item() == 2 and smoothed.item() > plain.item() + 1
