@@ -47,7 +47,10 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 
 excludes='"runs/", ".venv/", "venv/", ".cache/", ".git/", "__pycache__/", ".pytest_cache/", "*.egg-info/",
   ".env", "*.env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "*credentials*", ".netrc"'
-runtime_env="{\"working_dir\": \".\", \"excludes\": [$excludes]$env_extra}"
+# `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s): long
+# enough here for the run to finish its step and save a checkpoint on the way out.
+stop_env="\"env_vars\": {\"RAY_JOB_STOP_WAIT_TIME_S\": \"${SFT_DIST_STOP_WAIT_S:-120}\"}"
+runtime_env="{\"working_dir\": \".\", \"excludes\": [$excludes], $stop_env$env_extra}"
 
 submit=(ray job submit --submission-id "$submission_id" --runtime-env-json "$runtime_env")
 if ! $wait; then

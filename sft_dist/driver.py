@@ -86,10 +86,16 @@ def run_to_continue(cfg: RunConfig, config_path: str) -> RunConfig:
     return cfg
 
 
-def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None) -> str | None:
+def connect_to_ray(cfg: RunConfig) -> None:
+    """Join the cluster (refusing storage its nodes cannot share) before the run folder exists."""
     from sft_dist import launcher  # Ray is imported only once the input is known to be good
 
     launcher.connect(cfg)
+
+
+def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None) -> str | None:
+    from sft_dist import launcher
+
     return launcher.fit(cfg, data, recorder.record, resume_from)
 
 
@@ -130,6 +136,8 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
         cfg = run_to_continue(cfg, config_path)
     resume_from = resume_checkpoint(cfg, resume) if resume else None
     data = prepare_data(cfg)
+    if use_ray:
+        connect_to_ray(cfg)
     run_dir = create_run_dir(cfg, continuing=resume == "auto")
     print(f"run folder: {run_dir}", flush=True)
     recorder = RunRecorder(run_dir)

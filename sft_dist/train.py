@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import checkpoint, faults
+from sft_dist import checkpoint, faults, preflight
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig, resume_fingerprint
@@ -32,6 +32,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     """Train to the end. Every rank runs every line: collectives stay symmetric."""
     set_seed(cfg.seed)
     engine_lib.init_distributed()
+    preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
     tokenizer = model_lib.load_tokenizer(cfg.model)
     if cfg.data.chat_template:  # generation prompts render as the training data did
         tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
