@@ -49,8 +49,6 @@ def check(ctx: RunContext, cfg: RunConfig) -> None:
         problems.append(f"the test all-reduce over {ctx.world_size} workers returned a wrong sum")
     if problems:
         raise PreflightError("preflight: " + "; ".join(problems))
-    if ctx.rank == 0:
-        print(summary(reports), flush=True)
     ctx.emit({"step": 0, "event": "preflight", "workers": [
         {k: v for k, v in r.items() if k not in ("probe", "storage_error")} for r in reports]})
 
@@ -131,6 +129,7 @@ def find_problems(reports: list[dict[str, Any]], read_errors: list[list[str]], s
 
 
 def summary(reports: list[dict[str, Any]]) -> str:
+    """The check-in as the driver prints it: one line for the versions, one per worker."""
     versions = ", ".join(f"{p} {v}" for p, v in reports[0]["versions"].items())
     lines = [f"preflight: {len(reports)} workers checked in ({versions})"]
     lines += [f"  rank {r['rank']}: {r['host']} pid {r['pid']}, {r['device']}, {r['free_memory_gib']} GiB free"

@@ -36,7 +36,8 @@ def cluster():
     env.update(SFT_DIST_RAY_PORT=str(PORT), SFT_DIST_RAY_DASHBOARD_PORT="8295", SFT_DIST_RAY_CLIENT_PORT="6421",
                SFT_DIST_RAY_TEMP_DIR=temp_dir, SFT_DIST_RAY_WORKER_NODES="1", SFT_DIST_RAY_CPUS_PER_NODE="2",
                RAY_BIN=str(BIN / "ray"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               # The uploaded copy of this checkout, not whatever sft_dist the environment installed.
+               # This checkout's sft_dist wherever the environment installed another (jobs import the
+               # uploaded copy of it, first on their PYTHONPATH).
                PYTHONPATH=str(REPO))
     try:
         started = subprocess.run(["bash", "cluster/local/start.sh"], cwd=REPO, env=env, capture_output=True,
@@ -123,7 +124,7 @@ def test_resume_auto_continues_the_run(cluster, first_run):
 def test_job_stop_saves_a_checkpoint_on_the_way_out(cluster, tmp_path):
     run_dir = tmp_path / "stopped"
     started = submit(cluster, "stopped", "--set", f"output_dir={tmp_path}", "--set", "run_name=stopped",
-                     "--set", "train.max_steps=500", *RUN[:-2], "--set", "checkpoint.every_steps=1000", wait=False)
+                     "--set", "train.max_steps=500", *RUN, "--set", "checkpoint.every_steps=1000", wait=False)
     assert started.returncode == 0, started.stderr
     deadline = time.time() + 300
     while not any("loss" in e for e in read_events_if_any(run_dir)):

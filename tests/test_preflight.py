@@ -9,7 +9,7 @@ import sys
 
 from sft_dist import preflight
 
-from conftest import REPO, TINY_CONFIG, read_events
+from conftest import REPO, TINY_CONFIG
 
 VERSIONS = {"torch": "2.13.0", "deepspeed": "0.19.8", "transformers": "5.24.0", "peft": "0.21.2", "ray": "2.60.0"}
 
@@ -44,4 +44,4 @@ def test_unwritable_storage_stops_the_run_before_the_model_loads(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     assert f"preflight: rank 0 on {socket.gethostname()} cannot write to the checkpoint storage" in result.stderr
-    assert not any(e.get("event") == "setup" for e in read_events(tmp_path / "r"))  # no model was built
+    assert "setup:" not in result.stdout  # the driver prints it once the model is built
