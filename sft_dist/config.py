@@ -373,6 +373,8 @@ class RayConfig(Section):
     address: str | None = None
     max_failures: int = Field(0, ge=0)
     storage_path: str | None = None
+    # The user's word that a local storage_path is the same shared folder (NFS, EFS...) on every node.
+    shared_storage: bool = False
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Intra-op threads per worker: on CPU workers more threads than cores only adds contention.
     threads_per_worker: int = Field(1, gt=0)

@@ -89,11 +89,17 @@ def run_to_continue(cfg: RunConfig, config_path: str) -> RunConfig:
     return cfg
 
 
-def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None,
-               evaluate: str | None = None) -> str | None:
+def connect_to_ray(cfg: RunConfig) -> None:
+    """Join the cluster (refusing storage its nodes cannot share) before the run folder exists."""
     from sft_dist import launcher  # Ray is imported only once the input is known to be good
 
     launcher.connect(cfg)
+
+
+def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None,
+               evaluate: str | None = None) -> str | None:
+    from sft_dist import launcher
+
     with stop_on_sigterm() as stop:  # after connecting: Ray's core worker installs a SIGTERM handler of its own
         return launcher.fit(cfg, data, recorder.record, resume_from, stop, evaluate)
 
@@ -165,6 +171,8 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
         cfg = run_to_continue(cfg, config_path)
     resume_from = resume_checkpoint(cfg, resume) if resume else None
     data = prepare_data(cfg)
+    if use_ray:
+        connect_to_ray(cfg)
     run_dir = create_run_dir(cfg, continuing=resume == "auto")
     print(f"run folder: {run_dir}", flush=True)
     recorder = RunRecorder(run_dir)
@@ -214,6 +222,8 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     if changed:
         raise UserError(f"the checkpoint {folder} was trained with another {', '.join(changed)}", key=changed[0])
     data = prepare_data(cfg)
+    if use_ray:
+        connect_to_ray(cfg)
     run_dir = create_run_dir(cfg)
     print(f"evaluating {folder}; run folder: {run_dir}", flush=True)
     recorder = RunRecorder(run_dir)

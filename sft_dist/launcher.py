@@ -17,6 +17,7 @@ from ray.util.queue import Empty, Queue
 from sft_dist.checkpoint import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
+from sft_dist.errors import UserError
 from sft_dist.runtime import ray_worker_main
 
 
@@ -27,12 +28,29 @@ def connect(cfg: RunConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        refuse_node_local_storage(cfg)
         return
     per_worker = (cfg.ray.resources_per_worker or {}).get("CPU", 1)
     # Logical CPUs, not cores: workers pin their own thread counts (ray.threads_per_worker).
     num_cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * per_worker))
     # The dashboard serves the state API that Ray Train's own monitors use; it listens on localhost only.
     ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+
+
+def refuse_node_local_storage(cfg: RunConfig) -> None:
+    """Every node's workers write their checkpoint shards to ray.storage_path, and any node may have to
+    read them all back: on a multi-node cluster a plain path is each node's own disk unless it is a
+    shared mount, which only the user can vouch for."""
+    storage = cfg.storage_path()
+    if "://" in storage or cfg.ray.shared_storage:
+        return
+    num_nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if num_nodes > 1:
+        raise UserError(
+            f"the Ray cluster has {num_nodes} nodes, but checkpoints would go to {storage}, a path on each "
+            "node's own disk; set ray.storage_path to storage every node reaches: an object store URI "
+            "(s3://bucket/runs, gs://...) or a shared filesystem mounted at the same path on every node "
+            "(NFS, EFS), and for a mount also set ray.shared_storage: true", key="ray.storage_path")
 
 
 def fit(

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from sft_dist import preflight
+
 
 class RunRecorder:
     def __init__(self, run_dir: Path, out: TextIO | None = None):
@@ -32,6 +34,8 @@ class RunRecorder:
             self.setup = event
             self._print(f"setup: {event['world_size']} workers, ZeRO-{event['zero_stage']}, "
                         f"{event['param_elements_total']:,} parameters, {event['total_steps']} steps")
+        elif kind == "preflight":
+            self._print(preflight.summary(event["workers"]))
         elif kind == "resume":
             self._forget_after(event["step"])
             self.first_step = None

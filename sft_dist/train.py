@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import checkpoint, faults
+from sft_dist import checkpoint, faults, preflight
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig, resume_fingerprint
@@ -70,6 +70,7 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     """Build the session, restored from `restart` when given; returns it with the saved loop state."""
     set_seed(cfg.seed)
     engine_lib.init_distributed()
+    preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
     tokenizer = model_lib.load_tokenizer(cfg.model)
     if cfg.data.chat_template:  # generation prompts render as the training data did
         tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
