@@ -14,7 +14,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sft-dist", description="Distributed supervised fine-tuning.")
     commands = p.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "fine-tune a model"), ("data", "validate the data and print statistics"),
-                            ("eval", "run the config's validation on a saved checkpoint")):
+                            ("eval", "run the config's validation on a saved checkpoint"),
+                            ("lr-find", "the learning-rate range test: sweep, plot, suggest")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="run config (YAML)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -25,7 +26,11 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     commands.choices["eval"].add_argument(
         "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best, else latest)")
-    for name in ("train", "eval"):
+    lr_find = commands.choices["lr-find"]
+    lr_find.add_argument("--lr-min", type=float, default=1e-7)
+    lr_find.add_argument("--lr-max", type=float, default=1.0)
+    lr_find.add_argument("--steps", type=int, default=100, help="sweep length (it stops early on divergence)")
+    for name in ("train", "eval", "lr-find"):
         commands.choices[name].add_argument(
             "--no-ray", action="store_true",
             help="run in this process, without Ray (debugging, benchmarks, single GPU)")
@@ -47,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             from sft_dist import driver
 
             return driver.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
+        if args.command == "lr-find":
+            from sft_dist import driver
+
+            return driver.find_learning_rate(args.config, args.overrides, args.lr_min, args.lr_max, args.steps,
+                                             use_ray=not args.no_ray)
         if args.command == "data":
             return data_command(args.config, args.overrides)
         if args.command == "export":

@@ -210,8 +210,10 @@ def _local_source_problem(path: str) -> str | None:
 
 # transformers.get_scheduler names; scheduler-specific arguments go in train.scheduler_kwargs (e.g.
 # num_cycles for cosine_with_restarts, num_decay_steps for warmup_stable_decay: default a tenth of the run).
+# `exponential` is ours: from train.lr to scheduler_kwargs.end_lr geometrically over the run (the sweep
+# of `sft-dist lr-find`).
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "warmup_stable_decay", "cosine_with_min_lr")
+              "warmup_stable_decay", "cosine_with_min_lr", "exponential")
 
 
 class TrainConfig(Section):
@@ -239,6 +241,12 @@ class TrainConfig(Section):
     # training loss (validation reports the plain loss).
     neftune_alpha: float | None = Field(None, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _exponential_has_an_end(self) -> "TrainConfig":
+        if self.scheduler == "exponential" and not self.scheduler_kwargs.get("end_lr"):
+            raise ValueError("train.scheduler_kwargs: the exponential schedule needs end_lr")
+        return self
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "TrainConfig":
@@ -534,13 +542,31 @@ def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
     """The values of RESUME_KEYS, as JSON-able data stored with every checkpoint."""
     dumped = config.model_dump(mode="json")
     t = config.train
+    model = {**dumped["model"], "name_or_path": _content_identity(config.model.name_or_path)}
+    data = {**dumped["data"], "train": [_source_identity(s) for s in config.data.train_sources()],
+            "eval": [_source_identity(s) for s in config.data.eval_sources()] or dumped["data"]["eval"]}
     values = {
-        "seed": config.seed, "model": dumped["model"], "peft": dumped["peft"], "data": dumped["data"],
+        "seed": config.seed, "model": model, "peft": dumped["peft"], "data": data,
         "train.micro_batch_size*grad_accum*num_workers": t.micro_batch_size * t.grad_accum * config.ray.num_workers,
         "deepspeed.stage": config.deepspeed.stage, "train.precision": t.precision,
     }
     assert tuple(values) == RESUME_KEYS
     return values
+
+
+def _source_identity(source: SourceConfig) -> dict[str, Any]:
+    return {**source.model_dump(mode="json"), "path": _content_identity(source.path)}
+
+
+def _content_identity(path: str) -> Any:
+    """A local file's, glob's or folder's files by relative name and size, not by where they are: a Ray
+    job's working directory (and so every relative path in it) moves between submissions. A hub name
+    stays as it is."""
+    found = Path(path).expanduser()
+    if found.is_dir():
+        return sorted([str(f.relative_to(found)), f.stat().st_size] for f in found.rglob("*") if f.is_file())
+    matches = sorted(glob.glob(str(found))) if any(c in path for c in "*?[") else [str(found)] if found.exists() else []
+    return sorted([Path(f).name, os.stat(f).st_size] for f in matches) or path
 
 
 def changed_resume_keys(saved: dict[str, Any], config: RunConfig) -> list[str]:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sft_dist import checkpoint
+from sft_dist import checkpoint, lr_find
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
@@ -24,6 +24,7 @@ from sft_dist.data.stats import batching_stats
 from sft_dist.errors import UserError
 from sft_dist.metrics import RunRecorder
 from sft_dist.model import load_tokenizer
+from sft_dist.runtime import Job
 
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
@@ -96,36 +97,26 @@ def connect_to_ray(cfg: RunConfig) -> None:
     launcher.connect(cfg)
 
 
-def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None,
-               evaluate: str | None = None) -> str | None:
+def fit_on_ray(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, job: Job) -> str | None:
     from sft_dist import launcher
 
     with stop_on_sigterm() as stop:  # after connecting: Ray's core worker installs a SIGTERM handler of its own
-        return launcher.fit(cfg, data, recorder.record, resume_from, stop, evaluate)
+        return launcher.fit(cfg, data, recorder.record, job, stop)
 
 
-def fit_in_process(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, resume_from: str | None,
-                   evaluate: str | None = None) -> str | None:
+def fit_in_process(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, job: Job) -> str | None:
     """The same loop in this one process, without Ray: for debugging, benchmarks and GPU checks."""
     from sft_dist import runtime
 
     with stop_on_sigterm() as stop:
         ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record, cfg.run_dir(),
                                     stop)
-        return run_in_process(ctx, cfg, data, resume_from, evaluate)
+        from sft_dist import train as train_loop  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
 
-
-def run_in_process(ctx: Any, cfg: RunConfig, data: PreparedData, resume_from: str | None,
-                   evaluate: str | None) -> str | None:
-    from sft_dist import train as train_loop  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
-
-    try:
-        if evaluate:
-            train_loop.evaluate_checkpoint(ctx, cfg, data, evaluate)
-        else:
-            train_loop.run(ctx, cfg, data, resume_from)
-    except Exception as err:  # the run started: report it as a failed run (exit 1), with its cause
-        return f"rank {ctx.rank}: {type(err).__name__}: {err}"
+        try:
+            train_loop.run_job(ctx, cfg, data, job)
+        except Exception as err:  # the run started: report it as a failed run (exit 1), with its cause
+            return f"rank {ctx.rank}: {type(err).__name__}: {err}"
     return None
 
 
@@ -177,7 +168,7 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
     print(f"run folder: {run_dir}", flush=True)
     recorder = RunRecorder(run_dir)
     fit = fit_on_ray if use_ray else fit_in_process
-    error = fit(cfg, data, recorder, resume_from or None)
+    error = fit(cfg, data, recorder, Job(resume_from=resume_from or None))
     error = recorder.worker_error() or error  # a worker's own account (e.g. a timed-out validation) first
     summary = recorder.summary(data.stats, error, best_checkpoint(cfg))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -228,7 +219,7 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     print(f"evaluating {folder}; run folder: {run_dir}", flush=True)
     recorder = RunRecorder(run_dir)
     fit = fit_on_ray if use_ray else fit_in_process
-    error = fit(cfg, data, recorder, None, evaluate=str(folder))
+    error = fit(cfg, data, recorder, Job(kind="eval", checkpoint=str(folder)))
     error = recorder.worker_error() or error
     if error:
         print(f"error: evaluation failed: {error}", file=sys.stderr)
@@ -236,6 +227,41 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     result = {"checkpoint": str(folder), **(recorder.evals[-1] if recorder.evals else {})}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
+    return 0
+
+
+def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr_max: float, steps: int,
+                       use_ray: bool = True) -> int:
+    """`sft-dist lr-find`: the LR range test as its own short run (no checkpoints, no validation)."""
+    if not 0 < lr_min < lr_max:
+        raise UserError(f"--lr-min ({lr_min}) must be positive and below --lr-max ({lr_max})", key="--lr-min")
+    sweep = [f"train.max_steps={steps}", f"train.lr={lr_min}", "train.scheduler=exponential",
+             f"train.scheduler_kwargs={{end_lr: {lr_max}}}", "train.warmup_ratio=0", "train.warmup_steps=null",
+             "checkpoint.every_steps=null", "checkpoint.export_at_end=false", "eval.at_start=false",
+             "eval.at_end=false", "eval.every_steps=null", "eval.at_epoch_end=false", "eval.early_stopping=null",
+             "eval.generate=null", "logging.every_steps=1", "debug.fail_at_step=null"]
+    cfg = config_lib.load(config_path, [*overrides, *sweep, *([] if use_ray else ["ray.num_workers=1"])])
+    cfg = cfg.model_copy(update={"run_name": f"lr-find-{cfg.run_name}"})
+    data = prepare_data(cfg)
+    if use_ray:
+        connect_to_ray(cfg)
+    run_dir = create_run_dir(cfg)
+    print(f"learning-rate range test, {lr_min:g} -> {lr_max:g} over {steps} steps; run folder: {run_dir}", flush=True)
+    recorder = RunRecorder(run_dir)
+    error = (fit_on_ray if use_ray else fit_in_process)(cfg, data, recorder, Job(kind="lr_find"))
+    if error:
+        print(f"error: the range test failed: {error}", file=sys.stderr)
+        return 1
+    losses = [e["loss"] for e in recorder.train_events()]
+    # The loss logged at step s was made with the learning rate of step s (the schedule's value at s-1).
+    lrs = [lr_min * (lr_max / lr_min) ** (i / max(1, steps - 1)) for i in range(len(losses))]
+    found = lr_find.suggestions(lrs, losses)
+    plot = lr_find.plot(lrs, losses, found, run_dir / "lr_find.png")
+    result = {"suggested_lr": found["steepest"], **found, "steps_run": len(losses),
+              "diverged": recorder.end.get("stop_reason") == "diverged", "plot": str(plot)}
+    (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2))
+    print(f"suggested learning rate: {found['steepest']:.2e} (steepest descent); "
+          f"{found['minimum_over_10']:.2e} (minimum / 10); plot: {plot}", flush=True)
     return 0
 
 

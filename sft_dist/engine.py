@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 import deepspeed
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -130,6 +131,9 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any]
         kwargs.setdefault("num_decay_steps", max(1, total_steps // 10))
 
     def scheduler(optimizer: torch.optim.Optimizer) -> Any:
+        if t.scheduler == "exponential":  # not in transformers: the LR range test's geometric sweep
+            growth = kwargs["end_lr"] / t.lr
+            return LambdaLR(optimizer, lambda step: growth ** (min(step, total_steps - 1) / max(1, total_steps - 1)))
         return get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup(total_steps),
                              num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
 

@@ -4,6 +4,7 @@ and forward rank 0's events to the recorder while it runs. The only driver modul
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from sft_dist.checkpoint import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
 from sft_dist.errors import UserError
-from sft_dist.runtime import ray_worker_main
+from sft_dist.runtime import Job, ray_worker_main
 
 
 def connect(cfg: RunConfig) -> None:
@@ -54,10 +55,10 @@ def refuse_node_local_storage(cfg: RunConfig) -> None:
 
 
 def fit(
-    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], resume_from: str | None = None,
-    stop: threading.Event | None = None, evaluate: str | None = None,
+    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], job: Job = Job(),
+    stop: threading.Event | None = None,
 ) -> str | None:
-    """Run training (or, with `evaluate`, validation of that checkpoint) on Ray Train workers.
+    """Run the job (training, validation of a checkpoint, a learning-rate range test) on Ray Train workers.
 
     Setting `stop` asks the workers to save and stop at the end of their current step. Returns None on
     success, else the failure's message.
@@ -66,7 +67,7 @@ def fit(
     trainer = TorchTrainer(
         train_loop_per_worker=ray_worker_main,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events,
-                           "control": control, "resume_from": resume_from, "evaluate": evaluate},
+                           "control": control, "job": dataclasses.asdict(job)},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,

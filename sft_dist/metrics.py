@@ -75,6 +75,10 @@ class RunRecorder:
         return (f"train step {e['step']}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
                 f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {eta_s:.0f}s")
 
+    def train_events(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        return [e for e in map(json.loads, path.read_text().splitlines()) if "loss" in e] if path.is_file() else []
+
     def worker_error(self) -> str | None:
         return "; ".join(self.errors) or None
 

@@ -14,10 +14,21 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the workers are asked to do: train (perhaps from a checkpoint), sweep the learning rate
+    (a training run that stops when its loss diverges), or validate a checkpoint. Plain data, so it
+    travels to Ray workers as a dict."""
+
+    kind: Literal["train", "eval", "lr_find"] = "train"
+    resume_from: str | None = None  # train: a checkpoint to start from (--resume)
+    checkpoint: str | None = None  # eval: the checkpoint to validate
 
 
 class RunContext(Protocol):
@@ -158,11 +169,7 @@ def ray_worker_main(loop_config: dict[str, Any]) -> None:
     )
     from sft_dist import train  # imported after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
 
-    data = PreparedData(**loop_config["data"])
-    if loop_config.get("evaluate"):
-        train.evaluate_checkpoint(ctx, cfg, data, loop_config["evaluate"])
-    else:
-        train.run(ctx, cfg, data, loop_config.get("resume_from"))
+    train.run_job(ctx, cfg, PreparedData(**loop_config["data"]), Job(**loop_config["job"]))
 
 
 def local_context(

@@ -23,7 +23,8 @@ from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
 from sft_dist.evaluate import BestTracker, deadline, generate_answers, generation_metrics, validate
 from sft_dist.loss import token_loss_sums
-from sft_dist.runtime import RunContext, all_gather, all_reduce_sum
+from sft_dist.lr_find import Divergence
+from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:
@@ -82,7 +83,15 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan), loop_state
 
 
-def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | None = None) -> None:
+def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:
+    if job.kind == "eval":
+        evaluate_checkpoint(ctx, cfg, data, job.checkpoint)
+    else:
+        run(ctx, cfg, data, job.resume_from, stop_on_divergence=job.kind == "lr_find")
+
+
+def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | None = None,
+        stop_on_divergence: bool = False) -> None:
     """Train to the end (or an early stop, or a requested stop). Every rank runs every line, so
     collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
     restart, skipped = resume_point(ctx, cfg, resume_from)
@@ -108,17 +117,19 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     if cfg.eval.at_start and start == 0:
         tracker.update(session.validate(0), 0)
     window, reason, step, preemption_saved = Window(), None, start, False
+    divergence = Divergence() if stop_on_divergence else None
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
         window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id,
                                cfg.train.label_smoothing))
-        logged = step % cfg.logging.every_steps == 0 or step == steps
-        if logged:
-            ctx.emit(train_metrics(step))
+        train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
+        if train_log:
+            ctx.emit(train_log)
         metrics = session.validate(step) if validation_due(cfg, plan, step, steps) else {}
         tracker.update(metrics, step)
-        reason = agreed_stop(ctx, "early_stopping" if tracker.should_stop() else None)
-        if reason in ("stop", "early_stopping") and not logged:  # the last step is always in metrics.jsonl
+        diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
+        reason = agreed_stop(ctx, "early_stopping" if tracker.should_stop() else "diverged" if diverged else None)
+        if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
             ctx.emit(train_metrics(step))
         # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
         # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
@@ -129,7 +140,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
         if just_in_time or periodic or reason == "stop":
             save(step, metrics)
         preemption_saved |= just_in_time
-        if reason in ("stop", "early_stopping"):
+        if reason in ENDING:
             break
     else:
         reason = "max_steps" if cfg.train.max_steps else "epochs"
@@ -141,6 +152,9 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": tracker.metric, **tracker.state()})
 
 
+ENDING = ("stop", "early_stopping", "diverged")  # reasons that end the loop (a preemption does not)
+
+
 def validation_due(cfg: RunConfig, plan: BatchPlan, step: int, steps: int) -> bool:
     """A periodic validation at this step (the final one is the loop's own, with eval.at_end)."""
     periodic = cfg.eval.every_steps and step % cfg.eval.every_steps == 0
@@ -149,12 +163,12 @@ def validation_due(cfg: RunConfig, plan: BatchPlan, step: int, steps: int) -> bo
 
 
 def agreed_stop(ctx: RunContext, local_reason: str | None) -> str | None:
-    """Collective: why the run stops now, as every rank agrees ("stop" > "preempted" > "early_stopping").
+    """Collective: why the run stops now, as every rank agrees (in ENDING's order, "preempted" between).
 
     A SIGTERM or preemption notice may reach one rank before another; the all-reduce makes all ranks
     act at the same step, so no rank is left alone in the next collective.
     """
-    reasons = ("early_stopping", "preempted", "stop")
+    reasons = ("diverged", "early_stopping", "preempted", "stop")
     local = [local_reason, ctx.interruption()]
     flags = torch.tensor([float(any(r == reason for r in local)) for reason in reasons], dtype=torch.float64)
     agreed = all_reduce_sum(flags)

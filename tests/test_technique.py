@@ -4,6 +4,8 @@ process (--no-ray); the tiny model has 2 transformer blocks."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -65,3 +67,17 @@ def test_label_smoothing_raises_the_training_loss_of_a_confident_model():
     plain, count, _ = token_loss_sums(logits, labels)
     smoothed, _, _ = token_loss_sums(logits, labels, label_smoothing=0.1)
     assert count.item() == 2 and smoothed.item() > plain.item() + 1
+
+
+def test_lr_find_suggests_a_rate_in_the_range_writes_the_plot_and_leaves_no_checkpoint(ray_cluster, tmp_path, capsys):
+    from sft_dist.cli import main
+
+    code = main(["lr-find", str(REPO / "configs" / "tiny-cpu.yaml"), "--set", f"output_dir={tmp_path}",
+                 "--lr-min", "1e-6", "--lr-max", "10", "--steps", "40"])
+    assert code == 0
+    (run,) = tmp_path.glob("lr-find-*")
+    result = json.loads((run / "lr_find.json").read_text())
+    assert 1e-6 <= result["suggested_lr"] <= 10 and 1e-6 <= result["minimum_over_10"] <= 1
+    assert (run / "lr_find.png").stat().st_size > 10_000
+    assert not list(tmp_path.rglob("checkpoint_step_*"))  # the sweep never reaches a checkpoint
+    assert "suggested learning rate" in capsys.readouterr().out
