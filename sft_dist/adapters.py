@@ -66,7 +66,22 @@ def wrap(model: torch.nn.Module, cfg: PeftConfig, train_dtype: torch.dtype, grad
     for param in model.parameters():
         if param.requires_grad:  # see the module docstring for why the adapter follows the compute dtype
             param.data = param.data.to(train_dtype)
+    _keep_frozen_out_of_state_dict(model)
     return model
+
+
+def _keep_frozen_out_of_state_dict(model: torch.nn.Module) -> None:
+    """Make the model's state_dict hold only what training changes (adapter, modules_to_save, buffers),
+    so that a checkpoint stays the adapter's size. DeepSpeed's `exclude_frozen_parameters` alone drops
+    frozen parameters by their `named_parameters()` names, which leave out tied aliases: SmolLM2's
+    `lm_head.weight` (its 113 MB embedding matrix) would otherwise stay in every checkpoint."""
+    frozen = [name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop_frozen(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    model.register_state_dict_post_hook(drop_frozen)
 
 
 def _peft_model(base: torch.nn.Module, cfg: PeftConfig) -> PeftModel:
