@@ -5,8 +5,8 @@ the adapter folder and the merge into the base. Imports neither Ray nor DeepSpee
 Precision (decided here, for every ZeRO stage): the adapter's forward copy has the dtype of the frozen
 base's compute (`train.precision`), so DeepSpeed's flat ZeRO buffers hold one dtype; its master weights
 and Adam moments are fp32, kept by DeepSpeed's mixed-precision optimizer for trainable parameters only.
-That is what keeps LoRA stable in bf16: an update of lr x grad on a bf16 weight near 1e-2 would mostly
-round away, while the fp32 master accumulates it. The frozen base has no master copy and no optimizer
+That is what keeps LoRA stable in bf16: bf16 keeps about three significant digits, so an update smaller
+than ~0.4% of a weight would round away, while the fp32 master accumulates it. The frozen base has no master copy and no optimizer
 state at all, which is where LoRA's memory saving comes from.
 """
 
@@ -92,14 +92,9 @@ def _peft_model(base: torch.nn.Module, cfg: PeftConfig) -> PeftModel:
         return get_peft_model(base, lora_config(cfg), adapter_name=ADAPTER_NAME)
 
 
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter elements; a ZeRO-3 partitioned parameter counts by its full size."""
-    trainable = total = 0
-    for param in model.parameters():
-        numel = getattr(param, "ds_numel", param.numel())
-        total += numel
-        trainable += numel if param.requires_grad else 0
-    return trainable, total
+def trainable_elements(model: torch.nn.Module) -> int:
+    """Trainable parameter elements; a ZeRO-3 partitioned parameter counts by its full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def adapter_model(base: torch.nn.Module, cfg: PeftConfig, trained: dict[str, torch.Tensor]) -> PeftModel:

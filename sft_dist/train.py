@@ -118,7 +118,7 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
                             adapters.quantized_loading(cfg.peft, dtype, ctx.device))
     model = adapters.wrap(model, cfg.peft, model_lib.PRECISION_DTYPES[cfg.train.precision],
                           cfg.model.gradient_checkpointing)
-    trainable, _ = adapters.parameter_counts(model)
+    trainable = adapters.trainable_elements(model)
     engine = engine_lib.initialize(model, cfg, ds_config, steps)
     local, total = engine_lib.parameter_elements(engine.module)
     ctx.emit({"step": 0, "event": "setup", "world_size": ctx.world_size, "zero_stage": cfg.deepspeed.stage,
