@@ -42,7 +42,8 @@ def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict
     """
     staging = Path(tempfile.mkdtemp(prefix="sft_dist_checkpoint_"))
     try:
-        engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state})
+        engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state},
+                               exclude_frozen_parameters=has_frozen_parameters(engine))
         torch.save(rng_state(), staging / f"rng_rank{ctx.rank}.pt")
         files: dict[str, int] = {}
         for rank_files in all_gather(_file_sizes(staging)):
@@ -63,12 +64,20 @@ def load(engine: Any, ctx: RunContext, folder: Path) -> dict[str, Any]:
     """
     # A universal copy (see universal_copy) loads through the same call when the engine was built with
     # DeepSpeed's `checkpoint.load_universal`.
-    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    # Frozen parameters are not in the checkpoint (see has_frozen_parameters): the module loads non-strictly.
+    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                           load_module_strict=not has_frozen_parameters(engine))
     manifest = read_manifest(folder)
     rng_file = folder / f"rng_rank{ctx.rank}.pt"
     if manifest["world_size"] == ctx.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return manifest
+
+
+def has_frozen_parameters(engine: Any) -> bool:
+    """Frozen parameters (a LoRA run's base) are left out of checkpoints: they never change, so the
+    pretrained model they were built from holds them, and a checkpoint stays the adapter's size."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def universal_copy(folder: Path, ctx: RunContext) -> Path:

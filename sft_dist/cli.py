@@ -24,6 +24,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its best, else latest)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    export.add_argument("--merge-lora", action="store_true",
+                        help="LoRA checkpoints: write the base with the adapter merged in, not the adapter folder")
     commands.choices["eval"].add_argument(
         "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best, else latest)")
     lr_find = commands.choices["lr-find"]
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return data_command(args.config, args.overrides)
         if args.command == "export":
-            return export_command(args.checkpoint, args.out, args.dtype)
+            return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -85,10 +87,10 @@ def data_command(config_path: str, overrides: list[str]) -> int:
     return 0
 
 
-def export_command(source: str, out: str, dtype: str) -> int:
+def export_command(source: str, out: str, dtype: str, merge_lora: bool = False) -> int:
     from pathlib import Path
 
     from sft_dist import driver
 
-    driver.export_checkpoint(Path(source), Path(out), dtype)
+    driver.export_checkpoint(Path(source), Path(out), dtype, merge_lora)
     return 0

@@ -47,11 +47,16 @@ class ModelConfig(Section):
 
 
 class PeftConfig(Section):
-    method: Literal["none", "lora"] = "none"
+    # qlora: LoRA on a base loaded in 4 bits (bitsandbytes NF4), GPU workers only.
+    method: Literal["none", "lora", "qlora"] = "none"
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)
+    # Modules trained in full and saved with the adapter (e.g. a new head or resized embeddings).
+    modules_to_save: list[str] = Field(default_factory=list)
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -432,6 +437,22 @@ class RunConfig(Section):
     def _fp16_needs_gpu(self) -> "RunConfig":
         if self.train.precision == "fp16" and not self.ray.use_gpu:
             raise ValueError("train.precision: fp16 needs GPU workers (ray.use_gpu: true); use bf16 or fp32 on CPU")
+        return self
+
+    @model_validator(mode="after")
+    def _qlora_needs_gpu(self) -> "RunConfig":
+        if self.peft.method == "qlora" and not self.ray.use_gpu:
+            raise ValueError("peft.method: qlora needs GPU workers (ray.use_gpu: true): bitsandbytes 4-bit "
+                             "weights run on CUDA only; use peft.method: lora on CPU workers")
+        return self
+
+    @model_validator(mode="after")
+    def _qlora_below_stage3(self) -> "RunConfig":
+        # A 4-bit base is not built partitioned (transformers skips ZeRO-3 init for quantized models),
+        # so ZeRO-3 would have to partition bitsandbytes' packed tensors: unsupported here.
+        if self.peft.method == "qlora" and self.deepspeed.stage == 3:
+            raise ValueError("peft.method: qlora works with deepspeed.stage 0, 1 or 2; the frozen 4-bit base "
+                             "is small already, so ZeRO-2 is the usual choice")
         return self
 
     @model_validator(mode="after")

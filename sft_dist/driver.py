@@ -265,7 +265,7 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
     return 0
 
 
-def export_checkpoint(source: Path, out: Path, dtype: str = "fp32") -> None:
+def export_checkpoint(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False) -> None:
     """`sft-dist export`, and `checkpoint.export_at_end`: a checkpoint as a Hugging Face folder."""
     from sft_dist import runtime
 
@@ -273,5 +273,5 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "fp32") -> None:
     runtime.configure_worker(use_gpu=False, threads=len(os.sched_getaffinity(0)))
     from sft_dist import export  # after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
 
-    folder = export.export(source, out, dtype)
+    folder = export.export(source, out, dtype, merge_lora)
     print(f"exported {folder} -> {out}", flush=True)

@@ -33,7 +33,8 @@ class RunRecorder:
         if kind == "setup":
             self.setup = event
             self._print(f"setup: {event['world_size']} workers, ZeRO-{event['zero_stage']}, "
-                        f"{event['param_elements_total']:,} parameters, {event['total_steps']} steps")
+                        f"{event['param_elements_total']:,} parameters ({event['trainable_params']:,} trainable, "
+                        f"{event['trainable_params'] / event['param_elements_total']:.2%}), {event['total_steps']} steps")
         elif kind == "preflight":
             self._print(preflight.summary(event["workers"]))
         elif kind == "resume":

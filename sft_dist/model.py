@@ -33,9 +33,12 @@ def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
     return PRECISION_DTYPES[precision] if cfg.dtype == "auto" else DTYPES[cfg.dtype]
 
 
-def build(cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | None = None,
-          neftune_alpha: float | None = None) -> torch.nn.Module:
-    """The pretrained causal LM, built inside `construction` (e.g. ZeRO-3 partitioned init)."""
+def build(
+    cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | None = None,
+    load_kwargs: dict[str, Any] | None = None, neftune_alpha: float | None = None,
+) -> torch.nn.Module:
+    """The pretrained causal LM, built inside `construction` (e.g. ZeRO-3 partitioned init); `load_kwargs`
+    are further `from_pretrained` arguments (e.g. QLoRA's quantization)."""
     config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
                                         trust_remote_code=cfg.trust_remote_code)
     if cfg.dropout is not None:
@@ -50,6 +53,7 @@ def build(cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | N
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
+            **(load_kwargs or {}),
         )
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and ZeRO-3 parameter hooks.

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import checkpoint, faults, preflight
+from sft_dist import adapters, checkpoint, faults, preflight
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig, resume_fingerprint
@@ -218,15 +218,17 @@ def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tupl
 def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> Any:
     ds_config = engine_lib.deepspeed_config(cfg, ctx.world_size, load_universal)
     dtype = model_lib.weight_dtype(cfg.model, cfg.train.precision)
-    model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config), cfg.train.neftune_alpha)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config),
+                            adapters.quantized_loading(cfg.peft, dtype, ctx.device), cfg.train.neftune_alpha)
+    model = adapters.wrap(model, cfg.peft, model_lib.PRECISION_DTYPES[cfg.train.precision],
+                          cfg.model.gradient_checkpointing)
+    trainable = adapters.trainable_elements(model)
     groups = engine_lib.parameter_groups(model, cfg.train)
     engine = engine_lib.initialize(model, cfg, ds_config, steps, groups)
     local, total = engine_lib.parameter_elements(engine.module)
     ctx.emit({"step": 0, "event": "setup", "world_size": ctx.world_size, "zero_stage": cfg.deepspeed.stage,
               "total_steps": steps, "param_elements_total": total, "param_elements_per_rank": all_gather(local),
-              "trainable_params": trainable if cfg.deepspeed.stage != 3 else total,
-              "param_groups": engine_lib.group_summary(groups),
+              "trainable_params": trainable, "param_groups": engine_lib.group_summary(groups),
               "optimizer_lrs": [g["lr"] for g in engine.optimizer.param_groups]})
     return engine
 
