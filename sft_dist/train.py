@@ -22,6 +22,7 @@ from sft_dist.data.templates import chat_template
 from sft_dist.evaluate import BestTracker, deadline, generate_answers, generation_metrics, validate
 from sft_dist.loss import token_loss_sums
 from sft_dist.runtime import RunContext, all_gather, all_reduce_sum
+from sft_dist.timing import OFF, StepTimer
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:
@@ -86,6 +87,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
+    timer = StepTimer(cfg.logging.timing, ctx.device)
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
@@ -97,14 +99,14 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
 
     def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
         return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
-                "lr": engine.get_lr()[0], **grad_norm(engine)}
+                "lr": engine.get_lr()[0], **grad_norm(engine), **timer.metrics()}
 
     if cfg.eval.at_start and start == 0:
         tracker.update(session.validate(0), 0)
     window, reason, step, preemption_saved = Window(), None, start, False
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
-        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id))
+        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id, timer))
         logged = step % cfg.logging.every_steps == 0 or step == steps
         if logged:
             ctx.emit(train_metrics(step))
@@ -208,7 +210,8 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
 
 
 def train_step(
-    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray, pad_id: int
+    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray, pad_id: int,
+    timer: StepTimer = OFF,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
@@ -222,13 +225,18 @@ def train_step(
     # multiplying by both undoes those so the token-weighted normalization above is the only one.
     scale = plan.grad_accum * plan.world_size / global_tokens
     loss_total = tokens = 0.0
+    timer.start()
     for indices in plan.micro_batches(step, ctx.rank):
         rows = train_set[[int(i) for i in indices]]
         batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
+        timer.lap("data")
         logits = engine(**model_inputs(batch)).logits
         loss_sum, _, _ = token_loss_sums(logits, batch["labels"])
+        timer.lap("forward")
         engine.backward(loss_sum * scale)
+        timer.lap("backward")
         engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
+        timer.lap("optimizer")
         loss_total += loss_sum.item()
         tokens += sum(len(ids) for ids in rows["input_ids"])
     return loss_total, tokens, global_tokens
