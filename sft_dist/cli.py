@@ -15,7 +15,8 @@ def parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "fine-tune a model"), ("data", "validate the data and print statistics"),
                             ("eval", "run the config's validation on a saved checkpoint"),
-                            ("lr-find", "the learning-rate range test: sweep, plot, suggest")):
+                            ("lr-find", "the learning-rate range test: sweep, plot, suggest"),
+                            ("plan", "estimate memory per device; recommend the cheapest ZeRO setting that fits")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="run config (YAML)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -28,6 +29,14 @@ def parser() -> argparse.ArgumentParser:
                         help="LoRA checkpoints: write the base with the adapter merged in, not the adapter folder")
     commands.choices["eval"].add_argument(
         "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best, else latest)")
+    plan = commands.choices["plan"]
+    plan.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GB (GiB)")
+    plan.add_argument("--model-config", metavar="DIR", help="a folder with the model's config.json")
+    plan.add_argument("--gpus-per-node", type=int, help="for host-memory figures (default: min(workers, 8))")
+    bench = commands.add_parser("bench", help="measure sft_dist against baselines, as ratios")
+    bench.add_argument("--quick", action="store_true", help="the tiny model, a minute or two on CPU")
+    bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    bench.add_argument("--config", help="run config to measure (default: the quickstart, tiny with --quick)")
     lr_find = commands.choices["lr-find"]
     lr_find.add_argument("--lr-min", type=float, default=1e-7)
     lr_find.add_argument("--lr-max", type=float, default=1.0)
@@ -63,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             return data_command(args.config, args.overrides)
         if args.command == "export":
             return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora)
+        if args.command == "plan":
+            from sft_dist import plan
+
+            print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node))
+            return 0
+        if args.command == "bench":
+            from sft_dist import bench
+
+            return bench.main(args.config, args.quick, args.out)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

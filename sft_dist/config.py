@@ -395,8 +395,12 @@ class RayConfig(Section):
 
 class LoggingConfig(Section):
     every_steps: int = Field(1, gt=0)
-    tensorboard: bool = False
-    mlflow: str | None = None
+    tensorboard: bool = False  # event files in {run folder}/tensorboard
+    mlflow: str | None = None  # a tracking URI, or a local folder (a file store)
+    wandb: str | None = None  # a Weights & Biases project
+    # Per-step time in data, forward, backward, optimizer step and DeepSpeed's communication (it syncs
+    # the device at each phase, so it slows GPU runs a little: on demand only).
+    timing: bool = False
 
 
 class RunConfig(Section):

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sft_dist import checkpoint, lr_find
+from sft_dist import checkpoint, lr_find, plots, sinks
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
@@ -161,17 +161,20 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
     if resume == "auto":
         cfg = run_to_continue(cfg, config_path)
     resume_from = resume_checkpoint(cfg, resume) if resume else None
+    sinks.check_installed(cfg.logging)
     data = prepare_data(cfg)
     if use_ray:
         connect_to_ray(cfg)
     run_dir = create_run_dir(cfg, continuing=resume == "auto")
     print(f"run folder: {run_dir}", flush=True)
-    recorder = RunRecorder(run_dir)
+    recorder = RunRecorder(run_dir, sinks=sinks.open_sinks(cfg, run_dir))
     fit = fit_on_ray if use_ray else fit_in_process
     error = fit(cfg, data, recorder, Job(resume_from=resume_from or None))
     error = recorder.worker_error() or error  # a worker's own account (e.g. a timed-out validation) first
     summary = recorder.summary(data.stats, error, best_checkpoint(cfg))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plots.plot_run(run_dir)
+    recorder.close(summary["status"])
     print(recorder.before_after())
     if error:
         print(f"error: training failed: {error}", file=sys.stderr)

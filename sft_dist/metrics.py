@@ -1,21 +1,28 @@
 """The driver's record of a run: rank 0's events into `metrics.jsonl` (and generated samples into
-`samples.jsonl`), a progress line per event, and what `summary.json` needs at the end.
+`samples.jsonl`), the configured sinks (sft_dist.sinks), the progress display (sft_dist.progress),
+and what `summary.json` needs at the end.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+from sft_dist import progress
+
+if TYPE_CHECKING:
+    from sft_dist.sinks import Sink
 
 from sft_dist import preflight
 
 
 class RunRecorder:
-    def __init__(self, run_dir: Path, out: TextIO | None = None):
+    def __init__(self, run_dir: Path, out: TextIO | None = None, sinks: list[Sink] = ()):
         self.run_dir, self.out = run_dir, out  # None: whatever sys.stdout is when printing
+        self.display = progress.for_stream(out)  # a live line on a terminal, plain lines otherwise
+        self.sinks = list(sinks)  # TensorBoard, MLflow, W&B as configured (sft_dist.sinks)
         self.started_s = time.time()
         self.setup: dict[str, Any] = {}
         self.last_train: dict[str, Any] = {}
@@ -23,13 +30,14 @@ class RunRecorder:
         self.samples: list[dict[str, Any]] = []
         self.end: dict[str, Any] = {}
         self.errors: list[str] = []  # what workers reported before failing (e.g. a validation timeout)
-        self.first_step: tuple[int, float] | None = None
 
     def record(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         target = "samples.jsonl" if kind == "samples" else "metrics.jsonl"
         with open(self.run_dir / target, "a") as handle:
             handle.write(json.dumps(event) + "\n")
+        for sink in self.sinks:
+            sink.write(event)
         if kind == "setup":
             self.setup = event
             self._print(f"setup: {event['world_size']} workers, ZeRO-{event['zero_stage']}, "
@@ -39,7 +47,7 @@ class RunRecorder:
             self._print(preflight.summary(event["workers"]))
         elif kind == "resume":
             self._forget_after(event["step"])
-            self.first_step = None
+            self.display.restart()
             for reason in event["skipped"]:
                 self._print(reason)
             self._print(f"resumed at step {event['step']} from {event['checkpoint']}")
@@ -51,12 +59,12 @@ class RunRecorder:
             self.errors.append(event["message"])
         elif "eval_loss" in event:
             self.evals.append(event)
-            self._print(f"eval  step {event['step']}: eval_loss {event['eval_loss']:.4f} "
-                        f"ppl {event['eval_ppl']:.2f} token_acc {event['eval_token_acc']:.3f}"
-                        + (f" exact_match {event['eval_exact_match']:.3f}" if "eval_exact_match" in event else ""))
+            self.display.evaluated(event, f"eval  step {event['step']}: eval_loss {event['eval_loss']:.4f} "
+                                   f"ppl {event['eval_ppl']:.2f} token_acc {event['eval_token_acc']:.3f}"
+                                   + (f" exact_match {event['eval_exact_match']:.3f}" if "eval_exact_match" in event else ""))
         elif "loss" in event:
             self.last_train = event
-            self._print(self._progress(event))
+            self.display.train(event)
 
     def _forget_after(self, step: int) -> None:
         """Steps after the checkpoint are trained again: drop their earlier records (e.g. logged before
@@ -66,15 +74,6 @@ class RunRecorder:
         kept = [e for e in events if e.get("event") or e["step"] <= step]
         path.write_text("".join(json.dumps(e) + "\n" for e in kept))
         self.evals = [e for e in self.evals if e["step"] <= step]
-
-    def _progress(self, e: dict[str, Any]) -> str:
-        # Pace from the first logged step on, so start-up time does not inflate the estimate.
-        if self.first_step is None:
-            self.first_step = (e["step"], time.time())
-        done = e["step"] - self.first_step[0]
-        eta_s = (time.time() - self.first_step[1]) / done * (e["total_steps"] - e["step"]) if done else float("nan")
-        return (f"train step {e['step']}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
-                f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {eta_s:.0f}s")
 
     def train_events(self) -> list[dict[str, Any]]:
         path = self.run_dir / "metrics.jsonl"
@@ -122,5 +121,11 @@ class RunRecorder:
                              f"  before:   {b['answer']!r}\n  after:    {a['answer']!r}")
         return "\n".join(lines)
 
+    def close(self, status: str) -> None:
+        """The run is over: end the live line, close the sinks (MLflow also attaches the run's files)."""
+        self.display.close()
+        for sink in self.sinks:
+            sink.close(self.run_dir, status)
+
     def _print(self, line: str) -> None:
-        print(line, file=self.out or sys.stdout, flush=True)
+        self.display.message(line)

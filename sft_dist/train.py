@@ -25,6 +25,7 @@ from sft_dist.evaluate import BestTracker, deadline, generate_answers, generatio
 from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
+from sft_dist.timing import OFF, StepTimer
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:
@@ -101,6 +102,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
+    timer = StepTimer(cfg.logging.timing, ctx.device)
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
@@ -112,7 +114,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
 
     def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
         return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
-                "lr": engine.get_lr()[0], **grad_norm(engine)}
+                "lr": engine.get_lr()[0], **grad_norm(engine), **timer.metrics()}
 
     if cfg.eval.at_start and start == 0:
         tracker.update(session.validate(0), 0)
@@ -121,7 +123,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
         window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id,
-                               cfg.train.label_smoothing))
+                               cfg.train.label_smoothing, timer))
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
         if train_log:
             ctx.emit(train_log)
@@ -235,7 +237,7 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
 
 def train_step(
     engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray, pad_id: int,
-    label_smoothing: float = 0.0,
+    label_smoothing: float = 0.0, timer: StepTimer = OFF,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
@@ -249,13 +251,18 @@ def train_step(
     # multiplying by both undoes those so the token-weighted normalization above is the only one.
     scale = plan.grad_accum * plan.world_size / global_tokens
     loss_total = tokens = 0.0
+    timer.start()
     for indices in plan.micro_batches(step, ctx.rank):
         rows = train_set[[int(i) for i in indices]]
         batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
+        timer.lap("data")
         logits = engine(**model_inputs(batch)).logits
         loss_sum, _, _ = token_loss_sums(logits, batch["labels"], label_smoothing)
+        timer.lap("forward")
         engine.backward(loss_sum * scale)
+        timer.lap("backward")
         engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
+        timer.lap("optimizer")
         loss_total += loss_sum.item()
         tokens += sum(len(ids) for ids in rows["input_ids"])
     return loss_total, tokens, global_tokens

@@ -1,0 +1,264 @@
+"""`sft-dist plan CONFIG`: memory per device before a run, for the configured model, world size, ZeRO
+stage, offload, precision, micro-batch and sequence length, and the cheapest setting that fits.
+
+Model states (parameters, gradients, optimizer states) use the bytes per parameter of DeepSpeed's own
+estimators (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`; a test
+checks the figures agree), extended to stages 0 and 1 and to fp32 the same way. Activations use the
+standard estimate for transformer layers of Korthikanti et al., "Reducing Activation Recomputation in
+Large Transformer Models" (2022): s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit, the 5·a·s/h term
+(attention scores) only with eager attention (sdpa and flash attention do not keep them); with
+gradient checkpointing, each layer keeps its 16-bit input (2·s·b·h) and one layer is recomputed at a
+time. Plus the logits: s·b·V in the compute dtype, and a float32 copy and its gradient for the loss.
+
+Parameters are counted from the model's config on the meta device: no weights are read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft_dist.config import RunConfig
+from sft_dist.errors import UserError
+
+GiB = 2**30
+# Kept free of the device's memory: CUDA context, allocator fragmentation, communication buckets.
+HEADROOM = 0.10
+# DeepSpeed's estimators' allowance for host memory buffers.
+HOST_BUFFER_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    total_params: int
+    largest_layer_params: int  # the most parameters one module holds directly (ZeRO-3 gathers one at a time)
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Setting:
+    stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def label(self) -> str:
+        offload = "+".join(n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params))
+                           if on)
+        return f"ZeRO-{self.stage}" + (f" offload {offload}" if offload else "")
+
+
+def settings() -> list[Setting]:
+    """Every setting the table shows, cheapest first (offload costs most, then a higher stage)."""
+    plain = [Setting(s) for s in range(4)]
+    offloaded = [Setting(1, True), Setting(2, True), Setting(3, True), Setting(3, True, True)]
+    return plain + offloaded
+
+
+# ---------------------------------------------------------------- model states
+
+
+# Bytes per parameter held on the device by each rank: (replicated, partitioned over the N ranks), for
+# params / grads / optimizer (fp32 master weights count as optimizer state). Mixed precision (bf16,
+# fp16), as DeepSpeed's estimators count it: 16-bit params 2 and grads 2, fp32 grads 4, fp32 master
+# params 4, Adam's two moments 8; ZeRO-3 reduces its 16-bit gradients into the fp32 partition
+# (DeepSpeed's 18 bytes / N). fp32: params 4, grads 4, moments 8, no master copy. Offloaded states live
+# in host memory (ZeRO-1/2 offload keep the 16-bit params; ZeRO-1 also its full gradients).
+MIXED = {  # (stage, offload_optimizer, offload_params) -> {part: (replicated, partitioned)}
+    (0, False, False): {"params": (2, 0), "grads": (6, 0), "optimizer": (12, 0)},
+    (1, False, False): {"params": (2, 0), "grads": (2, 4), "optimizer": (0, 12)},
+    (2, False, False): {"params": (2, 0), "grads": (0, 6), "optimizer": (0, 12)},
+    (3, False, False): {"params": (0, 2), "grads": (0, 4), "optimizer": (0, 12)},
+    (1, True, False): {"params": (2, 0), "grads": (2, 0), "optimizer": (0, 0)},
+    (2, True, False): {"params": (2, 0), "grads": (0, 0), "optimizer": (0, 0)},
+    (3, True, False): {"params": (0, 2), "grads": (0, 0), "optimizer": (0, 0)},
+    (3, True, True): {"params": (0, 0), "grads": (0, 0), "optimizer": (0, 0)},
+}
+FP32 = {
+    (0, False, False): {"params": (4, 0), "grads": (4, 0), "optimizer": (8, 0)},
+    (1, False, False): {"params": (4, 0), "grads": (4, 0), "optimizer": (0, 8)},
+    (2, False, False): {"params": (4, 0), "grads": (0, 4), "optimizer": (0, 8)},
+    (3, False, False): {"params": (0, 4), "grads": (0, 4), "optimizer": (0, 8)},
+    (1, True, False): {"params": (4, 0), "grads": (4, 0), "optimizer": (0, 0)},
+    (2, True, False): {"params": (4, 0), "grads": (0, 0), "optimizer": (0, 0)},
+    (3, True, False): {"params": (0, 4), "grads": (0, 0), "optimizer": (0, 0)},
+    (3, True, True): {"params": (0, 0), "grads": (0, 0), "optimizer": (0, 0)},
+}
+
+
+def model_state_bytes(params: int, largest_layer: int, setting: Setting, precision: str, world: int) -> dict[str, int]:
+    """Device bytes per rank of parameters, gradients and optimizer states, and ZeRO-3's gathered layer."""
+    table = MIXED if precision in ("bf16", "fp16") else FP32
+    parts = table[(setting.stage, setting.offload_optimizer, setting.offload_params)]
+    # As DeepSpeed computes it: replicated bytes, plus one integer division of all partitioned bytes
+    # (the optimizer's share takes the rounding, so the total equals DeepSpeed's to the byte).
+    partitioned_total = int(sum(q for _, q in parts.values()) * params / world)
+    out = {name: r * params + int(q * params / world) for name, (r, q) in parts.items()}
+    out["optimizer"] += partitioned_total - sum(int(q * params / world) for _, q in parts.values())
+    out["gathered_layer"] = 4 * largest_layer if setting.stage == 3 else 0
+    return out
+
+
+def host_bytes_per_node(params: int, largest_layer: int, setting: Setting, world: int, gpus_per_node: int) -> int:
+    """Host memory per node, as DeepSpeed's estimators give it (with their 1.5 buffer factor)."""
+    nodes = max(1, math.ceil(world / gpus_per_node))
+    if setting.stage == 3:
+        if setting.offload_optimizer:
+            per_param = 18 if setting.offload_params else 16
+            return int(params * per_param / nodes * HOST_BUFFER_FACTOR)
+        return int(largest_layer * 4 * gpus_per_node * HOST_BUFFER_FACTOR)
+    if setting.offload_optimizer:
+        return int(params * max(4 * world, 16) * HOST_BUFFER_FACTOR)
+    return int(params * 4 * gpus_per_node * HOST_BUFFER_FACTOR)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, eager_attention: bool,
+                     checkpointing: bool) -> int:
+    s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
+    scale = 1 if precision in ("bf16", "fp16") else 2  # the estimate counts 16-bit elements
+    per_layer = s * b * h * (34 + (5 * a * s / h if eager_attention else 0)) * scale
+    logits = s * b * shape.vocab * (2 * scale + 8)  # compute-dtype logits + float32 copy and gradient
+    if checkpointing:
+        return int(shape.layers * 2 * s * b * h * scale + per_layer + logits)
+    return int(shape.layers * per_layer + logits)
+
+
+# ---------------------------------------------------------------- the model
+
+
+def model_config_folder(cfg: RunConfig, config_path: Path, given: str | None) -> Path | str:
+    """Where the model's config.json is: --model-config, the model folder, `models/{org}--{name}` beside
+    the run config (shipped for hub models so plan works offline), else the hub name itself."""
+    if given:
+        return Path(given)
+    name = cfg.model.name_or_path
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    shipped = config_path.parent / "models" / name.replace("/", "--")
+    return shipped if (shipped / "config.json").is_file() else name
+
+
+def model_shape(source: Path | str, trust_remote_code: bool = False) -> ModelShape:
+    """Count parameters from the config alone: the model is built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(f"cannot read the model's config from {source} ({err}); pass --model-config DIR "
+                        "(a folder with the model's config.json)", key="model.name_or_path") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(total, largest, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+                      text.vocab_size)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def parse_bytes(text: str) -> int:
+    """`80GB`, `80GiB`, `24G`, `512MB`: GB counted as GiB, as nvidia-smi and DeepSpeed's estimators do."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise UserError(f"--device-memory: expected a size such as 80GB, got {text!r}")
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+
+
+def rows(cfg: RunConfig, shape: ModelShape, gpus_per_node: int) -> list[dict[str, Any]]:
+    t, world = cfg.train, cfg.ray.num_workers
+    eager = cfg.model.attn_implementation == "eager"
+    act = {gc: activation_bytes(shape, t.micro_batch_size, cfg.data.max_seq_len, t.precision, eager, gc)
+           for gc in (False, True)}
+    out = []
+    for setting in settings():
+        states = model_state_bytes(shape.total_params, shape.largest_layer_params, setting, t.precision, world)
+        model_states = sum(states.values())
+        out.append({"setting": setting, **states, "model_states": model_states,
+                    "activations": act[False], "activations_checkpointed": act[True],
+                    "total": model_states + act[False], "total_checkpointed": model_states + act[True],
+                    "host_per_node": host_bytes_per_node(shape.total_params, shape.largest_layer_params, setting,
+                                                         world, gpus_per_node)})
+    return out
+
+
+def recommend(table: list[dict[str, Any]], device_bytes: int) -> tuple[dict[str, Any], bool] | None:
+    """The cheapest (row, gradient checkpointing) that fits: no offload before offload, then without
+    checkpointing (about a third more compute) before with it, then the lowest stage."""
+    usable = device_bytes * (1 - HEADROOM)
+    for offloaded in (False, True):
+        for checkpointing in (False, True):
+            for row in table:
+                s = row["setting"]
+                if (s.offload_optimizer or s.offload_params) != offloaded:
+                    continue
+                if row["total_checkpointed" if checkpointing else "total"] <= usable:
+                    return row, checkpointing
+    return None
+
+
+def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per_node: int) -> str:
+    t, ds = cfg.train, cfg.deepspeed
+    table = rows(cfg, shape, gpus_per_node)
+    gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
+    lines = [
+        f"model: {cfg.model.name_or_path}: {shape.total_params / 1e9:.3f} B parameters "
+        f"({shape.total_params:,}; largest layer {shape.largest_layer_params:,}), {shape.layers} layers, "
+        f"hidden {shape.hidden}, vocab {shape.vocab}",
+        f"run: {cfg.ray.num_workers} workers, {t.precision}, micro-batch {t.micro_batch_size} x "
+        f"{cfg.data.max_seq_len} tokens, configured ZeRO-{ds.stage}"
+        + (" offload optimizer" if ds.offload_optimizer else "") + (" offload params" if ds.offload_params else "")
+        + (", gradient checkpointing" if cfg.model.gradient_checkpointing else ""),
+        "",
+        "memory per device, GiB (model states: DeepSpeed's estimates; activations: Korthikanti et al. 2022)",
+        f"{'setting':<33}{'params':>8} {'grads':>8} {'optim':>8} {'layer':>8} {'states':>8} "
+        f"{'+act':>8} {'+act gc':>8} {'host/node':>10}",
+    ]
+    configured = Setting(ds.stage, ds.offload_optimizer, ds.offload_params)
+    for row in table:
+        mark = "*" if row["setting"] == configured else " "
+        lines.append(f"{mark}{row['setting'].label():<32}{gib(row['params'])} {gib(row['grads'])} "
+                     f"{gib(row['optimizer'])} {gib(row['gathered_layer'])} {gib(row['model_states'])} "
+                     f"{gib(row['total'])} {gib(row['total_checkpointed'])} {gib(row['host_per_node']):>10}")
+    lines += ["* the configured setting; layer: ZeRO-3's gathered layer; +act: with activations "
+              "(gc: gradient checkpointing); host/node: host RAM per node"]
+    if cfg.peft.method != "none":
+        lines.append(f"note: peft.method {cfg.peft.method}: the figures are for full fine-tuning, an upper bound")
+    if device_bytes is not None:
+        lines.append("")
+        found = recommend(table, device_bytes)
+        budget = f"{device_bytes / GiB:.0f} GiB per device ({HEADROOM:.0%} kept free)"
+        if found is None:
+            lines.append(f"recommendation: nothing fits {budget}; use more workers, a shorter "
+                         f"data.max_seq_len or a smaller train.micro_batch_size")
+        else:
+            row, gc = found
+            s = row["setting"]
+            need = row["total_checkpointed" if gc else "total"]
+            lines.append(
+                f"recommendation: {s.label()}{' with' if gc else ' without'} gradient checkpointing: "
+                f"{need / GiB:.1f} GiB of {budget}: deepspeed.stage: {s.stage}, deepspeed.offload_optimizer: "
+                f"{str(s.offload_optimizer).lower()}, deepspeed.offload_params: {str(s.offload_params).lower()}, "
+                f"model.gradient_checkpointing: {str(gc).lower()}")
+    return "\n".join(lines)
+
+
+def plan(config_path: str, overrides: list[str], device_memory: str | None, model_config: str | None,
+         gpus_per_node: int | None) -> str:
+    from sft_dist import config as config_lib
+
+    cfg = config_lib.load(config_path, overrides)
+    device_bytes = parse_bytes(device_memory) if device_memory else None
+    shape = model_shape(model_config_folder(cfg, Path(config_path), model_config), cfg.model.trust_remote_code)
+    return report(cfg, shape, device_bytes, gpus_per_node or min(cfg.ray.num_workers, 8))

@@ -1,0 +1,112 @@
+"""The driver's progress display: one live line redrawn in place on a terminal, one line per logged
+step otherwise (CI, `ray job logs`, a file). Both show step / total, epoch, loss, learning rate,
+tokens/s, ETA and the last validation metric.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from typing import Any, TextIO
+
+TIMED_PHASES = ("data", "forward", "backward", "optimizer")  # sft_dist.timing.PHASES, without importing torch
+
+
+class Progress:
+    """Plain mode: every message and every training record is a line of its own."""
+
+    def __init__(self, out: TextIO | None = None):
+        self.out = out  # None: whatever sys.stdout is when printing
+        self.first_step: tuple[int, float] | None = None  # (step, time) of the first record since (re)start
+        self.last_eval: tuple[str, float, int] | None = None  # (metric, value, step)
+
+    def restart(self) -> None:
+        """Training goes on from a checkpoint: pace the ETA from the next record."""
+        self.first_step = None
+
+    def message(self, line: str) -> None:
+        print(line, file=self.stream(), flush=True)
+
+    def evaluated(self, event: dict[str, Any], line: str) -> None:
+        metric = "eval_loss" if "eval_loss" in event else next(k for k in event if k.startswith("eval_"))
+        self.last_eval = (metric, event[metric], event["step"])
+        self.message(line)
+
+    def train(self, event: dict[str, Any]) -> None:
+        self.message(self.line(event))
+
+    def line(self, e: dict[str, Any]) -> str:
+        text = (f"train step {e['step']}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
+                f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {format_duration(self.eta_s(e))}")
+        if self.last_eval:
+            metric, value, step = self.last_eval
+            text += f" | {metric} {value:.4f} (step {step})"
+        if "time_forward_s" in e:  # logging.timing: mean seconds per step of each phase
+            text += " | s/step " + " ".join(f"{p} {e[f'time_{p}_s']:.3f}" for p in TIMED_PHASES)
+        return text
+
+    def eta_s(self, e: dict[str, Any]) -> float:
+        # Pace from the first logged step on, so start-up time does not inflate the estimate.
+        now = time.time()
+        if self.first_step is None:
+            self.first_step = (e["step"], now)
+        done = e["step"] - self.first_step[0]
+        return (now - self.first_step[1]) / done * (e["total_steps"] - e["step"]) if done else math.nan
+
+    def close(self) -> None:
+        pass
+
+    def stream(self) -> TextIO:
+        return self.out or sys.stdout
+
+
+class LiveProgress(Progress):
+    """Terminal mode: the training line is redrawn in place; other messages print above it."""
+
+    def __init__(self, out: TextIO | None = None):
+        super().__init__(out)
+        self.live = ""
+
+    def message(self, line: str) -> None:
+        stream = self.stream()
+        stream.write("\r\033[2K" + line + "\n" + self.live)
+        stream.flush()
+
+    def train(self, event: dict[str, Any]) -> None:
+        width = shutil.get_terminal_size((120, 20)).columns - 1
+        self.live = self.line(event)[:width]
+        stream = self.stream()
+        stream.write("\r\033[2K" + self.live)
+        stream.flush()
+
+    def line(self, e: dict[str, Any]) -> str:
+        fraction = e["step"] / max(e["total_steps"], 1)
+        bar = "#" * round(20 * fraction) + "-" * (20 - round(20 * fraction))
+        text = (f"[{bar}] {e['step']}/{e['total_steps']} ep {e['epoch']:.2f} | loss {e['loss']:.4f} | "
+                f"lr {e['lr']:.2e} | {e['tokens_per_s']:,.0f} tok/s | eta {format_duration(self.eta_s(e))}")
+        if self.last_eval:
+            metric, value, step = self.last_eval
+            text += f" | {metric} {value:.4f} @{step}"
+        return text
+
+    def close(self) -> None:
+        if self.live:
+            self.stream().write("\n")
+            self.stream().flush()
+            self.live = ""
+
+
+def for_stream(out: TextIO | None = None) -> Progress:
+    """The live line on a terminal, plain lines otherwise."""
+    stream = out or sys.stdout
+    return LiveProgress(out) if getattr(stream, "isatty", lambda: False)() else Progress(out)
+
+
+def format_duration(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

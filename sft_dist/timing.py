@@ -1,0 +1,57 @@
+"""Per-step time breakdown on demand (`logging.timing`): where a step's wall time goes on rank 0.
+
+The loop marks the end of each phase of a micro-batch with `lap(name)`; the time since the previous
+mark is added to that phase. Phases: `data` (slicing rows, collating, copying to the device),
+`forward` (forward and loss), `backward` (DeepSpeed's backward, which under ZeRO includes the gradient
+reduce-scatter / all-reduce) and `optimizer` (DeepSpeed's step: clipping, the optimizer, the ZeRO
+parameter all-gather). Switched off, `lap` returns at once, so the loop pays one call per phase.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+class StepTimer:
+    def __init__(self, enabled: bool = False, device: torch.device | None = None):
+        self.enabled = enabled
+        # Device work is asynchronous: without a sync a phase would be charged to whichever later phase
+        # first waits for it. Syncing costs some overlap, which is why this is on demand only.
+        self.sync = device is not None and device.type == "cuda"
+        self.totals_s = dict.fromkeys(PHASES, 0.0)
+        self.steps = 0
+        self.last_s = 0.0
+
+    def start(self) -> None:
+        """A step begins (the time between steps, e.g. logging, counts nowhere)."""
+        if self.enabled:
+            self.steps += 1
+            self.last_s = self._now()
+
+    def lap(self, phase: str) -> None:
+        """`phase` ended now: charge it the time since the previous mark."""
+        if self.enabled:
+            now = self._now()
+            self.totals_s[phase] += now - self.last_s
+            self.last_s = now
+
+    def metrics(self) -> dict[str, Any]:
+        """Mean seconds per optimizer step of each phase since the last call (`time_data_s`, ...); resets."""
+        if not self.enabled or not self.steps:
+            return {}
+        out = {f"time_{phase}_s": round(total / self.steps, 6) for phase, total in self.totals_s.items()}
+        self.totals_s, self.steps = dict.fromkeys(PHASES, 0.0), 0
+        return out
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+OFF = StepTimer(False)  # the default for callers that do not time (benchmarks, tests)

@@ -1,0 +1,106 @@
+"""`sft-dist plan`: model-state figures equal DeepSpeed's own estimators; parameters counted from a
+config alone; the report and its recommendation for the shipped 8B GPU config, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG
+from sft_dist import plan
+
+LLAMA3_8B = REPO / "configs" / "models" / "meta-llama--Meta-Llama-3-8B-Instruct"
+
+
+@pytest.fixture(scope="module")
+def estimators():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs
+
+
+@pytest.fixture(scope="module")
+def llama3_8b():
+    return plan.model_shape(LLAMA3_8B)
+
+
+def test_counts_llama3_8b_parameters_from_its_config_alone(llama3_8b):
+    assert llama3_8b.total_params == 8_030_261_248  # the published count of Meta-Llama-3-8B
+    # ZeRO-3 gathers one module's parameters at a time: the largest is the 128256 x 4096 embedding.
+    assert llama3_8b.largest_layer_params == 128_256 * 4096
+    assert (llama3_8b.layers, llama3_8b.hidden, llama3_8b.heads, llama3_8b.vocab) == (32, 4096, 32, 128_256)
+
+
+def test_counts_the_tiny_model_as_loading_it_does():
+    from transformers import AutoModelForCausalLM
+
+    folder = REPO / "configs" / "models" / "tiny-llama"
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert plan.model_shape(folder).total_params == sum(p.numel() for p in loaded.parameters())
+
+
+SIZES = [(135_000_000, 28_311_552), (1_235_814_400, 262_668_288), (8_030_261_248, 525_336_576),
+         (70_553_706_496, 1_050_673_152)]
+
+
+@pytest.mark.parametrize("params, largest", SIZES)
+@pytest.mark.parametrize("world, per_node", [(1, 1), (2, 2), (8, 8), (16, 8), (64, 8)])
+def test_model_states_equal_deepspeeds_estimators(estimators, params, largest, world, per_node):
+    zero2, zero3 = estimators
+    nodes = world // per_node
+
+    def device(stage, offload_optimizer=False, offload_params=False):
+        setting = plan.Setting(stage, offload_optimizer, offload_params)
+        return sum(plan.model_state_bytes(params, largest, setting, "bf16", world).values())
+
+    def host(stage, offload_optimizer=False, offload_params=False):
+        return plan.host_bytes_per_node(params, largest, plan.Setting(stage, offload_optimizer, offload_params),
+                                        world, per_node)
+
+    for offload in (False, True):
+        cpu, gpu = zero2(params, per_node, nodes, cpu_offload=offload)
+        assert (device(2, offload), host(2, offload)) == (gpu, cpu)
+    for offload, offload_params in ((False, False), (True, False), (True, True)):
+        cpu, gpu, _ = zero3(params, largest, per_node, nodes, cpu_offload=offload, cpu_offload_params=offload_params)
+        assert (device(3, offload, offload_params), host(3, offload, offload_params)) == (gpu, cpu)
+
+
+def test_partitioned_states_halve_from_one_to_two_workers():
+    params, setting = 1_000_000_000, plan.Setting(3)
+    one, two = (plan.model_state_bytes(params, 0, setting, "bf16", n) for n in (1, 2))
+    assert two["params"] * 2 == one["params"] and two["optimizer"] * 2 == one["optimizer"]
+    # fp32, ZeRO-0: 4 + 4 + 8 bytes per parameter, on every rank.
+    assert sum(plan.model_state_bytes(params, 0, plan.Setting(0), "fp32", 8).values()) == 16 * params
+
+
+def test_activations_with_checkpointing_keep_layer_inputs_only(llama3_8b):
+    full = plan.activation_bytes(llama3_8b, 1, 4096, "bf16", eager_attention=False, checkpointing=False)
+    kept = plan.activation_bytes(llama3_8b, 1, 4096, "bf16", eager_attention=False, checkpointing=True)
+    logits = 4096 * 128_256 * 10
+    assert full - logits == 32 * 34 * 4096 * 4096  # s·b·h·34 bytes per layer
+    assert kept - logits == 32 * 2 * 4096 * 4096 + 34 * 4096 * 4096
+
+
+def test_plan_prints_the_table_and_recommends_offline(capsys):
+    from sft_dist.cli import main
+
+    assert main(["plan", str(REPO / "configs" / "llama3-8b-gpu.yaml"), "--device-memory", "80GB"]) == 0
+    text = capsys.readouterr().out
+    assert "8.030 B parameters" in text and "*ZeRO-3" in text
+    assert [line.split()[0] for line in text.splitlines() if line.lstrip("* ").startswith("ZeRO-")] == [
+        "ZeRO-0", "ZeRO-1", "ZeRO-2", "*ZeRO-3", "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3"]
+    assert "recommendation: ZeRO-1 without gradient checkpointing" in text
+    # Smaller devices: offload and checkpointing, the lowest stage that fits (21.4 GiB, 10.3 GiB).
+    for size, expected in (("24GB", "ZeRO-2 offload optimizer"), ("16GB", "ZeRO-3 offload optimizer")):
+        assert main(["plan", str(REPO / "configs" / "llama3-8b-gpu.yaml"), "--device-memory", size]) == 0
+        assert f"recommendation: {expected} with gradient checkpointing" in capsys.readouterr().out
+
+
+def test_bad_device_memory_exits_2(capsys):
+    from sft_dist.cli import main
+
+    assert main(["plan", str(TINY_CONFIG), "--device-memory", "lots"]) == 2
+    assert "--device-memory" in capsys.readouterr().err
