@@ -109,7 +109,8 @@ def overhead_and_checkpoint(cfg: Any, data: Any, warmup: int, repeats: int, cade
     supervised = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
     model = model_lib.build(cfg.model, torch.float32)
-    optimizer = torch.optim.AdamW(engine_lib.parameter_groups(model, t.weight_decay), lr=t.lr,
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in engine_lib.parameter_groups(model, t)]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr,
                                   betas=t.adam_betas, eps=t.adam_eps)
     steps = warmup + repeats
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * 1000),

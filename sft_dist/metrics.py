@@ -40,9 +40,10 @@ class RunRecorder:
             sink.write(event)
         if kind == "setup":
             self.setup = event
+            trainable = event.get("trainable_params", event["param_elements_total"])
             self._print(f"setup: {event['world_size']} workers, ZeRO-{event['zero_stage']}, "
-                        f"{event['param_elements_total']:,} parameters ({event['trainable_params']:,} trainable, "
-                        f"{event['trainable_params'] / event['param_elements_total']:.2%}), {event['total_steps']} steps")
+                        f"{event['param_elements_total']:,} parameters ({trainable:,} trainable, "
+                        f"{trainable / event['param_elements_total']:.2%}), {event['total_steps']} steps")
         elif kind == "preflight":
             self._print(preflight.summary(event["workers"]))
         elif kind == "resume":

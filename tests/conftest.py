@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,12 @@ def train_tiny(output_dir: Path, *overrides: str, extra_args: tuple[str, ...] = 
                  *[arg for o in overrides for arg in ("--set", o)], *extra_args])
     assert code == 0, f"training exited {code}"
     return output_dir / run_name
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment without the process-group variables an in-process --no-ray run left behind (a
+    subprocess would otherwise try to join that finished group's port)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
 
 
 def read_events(run_dir: Path) -> list[dict]:

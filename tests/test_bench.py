@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 NAMES = ["1 framework overhead", "2 vs transformers.Trainer", "3 packing", "4 preprocessing", "5 checkpoint",
          "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory"]
@@ -17,7 +17,7 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # Its own process: the bench starts a process group and a DeepSpeed engine in the process it runs in.
     result = subprocess.run([sys.executable, "-m", "sft_dist", "bench", "--quick", "--out", str(out)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
     results = {r["name"]: r for r in payload["results"]}

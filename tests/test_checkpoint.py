@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from sft_dist import checkpoint
 from sft_dist.cli import main
 from sft_dist.loss import token_loss_sums
 
-from conftest import BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, train_losses, train_tiny
+from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env, train_losses,
+                      train_tiny)
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
 
@@ -127,9 +127,7 @@ def test_sigterm_finishes_the_step_saves_and_stops_then_resume_continues(tmp_pat
     """What `ray job stop`, `scancel` or a node shutdown do to the driver: the run saves and exits 143."""
     command = [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), "--no-ray", "--set", f"output_dir={tmp_path}",
                "--set", "run_name=r", "--set", "train.max_steps=100000", "--set", "eval.generate=null"]
-    # Without the process-group variables that an in-process --no-ray run of this session left behind.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):

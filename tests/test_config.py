@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,12 @@ import pytest
 from sft_dist import config as config_lib
 from sft_dist.errors import UserError
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, subprocess_env
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     # An unreachable RAY_ADDRESS: if the CLI touched Ray before validating, it would fail differently.
-    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    env = {**subprocess_env(), "RAY_ADDRESS": "127.0.0.1:1"}
     return subprocess.run([sys.executable, "-m", "sft_dist", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 

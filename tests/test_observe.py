@@ -110,7 +110,7 @@ def test_plain_progress_prints_one_line_per_record(tmp_path):
     text = recorder_lines(EVENTS, io.StringIO(), tmp_path)
     lines = text.splitlines()
     assert "\r" not in text and "\033" not in text
-    assert lines[0] == "setup: 2 workers, ZeRO-2, 1,234 parameters, 4 steps"
+    assert lines[0] == "setup: 2 workers, ZeRO-2, 1,234 parameters (1,234 trainable, 100.00%), 4 steps"
     assert lines[1].startswith("eval  step 0: eval_loss 2.5000 ppl 12.18 token_acc 0.250")
     assert lines[2] == ("train step 1/4 epoch 0.25 loss 2.4000 lr 1.00e-03 1500 tok/s eta ? "
                         "| eval_loss 2.5000 (step 0)")

@@ -41,7 +41,7 @@ def test_unwritable_storage_stops_the_run_before_the_model_loads(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), "--no-ray", "--set", f"output_dir={tmp_path}",
          "--set", "run_name=r", "--set", f"ray.storage_path={blocker}/runs"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     assert f"preflight: rank 0 on {socket.gethostname()} cannot write to the checkpoint storage" in result.stderr
     assert "setup:" not in result.stdout  # the driver prints it once the model is built
