@@ -9,7 +9,7 @@ import sys
 
 from sft_dist import preflight
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, subprocess_env
 
 VERSIONS = {"torch": "2.13.0", "deepspeed": "0.19.8", "transformers": "5.24.0", "peft": "0.21.2", "ray": "2.60.0"}
 
