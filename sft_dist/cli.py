@@ -16,6 +16,7 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in (("train", "fine-tune a model"), ("data", "validate the data and print statistics"),
                             ("eval", "run the config's validation on a saved checkpoint"),
                             ("lr-find", "the learning-rate range test: sweep, plot, suggest"),
+                            ("tune", "hyperparameter search with Ray Tune, each trial a distributed run"),
                             ("plan", "estimate memory per device; recommend the cheapest ZeRO setting that fits")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="run config (YAML)")
@@ -37,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the tiny model, a minute or two on CPU")
     bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
     bench.add_argument("--config", help="run config to measure (default: the quickstart, tiny with --quick)")
+    commands.choices["tune"].add_argument("--space", required=True, help="search space (YAML)")
+    commands.choices["tune"].add_argument("--resume", action="store_true", help="continue an interrupted search")
     lr_find = commands.choices["lr-find"]
     lr_find.add_argument("--lr-min", type=float, default=1e-7)
     lr_find.add_argument("--lr-max", type=float, default=1.0)
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             from sft_dist import driver
 
             return driver.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
+        if args.command == "tune":
+            from sft_dist import tuning
+
+            return tuning.tune_command(args.config, args.overrides, args.space, args.resume)
         if args.command == "lr-find":
             from sft_dist import driver
 

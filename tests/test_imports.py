@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sft_dist"
 MAY_IMPORT = {
-    "ray": {"launcher.py", "runtime.py"},
+    "ray": {"launcher.py", "tuning.py", "runtime.py"},
     "deepspeed": {"engine.py", "checkpoint.py", "export.py"},
 }
 NO_DISTRIBUTED = ["config.py", "model.py", "adapters.py", "data"]

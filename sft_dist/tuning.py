@@ -1,0 +1,202 @@
+"""`sft-dist tune CONFIG --space SPACE.yaml`: hyperparameter search with Ray Tune, each trial a full
+distributed sft_dist run (its own Ray Train workers, checkpoints and run folder), judged by the
+coordinated validation's metric and cut short by ASHA.
+
+Driver-side Ray, like `launcher`: the only other module that imports `ray` on the driver. The trial
+function runs the launcher in a thread and reports each validation to Tune from the trial's own
+thread, which is where `ray.tune.report` belongs.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from sft_dist import config as config_lib
+from sft_dist.errors import UserError
+
+TRIAL_CPU = 0.01  # a trial itself only waits on its run, whose workers ask for their own resources
+DOMAINS = {
+    "uniform": lambda a: tune.uniform(*a),
+    "loguniform": lambda a: tune.loguniform(*a),
+    "randint": lambda a: tune.randint(*a),
+    "choice": lambda a: tune.choice(a),
+    "grid": lambda a: tune.grid_search(a),
+}
+
+
+class AshaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_period: int = Field(1, gt=0)  # validations before a trial can be stopped
+    reduction_factor: float = Field(2, gt=1)
+
+
+class SearchSpace(BaseModel):
+    """The `--space` file: which config keys to vary, how, and how trials are judged and run."""
+
+    model_config = ConfigDict(extra="forbid")
+    params: dict[str, dict[Literal["uniform", "loguniform", "randint", "choice", "grid"], list[Any]]]
+    fixed: dict[str, Any] = Field(default_factory=dict)  # config keys set for every trial (e.g. eval cadence)
+    metric: str | None = None  # default: the config's eval.metric
+    mode: Literal["min", "max"] | None = None  # default: the config's eval.mode
+    num_samples: int = Field(1, gt=0)  # per grid point
+    max_concurrent_trials: int | None = Field(None, gt=0)  # default: as many as the cluster's CPUs/GPUs fit
+    searcher: Literal["random", "optuna"] = "random"
+    asha: AshaConfig | None = AshaConfig()
+
+
+def load_space(path: str) -> SearchSpace:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        space = SearchSpace.model_validate(raw)
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read the search space: {err}", file=path) from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(first["msg"], file=path, key=".".join(map(str, first["loc"]))) from None
+    for key, domain in space.params.items():
+        if len(domain) != 1:
+            raise UserError("give exactly one of uniform, loguniform, randint, choice, grid", file=path, key=key)
+    return space
+
+
+def tune_command(config_path: str, overrides: list[str], space_path: str, resume: bool) -> int:
+    space = load_space(space_path)
+    # Resolved once here (absolute paths): trials start in Tune's trial folders, not in this one.
+    base = config_lib.load(config_path, [*overrides, *as_overrides(space.fixed)])
+    for key in space.params:  # each searched key must be a key of the config
+        _check_key(base, key)
+    experiment = Path(base.output_dir) / f"tune-{Path(config_path).stem}-{Path(space_path).stem}"
+    metric = space.metric or base.eval.metric
+    mode = space.mode or (base.eval.direction() if metric == base.eval.metric else "min")
+    from sft_dist import driver, launcher
+
+    driver.prepare_data(base)  # tokenize once, before any trial: trials find the cache
+    # An embedded Ray is sized by the worker count: room for the wanted number of concurrent runs.
+    wanted = base.ray.num_workers * (space.max_concurrent_trials or 1) + 1
+    launcher.connect(base.model_copy(update={"ray": base.ray.model_copy(update={"num_workers": wanted})}))
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        base_file = experiment.with_suffix(".config.yaml")
+        base_file.parent.mkdir(parents=True, exist_ok=True)
+        base_file.write_text(config_lib.dump(base.model_copy(update={"run_name": None})))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": str(base_file), "metric": metric,
+                         "params": {k: DOMAINS[kind](args) for k, d in space.params.items() for kind, args in d.items()}},
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=space.num_samples, search_alg=_searcher(space, metric, mode),
+                scheduler=_asha(space, base), max_concurrent_trials=concurrent_trials(space, base)),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent)),
+        )
+    results = tuner.fit()
+    print(trial_table(results, metric, list(space.params), validations(base)))
+    best = results.get_best_result(metric, mode, scope="all")
+    print(f"best: {metric} {best.metrics.get(metric)} with " +
+          " ".join(f"{k}={v}" for k, v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
+    return 0
+
+
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]  # JSON is YAML: null stays null
+
+
+def _check_key(base: Any, key: str) -> None:
+    node = base.model_dump()
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise UserError("not a config key", key=key)
+        node = node[part]
+
+
+def concurrent_trials(space: SearchSpace, base: Any) -> int:
+    """As many trials at once as the cluster holds whole worker groups, at most the space's limit."""
+    import ray
+
+    per_worker = dict(base.ray.resources_per_worker or {"CPU": 1})
+    if base.ray.use_gpu:
+        per_worker.setdefault("GPU", 1)
+    available = ray.cluster_resources()
+    need = {r: n * base.ray.num_workers + (TRIAL_CPU if r == "CPU" else 0) for r, n in per_worker.items() if n > 0}
+    fits = min(int(available.get(r, 0) // n) for r, n in need.items())
+    return max(1, min(fits, space.max_concurrent_trials or fits))
+
+
+def _asha(space: SearchSpace, base: Any) -> ASHAScheduler | None:
+    if space.asha is None:
+        return None
+    # Tune's clock is the number of validations reported.
+    return ASHAScheduler(time_attr="training_iteration", max_t=max(validations(base), space.asha.grace_period),
+                         grace_period=space.asha.grace_period, reduction_factor=space.asha.reduction_factor)
+
+
+def validations(base: Any) -> int:
+    """How many validations a full run reports (at the start, every eval.every_steps, at the end)."""
+    steps = base.train.max_steps or 1
+    periodic = (steps - 1) // base.eval.every_steps if base.eval.every_steps else 0
+    return int(base.eval.at_start) + periodic + int(base.eval.at_end)
+
+
+def _searcher(space: SearchSpace, metric: str, mode: str) -> Any:
+    if space.searcher == "random":
+        return None  # Tune's own: grid points expanded, other domains sampled
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError("searcher optuna needs `pip install optuna`", key="searcher") from None
+    return OptunaSearch(metric=metric, mode=mode)
+
+
+def run_trial(trial: dict[str, Any]) -> None:
+    """One trial: an sft_dist run of the base config with the trial's values, reporting each validation."""
+    from sft_dist import driver, launcher
+    from sft_dist.metrics import RunRecorder
+    from sft_dist.runtime import Job
+
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    cfg = config_lib.load(trial["base"], [*as_overrides(trial["params"]), f"run_name={name}"])
+    data = driver.prepare_data(cfg)
+    run_dir = driver.create_run_dir(cfg, continuing=True)  # a restored trial continues in its folder
+    recorder, events, outcome = RunRecorder(run_dir), queue.Queue(), []
+
+    def record(event: dict[str, Any]) -> None:
+        recorder.record(event)
+        events.put(event)
+
+    fit = threading.Thread(target=lambda: outcome.append(launcher.fit(cfg, data, record, Job())), daemon=True)
+    fit.start()
+    while fit.is_alive() or not events.empty():
+        try:
+            event = events.get(timeout=1)
+        except queue.Empty:
+            continue
+        if trial["metric"] in event and not event.get("event"):
+            tune.report({trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(run_dir)})
+    error = outcome[0] if outcome else "the run ended without a result"
+    (run_dir / "summary.json").write_text(json.dumps(recorder.summary(data.stats, error), indent=2))
+    if error:
+        raise RuntimeError(error)
+
+
+def trial_table(results: Any, metric: str, keys: list[str], full: int) -> str:
+    """One row per trial: its values, its last metric, how many validations it ran, how it ended."""
+    rows = [["trial", *keys, metric, "validations", "status"]]
+    for result in results:
+        done = result.metrics.get("training_iteration", 0)
+        status = "error" if result.error else "done" if done >= full else "stopped early"
+        values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (result.config["params"][k] for k in keys)]
+        rows.append([str(result.metrics.get("trial_id", "?")), *values,
+                     f"{result.metrics.get(metric, float('nan')):.4f}", str(done), status])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
