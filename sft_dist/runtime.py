@@ -7,6 +7,7 @@ the training loop runs, and is debugged and benchmarked, without Ray. The loop n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -146,6 +147,10 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
     # which may find another ninja than the driver's environment; two ninja versions each see the
     # other's build as stale and rebuild the cached ops on every start (minutes on small machines).
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    # The built ops are cached per Python environment, for the same reason: two environments sharing
+    # one cache (another checkout, a clean clone for CI) would each rebuild what the other built.
+    env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / env_key))
 
 
 def ray_worker_main(loop_config: dict[str, Any]) -> None:
