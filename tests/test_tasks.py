@@ -132,6 +132,27 @@ def reference_macro_f1(target: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+@pytest.mark.parametrize("overrides, key, words", [
+    (["data.format=messages"], "data.format", "trains on data.format: classification"),
+    (["model.task=causal_lm"], "data.format", "needs model.task: sequence_classification"),
+    (["model.task=image_classification"], "model.task", "not supported yet"),
+    (["data.packing=true"], "data.packing", "set data.packing: false"),
+    (["model.labels=[a, b]", "model.num_labels=3"], "model.num_labels", "set one of them"),
+    (["train.class_weights=[1.0, 2.0, 3.0]"], "train.class_weights", "3 weights for 2 labels"),
+])
+def test_task_settings_are_checked_naming_the_key(minilm, overrides, key, words):
+    with pytest.raises(UserError) as err:
+        load(SENTIMENT_CONFIG, *overrides)
+    assert err.value.key == key and words in str(err.value), str(err.value)
+
+
+def test_class_weights_weight_the_loss_per_example():
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0], [0]])
+    plain, count, _ = tasks.sequence_loss_sums(logits, labels)
+    weighted, _, _ = tasks.sequence_loss_sums(logits, labels, torch.tensor([3.0, 1.0]))
+    assert count.item() == 2 and weighted.item() == pytest.approx(3 * plain.item())
+
+
 # ---------------------------------------------------------------- bad labels: exit 2, file and row
 
 
