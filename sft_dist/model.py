@@ -38,8 +38,9 @@ def build(
     cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | None = None,
     load_kwargs: dict[str, Any] | None = None, neftune_alpha: float | None = None,
 ) -> torch.nn.Module:
-    """The pretrained model with the task's head (a new head is initialised), built inside `construction` (e.g. ZeRO-3 partitioned init); `load_kwargs`
-    are further `from_pretrained` arguments (e.g. QLoRA's quantization)."""
+    """The pretrained model with the task's head (a new head is initialised, the same on every seeded rank),
+    built inside `construction` (e.g. ZeRO-3 partitioned init); `load_kwargs` are further `from_pretrained`
+    arguments (e.g. QLoRA's quantization)."""
     config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
                                         trust_remote_code=cfg.trust_remote_code, **tasks.head_config(cfg))
     if cfg.dropout is not None:

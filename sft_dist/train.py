@@ -104,6 +104,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
     timer = StepTimer(cfg.logging.timing, ctx.device)
+    loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
@@ -124,7 +125,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
         window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id,
-                               tasks.training_loss(cfg.model.task, cfg.train), timer))
+                               loss_fn, timer))
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
         if train_log:
             ctx.emit(train_log)
