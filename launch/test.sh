@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+# The real pretrained encoder the task tests fine-tune (fetched once; later runs find it).
+.venv/bin/python launch/prepare_minilm.py
 exec .venv/bin/python -m pytest -q "$@"

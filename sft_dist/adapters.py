@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from sft_dist.config import PeftConfig
+from sft_dist.tasks import PEFT_TASK_TYPES
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter; it appears inside parameter names
 
@@ -28,9 +29,10 @@ def enabled(cfg: PeftConfig) -> bool:
     return cfg.method != "none"
 
 
-def lora_config(cfg: PeftConfig) -> LoraConfig:
+def lora_config(cfg: PeftConfig, task: str = "causal_lm") -> LoraConfig:
+    # A classification task type makes peft train and save the new head in full (modules_to_save).
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=PEFT_TASK_TYPES[task],
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -52,7 +54,8 @@ def quantized_loading(cfg: PeftConfig, compute_dtype: torch.dtype, device: torch
     return {"quantization_config": quantization, "device_map": {"": device}}
 
 
-def wrap(model: torch.nn.Module, cfg: PeftConfig, train_dtype: torch.dtype, gradient_checkpointing: bool) -> Any:
+def wrap(model: torch.nn.Module, cfg: PeftConfig, train_dtype: torch.dtype, gradient_checkpointing: bool,
+         task: str = "causal_lm") -> Any:
     """The model with a fresh adapter (every rank draws the same initial values from the seeded RNG);
     the base frozen. Under ZeRO-3 the base is already partitioned and the new adapter parameters are
     whole: `deepspeed.initialize` partitions them."""
@@ -62,7 +65,7 @@ def wrap(model: torch.nn.Module, cfg: PeftConfig, train_dtype: torch.dtype, grad
         # Norms in fp32 and input gradients on, as a 4-bit base needs; checkpointing is already set up.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = _peft_model(model, cfg)
+    model = _peft_model(model, cfg, task)
     for param in model.parameters():
         if param.requires_grad:  # see the module docstring for why the adapter follows the compute dtype
             param.data = param.data.to(train_dtype)
@@ -84,12 +87,12 @@ def _keep_frozen_out_of_state_dict(model: torch.nn.Module) -> None:
     model.register_state_dict_post_hook(drop_frozen)
 
 
-def _peft_model(base: torch.nn.Module, cfg: PeftConfig) -> PeftModel:
+def _peft_model(base: torch.nn.Module, cfg: PeftConfig, task: str = "causal_lm") -> PeftModel:
     with warnings.catch_warnings():
         # peft still asks transformers for `is_gradient_checkpointing`, deprecated in transformers 5:
         # noise the user cannot act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(base, lora_config(cfg), adapter_name=ADAPTER_NAME)
+        return get_peft_model(base, lora_config(cfg, task), adapter_name=ADAPTER_NAME)
 
 
 def trainable_elements(model: torch.nn.Module) -> int:
@@ -97,9 +100,10 @@ def trainable_elements(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
-def adapter_model(base: torch.nn.Module, cfg: PeftConfig, trained: dict[str, torch.Tensor]) -> PeftModel:
+def adapter_model(base: torch.nn.Module, cfg: PeftConfig, trained: dict[str, torch.Tensor],
+                  task: str = "causal_lm") -> PeftModel:
     """`base` wrapped as in training, with the trained adapter's values (named as in training)."""
-    model = _peft_model(base, cfg)
+    model = _peft_model(base, cfg, task)
     result = model.load_state_dict(trained, strict=False)
     adapter_keys = {name for name, p in model.named_parameters() if p.requires_grad}
     missing = adapter_keys & set(result.missing_keys)

@@ -104,10 +104,13 @@ def data_command(config_path: str, overrides: list[str]) -> int:
     from sft_dist.data.prepare import first_example
     from sft_dist.model import load_tokenizer
 
-    cfg = config_lib.load(config_path, overrides)
+    cfg = driver.with_labels(config_lib.load(config_path, overrides))
     data = driver.prepare_data(cfg)
-    example = stats.marked_example(load_tokenizer(cfg.model), *first_example(data.train_dir))
+    causal = cfg.model.task == "causal_lm"  # a classifier's labels are ids, not tokens to mark
+    example = stats.marked_example(load_tokenizer(cfg.model), *first_example(data.train_dir)) if causal else None
     print(stats.report(data.stats, example))
+    if not causal:
+        print(f"labels: {', '.join(cfg.model.labels)}")
     print(f"tokenized rows: {Path(data.train_dir).parent}")
     return 0
 

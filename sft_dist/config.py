@@ -38,12 +38,27 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
 
+    # Classification heads: the label names (their order gives the ids), else only their number; when
+    # neither is set the names come from the training data (sft_dist.data.labels).
+    num_labels: int | None = Field(None, gt=1)
+    labels: list[str] | None = None
+
     @field_validator("task")
     @classmethod
     def _task_supported(cls, task: str) -> str:
-        if task != "causal_lm":
-            raise ValueError(f"task {task!r} is not supported yet; use causal_lm")
+        if task == "image_classification":
+            raise ValueError(f"task {task!r} is not supported yet; use causal_lm, sequence_classification "
+                             "or token_classification")
         return task
+
+    @model_validator(mode="after")
+    def _labels_match_their_number(self) -> "ModelConfig":
+        if self.labels is not None and (len(set(self.labels)) != len(self.labels) or len(self.labels) < 2):
+            raise ValueError("model.labels: needs two or more distinct label names")
+        if self.labels is not None and self.num_labels is not None and self.num_labels != len(self.labels):
+            raise ValueError(f"model.num_labels: {self.num_labels} but model.labels names {len(self.labels)}; "
+                             "set one of them")
+        return self
 
 
 class PeftConfig(Section):
@@ -61,13 +76,16 @@ class PeftConfig(Section):
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # The canonical field names of each data.format; data.fields maps them to a dataset's own column names.
-# (Classification and token-classification formats will add their own entries here.)
 FORMAT_FIELDS = {
     "messages": ("messages", "role", "content"),
     "alpaca": ("instruction", "input", "output", "system"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "classification": ("text", "text_pair", "label"),  # a text (or a pair) and a label name or id
+    "token_classification": ("tokens", "tags"),  # words and one tag (BIO/IOB2, name or id) per word
 }
+# The data format each model.task trains on (causal_lm: any of the others).
+TASK_FORMATS = {"sequence_classification": "classification", "token_classification": "token_classification"}
 ROLES = ("system", "user", "assistant")
 
 
@@ -120,6 +138,8 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = "error"
     streaming: bool = False
     num_proc: int | None = Field(None, gt=0)  # tokenizing processes; default: by data size and CPUs
+    # token_classification: label every sub-token of a word with its tag, not only the first one.
+    label_all_subtokens: bool = False
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -246,6 +266,15 @@ class TrainConfig(Section):
     # training loss (validation reports the plain loss).
     neftune_alpha: float | None = Field(None, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Classification tasks: a weight per label (in label id order) in the cross-entropy, for imbalance.
+    class_weights: list[float] | None = None
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights_positive(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and (not weights or any(w <= 0 for w in weights)):
+            raise ValueError("class weights must be positive numbers, one per label")
+        return weights
 
     @model_validator(mode="after")
     def _exponential_has_an_end(self) -> "TrainConfig":
@@ -324,7 +353,8 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
-EVAL_METRICS = ("eval_loss", "eval_ppl", "eval_token_acc", "eval_exact_match", "eval_match")
+EVAL_METRICS = ("eval_loss", "eval_ppl", "eval_token_acc", "eval_exact_match", "eval_match",
+                "eval_accuracy", "eval_macro_f1", "eval_entity_precision", "eval_entity_recall", "eval_entity_f1")
 
 
 class EvalConfig(Section):
@@ -475,6 +505,33 @@ class RunConfig(Section):
         asked = "eval.early_stopping" if e.early_stopping else "eval.every_steps" if e.every_steps else None
         if asked and self.data.eval is None:
             raise ValueError(f"{asked}: there is no validation data; set data.eval (files, or a held-out fraction)")
+        return self
+
+    @model_validator(mode="after")
+    def _format_fits_task(self) -> "RunConfig":
+        task, fmt = self.model.task, self.data.format
+        wanted = TASK_FORMATS.get(task)
+        if wanted and fmt != wanted:
+            raise ValueError(f"data.format: model.task {task} trains on data.format: {wanted}, not {fmt}")
+        if not wanted and fmt in TASK_FORMATS.values():
+            raise ValueError(f"data.format: {fmt} data needs model.task: "
+                             f"{next(t for t, f in TASK_FORMATS.items() if f == fmt)}")
+        return self
+
+    @model_validator(mode="after")
+    def _classification_settings(self) -> "RunConfig":
+        if self.model.task == "causal_lm":
+            if self.train.class_weights or self.model.labels or self.model.num_labels:
+                raise ValueError("train.class_weights: model.labels, model.num_labels and train.class_weights are "
+                                 "for classification tasks, not causal_lm")
+            return self
+        if self.data.packing:
+            raise ValueError(f"data.packing: {self.model.task} classifies whole examples; set data.packing: false")
+        if self.eval.generate is not None:
+            raise ValueError(f"eval.generate: {self.model.task} models do not generate; remove eval.generate")
+        known = self.model.labels and len(self.model.labels) or self.model.num_labels
+        if self.train.class_weights and known and len(self.train.class_weights) != known:
+            raise ValueError(f"train.class_weights: {len(self.train.class_weights)} weights for {known} labels")
         return self
 
     @model_validator(mode="after")

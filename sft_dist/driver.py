@@ -19,6 +19,7 @@ from sft_dist import checkpoint, lr_find, plots, sinks
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
+from sft_dist.data.labels import with_labels
 from sft_dist.data.prepare import PreparedData, prepare, row_lengths
 from sft_dist.data.stats import batching_stats
 from sft_dist.errors import UserError
@@ -30,7 +31,7 @@ from sft_dist.runtime import Job
 def prepare_data(cfg: RunConfig) -> PreparedData:
     """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps."""
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data")
+    data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data", cfg.model.labels)
     t = cfg.train
     lengths = row_lengths(data.train_dir)
     plan = BatchPlan(len(lengths), t.micro_batch_size, t.grad_accum, cfg.ray.num_workers, cfg.seed,
@@ -157,7 +158,7 @@ def environment() -> dict[str, Any]:
 def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: str | None = None) -> int:
     if not use_ray:
         overrides = [*overrides, "ray.num_workers=1"]
-    cfg = config_lib.load(config_path, overrides, name_run=resume != "auto")
+    cfg = with_labels(config_lib.load(config_path, overrides, name_run=resume != "auto"))
     if resume == "auto":
         cfg = run_to_continue(cfg, config_path)
     resume_from = resume_checkpoint(cfg, resume) if resume else None
@@ -209,7 +210,8 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     if not use_ray:
         overrides = [*overrides, "ray.num_workers=1"]
     folder = checkpoint.choose(Path(source).expanduser().resolve())
-    cfg = config_lib.load(config_path, [*overrides, "checkpoint.every_steps=null", "checkpoint.export_at_end=false"])
+    cfg = with_labels(config_lib.load(config_path, [*overrides, "checkpoint.every_steps=null",
+                                                    "checkpoint.export_at_end=false"]))
     cfg = cfg.model_copy(update={"run_name": f"eval-{cfg.run_name}"})
     changed = [k for k in config_lib.changed_resume_keys(checkpoint.read_manifest(folder)["fingerprint"], cfg)
                if k in ("model", "peft")]
@@ -243,7 +245,7 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
              "checkpoint.every_steps=null", "checkpoint.export_at_end=false", "eval.at_start=false",
              "eval.at_end=false", "eval.every_steps=null", "eval.at_epoch_end=false", "eval.early_stopping=null",
              "eval.generate=null", "logging.every_steps=1", "debug.fail_at_step=null"]
-    cfg = config_lib.load(config_path, [*overrides, *sweep, *([] if use_ray else ["ray.num_workers=1"])])
+    cfg = with_labels(config_lib.load(config_path, [*overrides, *sweep, *([] if use_ray else ["ray.num_workers=1"])]))
     cfg = cfg.model_copy(update={"run_name": f"lr-find-{cfg.run_name}"})
     data = prepare_data(cfg)
     if use_ray:

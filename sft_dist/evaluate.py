@@ -19,19 +19,22 @@ import torch
 
 from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import attention_of, collate, eval_batches, model_inputs
-from sft_dist.loss import token_loss_sums
 from sft_dist.runtime import RunContext, all_reduce_sum
+from sft_dist.tasks import TokenCounts
 
 
-def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int, pad_id: int) -> dict[str, float]:
-    """Token-weighted eval loss, perplexity and token accuracy over the whole eval set.
+def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int, pad_id: int,
+             counter: Any = None) -> dict[str, float]:
+    """The task's metrics over the whole eval set, from counts summed over ranks (`counter`, from
+    `tasks.eval_counts`; by default the causal LM's token-weighted loss, perplexity and token accuracy).
 
     Collective: every rank calls it at the same step (each forward under ZeRO-3 gathers parameters).
     """
+    counter = counter or TokenCounts()
     module = engine.module
     was_training = module.training
     module.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, supervised tokens, correct tokens
+    totals = torch.zeros(counter.size, dtype=torch.float64)
     with torch.no_grad():
         for indices in eval_batches(len(eval_set), micro_batch_size, ctx.rank, ctx.world_size):
             # A rank whose share ran out still runs a forward (on example 0), counted with weight 0.
@@ -39,12 +42,9 @@ def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int,
             batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
             logits = engine(**model_inputs(batch)).logits
             if len(indices):
-                totals += torch.stack([s.double().cpu() for s in token_loss_sums(logits, batch["labels"])])
+                totals += counter.counts(logits, batch["labels"])
     module.train(was_training)
-    loss_sum, tokens, correct = all_reduce_sum(totals).tolist()
-    loss = loss_sum / tokens
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": correct / tokens,
-            "eval_tokens": int(tokens)}
+    return counter.metrics(all_reduce_sum(totals).tolist())
 
 
 def generate_answers(

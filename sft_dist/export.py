@@ -18,7 +18,7 @@ from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict, 
 from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from sft_dist import adapters, checkpoint
+from sft_dist import adapters, checkpoint, tasks
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
 from sft_dist.errors import UserError
@@ -60,10 +60,15 @@ def write_weights(folder: Path, out: Path, dtype: torch.dtype, stage: int) -> No
 
 def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
     m = cfg.model
-    config = AutoConfig.from_pretrained(m.name_or_path, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
+    config = AutoConfig.from_pretrained(m.name_or_path, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code,
+                                        **tasks.head_config(m))  # a classifier's label names go with it
     config.dtype = dtype
+    if m.task != "causal_lm":
+        config.architectures = [tasks.architecture(config, m.task)]
     config.save_pretrained(out)
     write_tokenizer(cfg, out)
+    if m.task != "causal_lm":
+        return  # classifiers do not generate
     try:
         generation = GenerationConfig.from_pretrained(m.name_or_path)
     except OSError:  # no generation_config.json (e.g. a GGUF source): derive it from the model config
@@ -84,7 +89,7 @@ def write_lora(folder: Path, out: Path, cfg: RunConfig, dtype: torch.dtype, merg
     loaded in fp32 so that the merge adds the adapter at full precision before the cast to `dtype`.
     """
     base = model_lib.build(cfg.model, torch.float32)
-    model = adapters.adapter_model(base, cfg.peft, trained_tensors(folder, cfg.deepspeed.stage))
+    model = adapters.adapter_model(base, cfg.peft, trained_tensors(folder, cfg.deepspeed.stage), cfg.model.task)
     if merge:
         adapters.save_merged(model, out, dtype, MAX_SHARD_SIZE)
         write_metadata(cfg, out, dtype)

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 from sft_dist import preflight
 
 
+# Validation metrics on the console line, in this order (those a record has).
+EVAL_SHOWN = ("eval_ppl", "eval_token_acc", "eval_exact_match", "eval_accuracy", "eval_macro_f1",
+              "eval_entity_precision", "eval_entity_recall", "eval_entity_f1")
+TASK_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_entity_f1")
+
 class RunRecorder:
     def __init__(self, run_dir: Path, out: TextIO | None = None, sinks: list[Sink] = ()):
         self.run_dir, self.out = run_dir, out  # None: whatever sys.stdout is when printing
@@ -60,9 +65,10 @@ class RunRecorder:
             self.errors.append(event["message"])
         elif "eval_loss" in event:
             self.evals.append(event)
+            shown = [f"{k.removeprefix('eval_')} {event[k]:.{2 if k == 'eval_ppl' else 3}f}" for k in EVAL_SHOWN
+                     if k in event]
             self.display.evaluated(event, f"eval  step {event['step']}: eval_loss {event['eval_loss']:.4f} "
-                                   f"ppl {event['eval_ppl']:.2f} token_acc {event['eval_token_acc']:.3f}"
-                                   + (f" exact_match {event['eval_exact_match']:.3f}" if "eval_exact_match" in event else ""))
+                                   + " ".join(shown))
         elif "loss" in event:
             self.last_train = event
             self.display.train(event)
@@ -113,6 +119,10 @@ class RunRecorder:
             first, last = self.evals[0], self.evals[-1]
             lines.append(f"held-out eval_loss: {first['eval_loss']:.4f} (step {first['step']}) -> "
                          f"{last['eval_loss']:.4f} (step {last['step']})")
+            for key in TASK_METRICS:  # classification tasks: their metrics, before versus after
+                if key in first and key in last:
+                    lines.append(f"held-out {key}: {first[key]:.4f} (step {first['step']}) -> "
+                                 f"{last[key]:.4f} (step {last['step']})")
         if len(self.samples) >= 2:
             before, after = self.samples[0]["samples"], self.samples[-1]["samples"]
             hits = [sum(s["exact_match"] for s in x) for x in (before, after)]

@@ -10,9 +10,10 @@ import contextlib
 from typing import Any, ContextManager
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.integrations.neftune import neftune_post_forward_hook
 
+from sft_dist import tasks
 from sft_dist.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,16 +38,17 @@ def build(
     cfg: ModelConfig, dtype: torch.dtype, construction: ContextManager | None = None,
     load_kwargs: dict[str, Any] | None = None, neftune_alpha: float | None = None,
 ) -> torch.nn.Module:
-    """The pretrained causal LM, built inside `construction` (e.g. ZeRO-3 partitioned init); `load_kwargs`
-    are further `from_pretrained` arguments (e.g. QLoRA's quantization)."""
+    """The pretrained model with the task's head (a new head is initialised, the same on every seeded rank),
+    built inside `construction` (e.g. ZeRO-3 partitioned init); `load_kwargs` are further `from_pretrained`
+    arguments (e.g. QLoRA's quantization)."""
     config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
-                                        trust_remote_code=cfg.trust_remote_code)
+                                        trust_remote_code=cfg.trust_remote_code, **tasks.head_config(cfg))
     if cfg.dropout is not None:
         for name, value in vars(config).items():
             if "dropout" in name and isinstance(value, float):
                 setattr(config, name, cfg.dropout)
     with construction or contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_pretrained(
+        model = tasks.AUTO_CLASSES[cfg.task].from_pretrained(
             cfg.name_or_path,
             config=config,
             gguf_file=cfg.gguf_file,

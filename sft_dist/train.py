@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight
+from sft_dist import adapters, checkpoint, faults, preflight, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig, resume_fingerprint
@@ -55,7 +55,8 @@ class Session:
         if self.eval_set is not None:
             with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.tokenizer.pad_token_id))
+                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.tokenizer.pad_token_id,
+                                        tasks.eval_counts(cfg.model)))
         if cfg.eval.generate and self.prompts:
             with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
@@ -103,6 +104,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
     timer = StepTimer(cfg.logging.timing, ctx.device)
+    loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
@@ -123,7 +125,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
         window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id,
-                               cfg.train.label_smoothing, timer))
+                               loss_fn, timer))
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
         if train_log:
             ctx.emit(train_log)
@@ -223,7 +225,7 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
     model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config),
                             adapters.quantized_loading(cfg.peft, dtype, ctx.device), cfg.train.neftune_alpha)
     model = adapters.wrap(model, cfg.peft, model_lib.PRECISION_DTYPES[cfg.train.precision],
-                          cfg.model.gradient_checkpointing)
+                          cfg.model.gradient_checkpointing, cfg.model.task)
     trainable = adapters.trainable_elements(model)
     groups = engine_lib.parameter_groups(model, cfg.train)
     engine = engine_lib.initialize(model, cfg, ds_config, steps, groups)
@@ -237,11 +239,12 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
 
 def train_step(
     engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray, pad_id: int,
-    label_smoothing: float = 0.0, timer: StepTimer = OFF,
+    loss_fn: tasks.LossFn = token_loss_sums, timer: StepTimer = OFF,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
     Returns (this rank's summed loss, this rank's real tokens, the global batch's supervised tokens).
+    ("Supervised tokens" are examples for sequence classification: the loss is then a mean per example.)
     """
     # Every rank knows the whole global batch's supervised token count without communicating, so each
     # micro-batch's summed loss can be divided by it up front: the gradient is then the mean over all
@@ -257,7 +260,7 @@ def train_step(
         batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
         timer.lap("data")
         logits = engine(**model_inputs(batch)).logits
-        loss_sum, _, _ = token_loss_sums(logits, batch["labels"], label_smoothing)
+        loss_sum, _, _ = loss_fn(logits, batch["labels"])
         timer.lap("forward")
         engine.backward(loss_sum * scale)
         timer.lap("backward")

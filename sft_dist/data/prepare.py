@@ -25,6 +25,7 @@ from sft_dist.data.badrows import BadRow, Origin, bad_row_error
 from sft_dist.data.chat import generation_prompt
 from sft_dist.data.encode import FEATURES, SAVED_COLUMNS, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
+from sft_dist.data.labels import LabelEncoder
 from sft_dist.data.packing import pack
 from sft_dist.data.sources import Part, first_line, fingerprint, open_source
 from sft_dist.data.templates import chat_template
@@ -60,17 +61,20 @@ class Encoded:
     empty_files: list[str]
 
 
-def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: Path) -> PreparedData:
+def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: Path,
+            labels: list[str] | None = None) -> PreparedData:
+    """`labels`: the label names (in id order) of a classification format's rows."""
     template = _template(data, tokenizer)
     num_prompts = eval_cfg.generate.num_prompts if eval_cfg.generate else 0
-    key = cache_key(data, tokenizer, template, num_prompts)
+    key = cache_key(data, tokenizer, template, num_prompts, labels)
     out = cache_root / key
     if not (out / COMPLETE).is_file():
         tmp = cache_root / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "work").mkdir(parents=True)
         try:
-            summary = _build(data, Encoder(data, tokenizer, template), num_prompts, tmp)
+            encoder = LabelEncoder(data, tokenizer, labels) if labels else Encoder(data, tokenizer, template)
+            summary = _build(data, encoder, num_prompts, tmp)
             (tmp / COMPLETE).write_text(json.dumps(summary, indent=1))
         finally:
             shutil.rmtree(tmp / "work", ignore_errors=True)  # intermediate tables; the saved rows are copies
@@ -242,7 +246,8 @@ def _raw_batch(part: Part, index: int) -> dict[str, list]:
     raise BadRow("missing_row", f"row {index} is no longer in the stream")
 
 
-def cache_key(data: DataConfig, tokenizer: Any, template: str | None, num_prompts: int) -> str:
+def cache_key(data: DataConfig, tokenizer: Any, template: str | None, num_prompts: int,
+              labels: list[str] | None = None) -> str:
     """The data (files by path, size and mtime), tokenizer, template and every setting that changes rows."""
     payload = {
         "version": CACHE_FORMAT_VERSION,
@@ -253,6 +258,8 @@ def cache_key(data: DataConfig, tokenizer: Any, template: str | None, num_prompt
         "special_tokens": [tokenizer.bos_token_id, tokenizer.eos_token_id],
         "num_prompts": num_prompts,
     }
+    if labels:
+        payload["labels"] = labels
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend else json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
