@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sft_dist import checkpoint, lr_find, plots, sinks
+from sft_dist import adapters, checkpoint, lr_find, plots, sinks
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
@@ -29,7 +29,10 @@ from sft_dist.runtime import Job
 
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
-    """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps."""
+    """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps; first
+    check the adapter config against the installed peft, which the config alone cannot."""
+    if adapters.enabled(cfg.peft):
+        adapters.check(cfg.peft, cfg.model, zero3=cfg.deepspeed.stage == 3)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data", cfg.model.labels)
     t = cfg.train
