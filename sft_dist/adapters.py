@@ -55,6 +55,10 @@ def method_config(cfg: PeftConfig, task: str = "causal_lm") -> PeftMethodConfig:
     if config_class is LoraConfig:
         common |= {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": cfg.use_dora,
                    "use_rslora": cfg.use_rslora}
+    init = str(cfg.options.get("init_lora_weights", ""))
+    if init.startswith(BASE_CHANGING_INITS):
+        raise UserError(f"{init} changes the frozen base weights, which adapter checkpoints and exports do not "
+                        "hold; use true (the default), gaussian or orthogonal", key="peft.options.init_lora_weights")
     if cfg.method == "ia3" and cfg.target_modules == "all-linear":
         # peft saves all-linear as full module paths but feedforward_modules as short names, and then
         # refuses to load its own adapter_config.json (huggingface/peft#2429, still so in peft 0.21).
@@ -66,6 +70,10 @@ def method_config(cfg: PeftConfig, task: str = "causal_lm") -> PeftMethodConfig:
     except (TypeError, ValueError) as err:  # peft's own checks of the combination, e.g. ia3's feedforward_modules
         raise UserError(f"peft's {config_class.__name__} refused it: {err}", key="peft.options") from None
 
+
+# LoRA initialisations that subtract the initial adapter from the base weights (the base then differs
+# from the pretrained model that export and resume rebuild it from).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 # Methods that prepend virtual tokens change sequence lengths and positions, which packing, the label
 # masks and ZeRO-3's fixed shapes assume; methods named here need model-specific wiring peft does not do

@@ -76,7 +76,7 @@ class PeftConfig(Section):
     # (e.g. a new head or resized embeddings).
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     modules_to_save: list[str] = Field(default_factory=list)
-    # More fields of peft's config class for the method, passed as given: e.g. {init_lora_weights: pissa}
+    # More fields of peft's config class for the method, passed as given: e.g. {layers_to_transform: [3]}
     # for lora, {r: 8, alpha: 8} for loha, {feedforward_modules: [down_proj]} for ia3.
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -270,6 +270,8 @@ def test_other_peft_methods_by_name_train_and_export(run, peft_type, elements, r
     (["peft.method=lora", "peft.target_modules=[q_projection]"], "peft", "Target modules {'q_projection'} not found"),
     (["peft.method=loha", "deepspeed.stage=3"], "peft", "peft's loha cannot be built on ZeRO-3's partitioned weights"),
     (["peft.method=ia3"], "peft.target_modules", "ia3 with all-linear saves an adapter peft cannot load again"),
+    (["peft.method=lora", "peft.options={init_lora_weights: pissa}"], "peft.options.init_lora_weights",
+     "pissa changes the frozen base weights"),
 ])
 def test_an_adapter_peft_cannot_build_is_refused_before_ray_starts(overrides, key, message, capsys):
     code = main(["train", str(TINY_CONFIG), *[a for o in overrides for a in ("--set", o)]])
