@@ -43,6 +43,13 @@ def lora_zero3_run(ray_cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lora_zero0_run(ray_cluster, tmp_path_factory):
+    """Without ZeRO: every rank holds the whole adapter and its optimizer state; export reads rank 0's file."""
+    return train_tiny(tmp_path_factory.mktemp("lora0"), *LORA, "deepspeed.stage=0", "eval.generate=null",
+                      "checkpoint.export_at_end=true")
+
+
+@pytest.fixture(scope="module")
 def failed_lora_zero3_run(ray_cluster, tmp_path_factory):
     """Rank 1 raises at step 7; Ray restarts the workers, which resume from the step-5 adapter checkpoint."""
     return train_tiny(tmp_path_factory.mktemp("lora3fail"), *LORA, "deepspeed.stage=3", "eval.generate=null",
@@ -101,6 +108,14 @@ def test_lora_learns_and_trains_only_the_adapter(run, request):
 
 def test_zero2_and_zero3_lora_follow_the_same_trajectory(lora_zero2_run, lora_zero3_run):
     assert train_losses(lora_zero3_run) == pytest.approx(train_losses(lora_zero2_run), rel=1e-4)
+
+
+def test_lora_without_zero_follows_zero2_and_exports_its_adapter(lora_zero0_run, lora_zero2_run):
+    assert train_losses(lora_zero0_run) == pytest.approx(train_losses(lora_zero2_run), rel=1e-4)
+    adapter = load_file(lora_zero0_run / "model" / "adapter_model.safetensors")
+    assert sum(t.numel() for t in adapter.values()) == expected_adapter_elements()
+    on_base = adapter_on_base(lora_zero0_run / "model")
+    assert eval_loss(on_base, lora_zero0_run.parent) == pytest.approx(eval_losses(lora_zero0_run)[-1], rel=1e-5)
 
 
 def tensor_bytes(saved: object) -> int:
