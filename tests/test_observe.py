@@ -83,6 +83,10 @@ def test_timing_breakdown_is_in_every_training_record(observed_run):
     # Mean seconds per step of each phase: all steps together are less than the run took.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sum(map(sum, phases)) < summary["duration_s"]
+    # ZeRO-2's gradient reduce and parameter all-gather, as DeepSpeed's comms logger times them: part of
+    # the backward and optimizer phases.
+    comm = [e["time_comm_s"] for e in train]
+    assert all(0 < c <= step[2] + step[3] for c, step in zip(comm, phases))
     assert not any(k.startswith("time_") for e in events if "eval_loss" in e for k in e)
 
 
