@@ -3,14 +3,14 @@ printed as a table and written as JSON.
 
 1. overhead: sft_dist's training step (1 worker, ZeRO-0, in this process, no Ray) over a plain PyTorch
    loop (same model, same batches, AdamW, clipping, scheduler); steps interleaved so noise hits both.
-2. alternative: sft_dist's tokens/s over `transformers.Trainer` (the loop TRL's SFTTrainer runs) on the
-   same model, rows, batch; and with packing.
+2. alternative: sft_dist's tokens/s over TRL's SFTTrainer (`transformers.Trainer` when TRL is not
+   installed) on the same model, conversations, batch and world size (1), without and with packing.
 3. packing: the share of real tokens in padded batches, packed over unpacked.
-4. preprocessing: sft_dist's tokenization with loss masks, rows/s, over `apply_chat_template` per row
-   (what TRL's SFTTrainer runs to tokenize conversations).
+4. preprocessing: sft_dist's tokenization with loss masks, rows/s, over SFTTrainer's own dataset
+   preparation of the same conversations (sft_dist.bench_baselines).
 5. checkpoint: save and load MB/s; the share of training time spent saving at the checkpoint cadence.
-6. ZeRO memory: per-rank parameter + gradient + optimizer bytes at 2 workers over 1, stages 1-3
-   (DeepSpeed's bytes per parameter, sft_dist.plan; a test checks them against DeepSpeed's estimators).
+6. ZeRO memory: per-rank parameter + gradient + optimizer bytes at 2 workers over 1, stages 1-3, read
+   off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.bench_zero).
 
 Threads are pinned, every timed part is warmed up first, and times are medians over repeats with their
 spread (the interquartile range over the median). CPU timings on a shared machine are noisy: compare
@@ -78,7 +78,7 @@ def plain_step(model: Any, optimizer: Any, scheduler: Any, rows: list[dict], pad
     from sft_dist.loss import token_loss_sums
 
     for micro in rows:
-        batch = collate(micro, pad_id, attention_of(model))
+        batch = {k: v.to(model.device) for k, v in collate(micro, pad_id, attention_of(model)).items()}
         loss_sum, _, _ = token_loss_sums(model(**model_inputs(batch)).logits, batch["labels"])
         (loss_sum / global_tokens).backward()
     if max_grad_norm:
@@ -105,7 +105,7 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
     plan, t = session.plan, cfg.train
     supervised = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
-    model = model_lib.build(cfg.model, torch.float32)
+    model = model_lib.build(cfg.model, torch.float32).to(ctx.device)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in engine_lib.parameter_groups(model, t)]
     optimizer = torch.optim.AdamW(groups, lr=t.lr,
                                   betas=t.adam_betas, eps=t.adam_eps)
@@ -185,6 +185,17 @@ def alternative_results(ours: dict[bool, float], theirs: dict[bool, tuple[float,
     ]
 
 
+def mfu_result(cfg: Any, ours: dict[bool, float], theirs: dict[bool, tuple[float, float]], baseline: str,
+               peak: float) -> Result:
+    """GPU only: model FLOP/s utilization (6·N·tokens/s over the device's peak) of both sides' tokens/s."""
+    from sft_dist import mfu, plan
+
+    n = plan.model_shape(cfg.model.name_or_path).total_params
+    return Result("7 MFU", "MFU, sft_dist", mfu.mfu(n, ours[False], peak), baseline, mfu.mfu(n, theirs[False][0], peak),
+                  note=f"peak {peak:g} TFLOP/s; packed: sft_dist {mfu.mfu(n, ours[True], peak):.1%}, "
+                       f"{baseline} {mfu.mfu(n, theirs[True][0], peak):.1%}")
+
+
 # ---------------------------------------------------------------- 3, 4: data
 
 
@@ -242,40 +253,42 @@ def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 PARTITIONED = {1: "optimizer states", 2: "optimizer states and gradients", 3: "everything"}
 
 
-def zero_scaling_results(cfg: Any) -> list[Result]:
-    from sft_dist import plan
+def zero_scaling_results(config: str | None, quick: bool, out_dir: Path) -> list[Result]:
+    """Per-rank bytes measured on DeepSpeed engines at 2 processes over 1, stage by stage, with each part's ratio."""
+    from sft_dist import bench_zero
 
-    shape = plan.model_shape(cfg.model.name_or_path)
+    one, two = (bench_zero.measure(config, quick, n, out_dir) for n in (1, 2))
     out = []
-    for stage in (1, 2, 3):
-        per_rank = {n: sum(v for k, v in plan.model_state_bytes(shape.total_params, shape.largest_layer_params,
-                                                                plan.Setting(stage), cfg.train.precision, n).items()
-                           if k != "gathered_layer") for n in (1, 2)}
-        out.append(Result(f"6 ZeRO-{stage} memory", "per-rank states bytes, 2 workers", per_rank[2],
-                          "1 worker", per_rank[1], target="0.5 x part",
-                          note=f"{cfg.train.precision}, {shape.total_params:,} params; {PARTITIONED[stage]} "
-                               "partitioned (their ratio 0.5), the rest replicated; DeepSpeed's bytes per param"))
+    for stage in bench_zero.STAGES:
+        parts = ", ".join(f"{part.replace('_', ' ')} {two[stage][part] / one[stage][part]:.2f}" for part in one[stage])
+        out.append(Result(f"6 ZeRO-{stage} memory", "per-rank states bytes, 2 workers", sum(two[stage].values()),
+                          "1 worker", sum(one[stage].values()), target="0.5 x part",
+                          note=f"measured on the engines: {parts}; DeepSpeed partitions {PARTITIONED[stage]}"))
     return out
 
 
 # ---------------------------------------------------------------- the command
 
 
-def run(config: str | None, quick: bool, out_dir: Path) -> tuple[list[Result], dict[str, Any]]:
+def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, peak_tflops: float | None = None
+        ) -> tuple[list[Result], dict[str, Any]]:
     import datasets
     import torch
 
     from sft_dist import bench_baselines as hf
-    from sft_dist import driver, runtime
+    from sft_dist import driver, mfu, runtime
 
     threads = 1
     os.environ["OMP_NUM_THREADS"] = str(threads)  # else accelerate (under the Trainer) picks its own count
     torch.set_num_threads(threads)
     datasets.disable_progress_bars()  # the baselines' dataset maps would each draw one
     warmup, repeats = (3, 30) if quick else (3, 15)
-    cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}")
+    device = f"ray.use_gpu={str(use_gpu).lower()}"
+    cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", device)
+    peak = mfu.peak_tflops(torch.cuda.get_device_name(), cfg.train.precision, peak_tflops) if use_gpu else None
     plain_data = driver.prepare_data(cfg)
-    packed_cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", "data.packing=true")
+    packed_cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", device,
+                              "data.packing=true")
     packed_data = driver.prepare_data(packed_cfg)
     cadence = cfg.checkpoint.every_steps or 100
     # The baselines first: once this process holds sft_dist's process group, they would wrap the model in DDP.
@@ -288,18 +301,21 @@ def run(config: str | None, quick: bool, out_dir: Path) -> tuple[list[Result], d
             theirs[packing] = hf.trainer_tokens_per_s(cfg, data, warmup, repeats, out_dir)
         torch.set_num_threads(threads)  # the Trainer's accelerate sets its own
     baseline = "TRL SFTTrainer" if trl_trainer is not None else "transformers.Trainer (TRL not installed)"
-    ctx = runtime.local_context(False, threads, lambda event: None, cfg.run_dir(), threading.Event())
+    ctx = runtime.local_context(use_gpu, threads, lambda event: None, cfg.run_dir(), threading.Event())
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     results, ours_tps = overhead_and_checkpoint(ctx, cfg, plain_data, warmup, repeats, cadence)
     ours = {False: ours_tps, True: session_tokens_per_s(ctx, packed_cfg, packed_data, warmup, repeats)}
     results += alternative_results(ours, theirs, baseline)
+    if peak is not None:
+        results.append(mfu_result(cfg, ours, theirs, baseline, peak))
     results.append(packing_result(plain_data, packed_data))
     results.append(preprocessing_result(cfg, trl_trainer, repeats=3 if quick else 5))
-    results += zero_scaling_results(cfg)
+    results += zero_scaling_results(config, quick, out_dir)
     settings = {"model": cfg.model.name_or_path, "threads": threads, "warmup_steps": warmup, "timed_steps": repeats,
                 "micro_batch_size": cfg.train.micro_batch_size, "max_seq_len": cfg.data.max_seq_len,
                 "precision": cfg.train.precision, "checkpoint_cadence_steps": cadence, "quick": quick,
-                "baseline": baseline, "torch": torch.__version__}
+                "baseline": baseline, "device": torch.cuda.get_device_name() if use_gpu else "cpu",
+                "peak_tflops": peak, "torch": torch.__version__}
     return sorted(results, key=lambda r: r.name), settings
 
 
@@ -312,9 +328,14 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(config: str | None, quick: bool, out: str) -> int:
+def main(config: str | None, quick: bool, out: str, device: str = "auto", peak_tflops: float | None = None) -> int:
+    """`device`: "cpu" (CUDA is never touched), "gpu", or "auto" (the GPU when CUDA has one)."""
+    if device == "auto":
+        import torch
+
+        device = "gpu" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="sft_dist_bench_") as tmp:
-        results, settings = run(config, quick, Path(tmp))
+        results, settings = run(config, quick, Path(tmp), device == "gpu", peak_tflops)
     print(table(results), flush=True)
     payload = {"settings": settings,
                "results": [{**dataclasses.asdict(r), "ratio": r.ratio} for r in results]}

@@ -42,6 +42,7 @@ def _training_args(cfg: Any, max_steps: int, out_dir: Path, counted: str) -> dic
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], adam_epsilon=t.adam_eps,
         max_steps=max_steps, max_grad_norm=t.max_grad_norm or 0.0, lr_scheduler_type=t.scheduler,
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not cfg.ray.use_gpu,
         dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed, include_num_input_tokens_seen=counted)
 
