@@ -250,14 +250,18 @@ def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 # ---------------------------------------------------------------- 6: ZeRO memory
 
 
-PARTITIONED = {1: "optimizer states", 2: "optimizer states and gradients", 3: "everything"}
+# What each stage partitions. The gradients are measured at the step: ZeRO-1 holds them whole during
+# backward and keeps only its partition once they are reduced.
+PARTITIONED = {1: "optimizer states (gradients once reduced)", 2: "optimizer states and gradients",
+               3: "everything"}
 
 
-def zero_scaling_results(config: str | None, quick: bool, out_dir: Path) -> list[Result]:
-    """Per-rank bytes measured on DeepSpeed engines at 2 processes over 1, stage by stage, with each part's ratio."""
+def zero_scaling_results(ctx: Any, config: str | None, quick: bool, out_dir: Path) -> list[Result]:
+    """Per-rank bytes measured on DeepSpeed engines at 2 processes over 1 (this one, `ctx`), stage by stage,
+    with each part's ratio."""
     from sft_dist import bench_zero
 
-    one, two = (bench_zero.measure(config, quick, n, out_dir) for n in (1, 2))
+    one, two = bench_zero.measure_here(ctx, config, quick, out_dir), bench_zero.measure(config, quick, 2, out_dir)
     out = []
     for stage in bench_zero.STAGES:
         parts = ", ".join(f"{part.replace('_', ' ')} {two[stage][part] / one[stage][part]:.2f}" for part in one[stage])
@@ -310,7 +314,7 @@ def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, p
         results.append(mfu_result(cfg, ours, theirs, baseline, peak))
     results.append(packing_result(plain_data, packed_data))
     results.append(preprocessing_result(cfg, trl_trainer, repeats=3 if quick else 5))
-    results += zero_scaling_results(config, quick, out_dir)
+    results += zero_scaling_results(ctx, config, quick, out_dir)
     settings = {"model": cfg.model.name_or_path, "threads": threads, "warmup_steps": warmup, "timed_steps": repeats,
                 "micro_batch_size": cfg.train.micro_batch_size, "max_seq_len": cfg.data.max_seq_len,
                 "precision": cfg.train.precision, "checkpoint_cadence_steps": cadence, "quick": quick,

@@ -28,7 +28,7 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # Its own process: the bench starts a process group and a DeepSpeed engine in the process it runs in.
     result = subprocess.run([sys.executable, "-m", "sft_dist", "bench", "--quick", "--device", "cpu", "--out", str(out)],
-                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
     results = {r["name"]: r for r in payload["results"]}
