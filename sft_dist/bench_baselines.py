@@ -57,15 +57,16 @@ def _tokenizer(cfg: Any) -> Any:
     return tokenizer
 
 
-def _step_log() -> tuple[Any, list[tuple[float, int]]]:
-    """A callback recording (time, tokens seen so far) at the end of every optimizer step."""
+def _step_log(seen: Callable[[], int] | None = None) -> tuple[Any, list[tuple[float, int]]]:
+    """A callback recording (time, tokens seen so far) at the end of every optimizer step; the tokens are
+    the Trainer's count unless `seen` counts them."""
     from transformers import TrainerCallback
 
     log: list[tuple[float, int]] = []
 
     class StepLog(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            log.append((time.perf_counter(), state.num_input_tokens_seen))
+            log.append((time.perf_counter(), seen() if seen else state.num_input_tokens_seen))
 
     return StepLog(), log
 
@@ -113,13 +114,15 @@ def trainer_tokens_per_s(cfg: Any, data: Any, warmup: int, repeats: int, out_dir
     rows = datasets.load_from_disk(data.train_dir)
     rows = rows.select_columns([c for c in ("input_ids", "labels", "seq_lens") if c in rows.column_names])
     tokenizer, model = _tokenizer(cfg), model_lib.build(cfg.model, torch.float32)
+    collated = [0]  # real tokens; the Trainer's own count would read packed rows' 4-D masks as tokens
 
     def collator(features: list[dict]) -> dict:
+        collated[0] += sum(len(f["input_ids"]) for f in features)
         return collate({k: [f[k] for f in features] for k in features[0]}, tokenizer.pad_token_id,
                        attention_of(model))
 
-    callback, log = _step_log()
-    args = TrainingArguments(**_training_args(cfg, warmup + repeats + 1, out_dir / "trainer", "non_padding"),
+    callback, log = _step_log(lambda: collated[0])
+    args = TrainingArguments(**_training_args(cfg, warmup + repeats + 1, out_dir / "trainer", "no"),
                              remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[callback],
                       processing_class=tokenizer)
