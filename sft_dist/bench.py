@@ -3,14 +3,14 @@ printed as a table and written as JSON.
 
 1. overhead: sft_dist's training step (1 worker, ZeRO-0, in this process, no Ray) over a plain PyTorch
    loop (same model, same batches, AdamW, clipping, scheduler); steps interleaved so noise hits both.
-2. alternative: sft_dist's tokens/s over `transformers.Trainer` (the loop TRL's SFTTrainer runs) on the
-   same model, rows, batch; and with packing.
+2. alternative: sft_dist's tokens/s over TRL's SFTTrainer (`transformers.Trainer` when TRL is not
+   installed) on the same model, conversations, batch and world size (1), without and with packing.
 3. packing: the share of real tokens in padded batches, packed over unpacked.
-4. preprocessing: sft_dist's tokenization with loss masks, rows/s, over `apply_chat_template` per row
-   (what TRL's SFTTrainer runs to tokenize conversations).
+4. preprocessing: sft_dist's tokenization with loss masks, rows/s, over SFTTrainer's own dataset
+   preparation of the same conversations (sft_dist.bench_baselines).
 5. checkpoint: save and load MB/s; the share of training time spent saving at the checkpoint cadence.
-6. ZeRO memory: per-rank parameter + gradient + optimizer bytes at 2 workers over 1, stages 1-3
-   (DeepSpeed's bytes per parameter, sft_dist.plan; a test checks them against DeepSpeed's estimators).
+6. ZeRO memory: per-rank parameter + gradient + optimizer bytes at 2 workers over 1, stages 1-3, read
+   off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.bench_zero).
 
 Threads are pinned, every timed part is warmed up first, and times are medians over repeats with their
 spread (the interquartile range over the median). CPU timings on a shared machine are noisy: compare
@@ -78,7 +78,7 @@ def plain_step(model: Any, optimizer: Any, scheduler: Any, rows: list[dict], pad
     from sft_dist.loss import token_loss_sums
 
     for micro in rows:
-        batch = collate(micro, pad_id, attention_of(model))
+        batch = {k: v.to(model.device) for k, v in collate(micro, pad_id, attention_of(model)).items()}
         loss_sum, _, _ = token_loss_sums(model(**model_inputs(batch)).logits, batch["labels"])
         (loss_sum / global_tokens).backward()
     if max_grad_norm:
@@ -89,16 +89,13 @@ def plain_step(model: Any, optimizer: Any, scheduler: Any, rows: list[dict], pad
     return loss_sum.item() / global_tokens
 
 
-def overhead_and_checkpoint(cfg: Any, data: Any, warmup: int, repeats: int, cadence: int
+def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats: int, cadence: int
                             ) -> tuple[list[Result], float]:
     """Measurements 1 and 5 on one in-process session (ZeRO-0, 1 worker), and sft_dist's tokens/s."""
     import torch
     from transformers import get_scheduler
 
-    from sft_dist import checkpoint, runtime
-
-    ctx = runtime.local_context(False, cfg.ray.threads_per_worker, lambda event: None, cfg.run_dir(),
-                                threading.Event())
+    from sft_dist import checkpoint
     from sft_dist import engine as engine_lib  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
     from sft_dist import model as model_lib
     from sft_dist import train
@@ -108,7 +105,7 @@ def overhead_and_checkpoint(cfg: Any, data: Any, warmup: int, repeats: int, cade
     plan, t = session.plan, cfg.train
     supervised = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
-    model = model_lib.build(cfg.model, torch.float32)
+    model = model_lib.build(cfg.model, torch.float32).to(ctx.device)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in engine_lib.parameter_groups(model, t)]
     optimizer = torch.optim.AdamW(groups, lr=t.lr,
                                   betas=t.adam_betas, eps=t.adam_eps)
@@ -156,51 +153,47 @@ def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, ca
                   note=f"{size_mb:.1f} MB; saving every {cadence} steps takes {share:.1%} of training time")
 
 
-# ---------------------------------------------------------------- 2: transformers.Trainer
+# ---------------------------------------------------------------- 2: against the Hugging Face stack
 
 
-def trainer_tokens_per_s(cfg: Any, data: Any, warmup: int, repeats: int, out_dir: Path) -> tuple[float, float]:
-    """tokens/s of `transformers.Trainer` on the same rows, batch, learning rate (the loop SFTTrainer runs)."""
-    import datasets
-    import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+def session_tokens_per_s(ctx: Any, cfg: Any, data: Any, warmup: int, repeats: int) -> float:
+    """sft_dist's training tokens/s on `data` (e.g. packed rows), a fresh session as in measurement 1."""
+    from sft_dist import train
 
-    from sft_dist import model as model_lib
-    from sft_dist.data.batches import collate
+    session, _ = train.set_up(ctx, cfg, data, None)
+    supervised = np.asarray(session.train_set["num_supervised"])
+    times, tokens = [], []
+    for step in range(warmup + repeats):
+        started = time.perf_counter()
+        _, step_tokens, _ = train.train_step(session.engine, ctx, session.train_set, session.plan, step, supervised,
+                                             session.tokenizer.pad_token_id)
+        times.append(time.perf_counter() - started)
+        tokens.append(step_tokens)
+    return float(np.sum(tokens[warmup:]) / np.sum(times[warmup:]))
 
-    rows = datasets.load_from_disk(data.train_dir).select_columns(["input_ids", "labels"])
-    tokenizer = model_lib.load_tokenizer(cfg.model)
-    collated_tokens: list[int] = []
 
-    def collator(features: list[dict]) -> dict:
-        columns = {k: [f[k] for f in features] for k in ("input_ids", "labels")}
-        collated_tokens.append(sum(len(ids) for ids in columns["input_ids"]))
-        return collate(columns, tokenizer.pad_token_id)
+def alternative_results(ours: dict[bool, float], theirs: dict[bool, tuple[float, float]], baseline: str
+                        ) -> list[Result]:
+    """tokens/s ratios keyed by packing: unpacked, packed, and the gain packing brings to each side."""
+    return [
+        Result("2a vs HF, unpacked", "tokens/s, sft_dist", ours[False], baseline, theirs[False][0], None, ">= 1.0x",
+               f"{baseline} spread {theirs[False][1]:.0%}"),
+        Result("2b vs HF, packed", "tokens/s, sft_dist packed", ours[True], f"{baseline} packed", theirs[True][0],
+               None, note=f"{baseline} spread {theirs[True][1]:.0%}"),
+        Result("2c packing gain", "tokens/s, sft_dist packed", ours[True], "sft_dist unpacked", ours[False],
+               note=f"{baseline}'s own gain {theirs[True][0] / theirs[False][0]:.2f}x"),
+    ]
 
-    ends: list[float] = []
 
-    class StepTimes(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            ends.append(time.perf_counter())
+def mfu_result(cfg: Any, ours: dict[bool, float], theirs: dict[bool, tuple[float, float]], baseline: str,
+               peak: float) -> Result:
+    """GPU only: model FLOP/s utilization (6·N·tokens/s over the device's peak) of both sides' tokens/s."""
+    from sft_dist import mfu, plan
 
-    t = cfg.train
-    args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, max_steps=warmup + repeats + 1,
-        max_grad_norm=t.max_grad_norm or 0.0, lr_scheduler_type=t.scheduler, logging_strategy="no",
-        save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, seed=cfg.seed)
-    model = model_lib.build(cfg.model, torch.float32)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepTimes()])
-    trainer.remove_callback(PrinterCallback)  # its closing metrics line is noise in the bench's output
-    trainer.train()
-    torch.set_num_threads(cfg.ray.threads_per_worker)
-    times = np.diff(ends)[warmup:]
-    # The step ending at ends[k] trained the batches collated for it (grad_accum per step).
-    per_step = np.add.reduceat(np.asarray(collated_tokens[: len(ends) * t.grad_accum]),
-                               np.arange(0, len(ends) * t.grad_accum, t.grad_accum))
-    tokens = per_step[1:][warmup:]
-    return float(tokens.sum() / times.sum()), median_spread(list(tokens / times))[1]
+    n = plan.model_shape(cfg.model.name_or_path).total_params
+    return Result("7 MFU", "MFU, sft_dist", mfu.mfu(n, ours[False], peak), baseline, mfu.mfu(n, theirs[False][0], peak),
+                  note=f"peak {peak:g} TFLOP/s; packed: sft_dist {mfu.mfu(n, ours[True], peak):.1%}, "
+                       f"{baseline} {mfu.mfu(n, theirs[True][0], peak):.1%}")
 
 
 # ---------------------------------------------------------------- 3, 4: data
@@ -213,32 +206,35 @@ def packing_result(plain_data: Any, packed_data: Any) -> Result:
                   note=f"{packed_data.stats['train']['examples_per_row']} examples per packed row")
 
 
-def preprocessing_result(cfg: Any, repeats: int) -> Result:
-    """Rows/s of sft_dist's Encoder (chat template, loss masks from the template's spans) against
-    apply_chat_template per row without masks, on the training file's rows."""
+def preprocessing_result(cfg: Any, trl_trainer: Any, repeats: int) -> Result:
+    """Rows/s of sft_dist's encoding map (chat template, loss masks from the template's spans), as
+    `data.prepare` runs it, over SFTTrainer's own dataset preparation of the same conversations."""
+    import datasets
+
+    from sft_dist import bench_baselines as hf
     from sft_dist import model as model_lib
-    from sft_dist.data.encode import Encoder
+    from sft_dist.data.encode import FEATURES, Encoder
     from sft_dist.data.templates import chat_template
 
     tokenizer = model_lib.load_tokenizer(cfg.model)
-    template = chat_template(tokenizer, cfg.data.chat_template)
-    lines = Path(cfg.data.train_sources()[0].path).read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
-    batch = {"messages": [r["messages"] for r in rows]}
-    encoder = Encoder(cfg.data, tokenizer, template)
+    encoder = Encoder(cfg.data, tokenizer, chat_template(tokenizer, cfg.data.chat_template))
+    rows = datasets.Dataset.from_dict({"messages": hf.conversations(cfg)})
 
-    def ours() -> None:
-        encoder(batch, list(range(len(rows))))
+    def ours() -> Any:
+        return rows.map(encoder, batched=True, with_indices=True, remove_columns=rows.column_names, features=FEATURES)
 
-    def theirs() -> None:
-        for r in rows:
-            tokenizer.apply_chat_template(r["messages"], tokenize=True, chat_template=template)
-
+    if trl_trainer is not None:
+        (theirs, count), baseline = hf.trl_preparation(trl_trainer, cfg), "SFTTrainer's dataset preparation"
+    else:
+        (theirs, count), baseline = hf.chat_template_per_row(cfg), "apply_chat_template per row (TRL not installed)"
     ours_s, spread = timed(ours, repeats)
     theirs_s, _ = timed(theirs, repeats)
-    return Result("4 preprocessing", "rows/s, sft_dist with loss masks", len(rows) / ours_s,
-                  "apply_chat_template per row (TRL's way)", len(rows) / theirs_s, spread,
-                  note=f"{len(rows)} rows")
+    note = f"{count} rows"
+    if trl_trainer is not None:  # the same tokens on both sides, or the comparison is not like for like
+        same = sum(a == b for a, b in zip(ours()["input_ids"], theirs()["input_ids"]))
+        note += f"; identical input ids on {same}/{count} rows"
+    return Result("4 preprocessing", "rows/s, sft_dist with loss masks", count / ours_s, baseline, count / theirs_s,
+                  spread, note=note)
 
 
 def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
@@ -254,55 +250,76 @@ def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 # ---------------------------------------------------------------- 6: ZeRO memory
 
 
-PARTITIONED = {1: "optimizer states", 2: "optimizer states and gradients", 3: "everything"}
+# What each stage partitions. The gradients are measured at the step: ZeRO-1 holds them whole during
+# backward and keeps only its partition once they are reduced.
+PARTITIONED = {1: "optimizer states (gradients once reduced)", 2: "optimizer states and gradients",
+               3: "everything"}
 
 
-def zero_scaling_results(cfg: Any) -> list[Result]:
-    from sft_dist import plan
+def zero_scaling_results(ctx: Any, config: str | None, quick: bool, out_dir: Path) -> list[Result]:
+    """Per-rank bytes measured on DeepSpeed engines at 2 processes over 1 (this one, `ctx`), stage by stage,
+    with each part's ratio."""
+    from sft_dist import bench_zero
 
-    shape = plan.model_shape(cfg.model.name_or_path)
+    one, two = bench_zero.measure_here(ctx, config, quick, out_dir), bench_zero.measure(config, quick, 2, out_dir)
     out = []
-    for stage in (1, 2, 3):
-        per_rank = {n: sum(v for k, v in plan.model_state_bytes(shape.total_params, shape.largest_layer_params,
-                                                                plan.Setting(stage), cfg.train.precision, n).items()
-                           if k != "gathered_layer") for n in (1, 2)}
-        out.append(Result(f"6 ZeRO-{stage} memory", "per-rank states bytes, 2 workers", per_rank[2],
-                          "1 worker", per_rank[1], target="0.5 x part",
-                          note=f"{cfg.train.precision}, {shape.total_params:,} params; {PARTITIONED[stage]} "
-                               "partitioned (their ratio 0.5), the rest replicated; DeepSpeed's bytes per param"))
+    for stage in bench_zero.STAGES:
+        parts = ", ".join(f"{part.replace('_', ' ')} {two[stage][part] / one[stage][part]:.2f}" for part in one[stage])
+        out.append(Result(f"6 ZeRO-{stage} memory", "per-rank states bytes, 2 workers", sum(two[stage].values()),
+                          "1 worker", sum(one[stage].values()), target="0.5 x part",
+                          note=f"measured on the engines: {parts}; DeepSpeed partitions {PARTITIONED[stage]}"))
     return out
 
 
 # ---------------------------------------------------------------- the command
 
 
-def run(config: str | None, quick: bool, out_dir: Path) -> tuple[list[Result], dict[str, Any]]:
+def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, peak_tflops: float | None = None
+        ) -> tuple[list[Result], dict[str, Any]]:
+    import datasets
     import torch
 
-    from sft_dist import driver
+    from sft_dist import bench_baselines as hf
+    from sft_dist import driver, mfu, runtime
 
     threads = 1
     os.environ["OMP_NUM_THREADS"] = str(threads)  # else accelerate (under the Trainer) picks its own count
     torch.set_num_threads(threads)
+    datasets.disable_progress_bars()  # the baselines' dataset maps would each draw one
     warmup, repeats = (3, 30) if quick else (3, 15)
-    cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}")
+    device = f"ray.use_gpu={str(use_gpu).lower()}"
+    cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", device)
+    peak = mfu.peak_tflops(torch.cuda.get_device_name(), cfg.train.precision, peak_tflops) if use_gpu else None
     plain_data = driver.prepare_data(cfg)
-    packed_cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", "data.packing=true")
+    packed_cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", device,
+                              "data.packing=true")
     packed_data = driver.prepare_data(packed_cfg)
     cadence = cfg.checkpoint.every_steps or 100
-    # The Trainer first: once this process holds sft_dist's process group, the Trainer would wrap the model in DDP.
-    trainer_tps, trainer_spread = trainer_tokens_per_s(cfg, plain_data, warmup, repeats, out_dir)
-    results, ours_tps = overhead_and_checkpoint(cfg, plain_data, warmup, repeats, cadence)
-    results.append(Result("2 vs transformers.Trainer", "tokens/s, sft_dist", ours_tps,
-                          "transformers.Trainer (SFTTrainer's loop)", trainer_tps, None, ">= 1.0x",
-                          f"Trainer spread {trainer_spread:.0%}"))
+    # The baselines first: once this process holds sft_dist's process group, they would wrap the model in DDP.
+    theirs, trl_trainer = {}, None
+    for packing, data in ((False, plain_data), (True, packed_data)):
+        if hf.trl_installed():
+            *theirs[packing], trainer = hf.trl_tokens_per_s(cfg, packing, warmup, repeats, out_dir)
+            trl_trainer = trl_trainer or trainer
+        else:
+            theirs[packing] = hf.trainer_tokens_per_s(cfg, data, warmup, repeats, out_dir)
+        torch.set_num_threads(threads)  # the Trainer's accelerate sets its own
+    baseline = "TRL SFTTrainer" if trl_trainer is not None else "transformers.Trainer (TRL not installed)"
+    ctx = runtime.local_context(use_gpu, threads, lambda event: None, cfg.run_dir(), threading.Event())
+    cfg.run_dir().mkdir(parents=True, exist_ok=True)
+    results, ours_tps = overhead_and_checkpoint(ctx, cfg, plain_data, warmup, repeats, cadence)
+    ours = {False: ours_tps, True: session_tokens_per_s(ctx, packed_cfg, packed_data, warmup, repeats)}
+    results += alternative_results(ours, theirs, baseline)
+    if peak is not None:
+        results.append(mfu_result(cfg, ours, theirs, baseline, peak))
     results.append(packing_result(plain_data, packed_data))
-    results.append(preprocessing_result(cfg, repeats=3 if quick else 5))
-    results += zero_scaling_results(cfg)
+    results.append(preprocessing_result(cfg, trl_trainer, repeats=3 if quick else 5))
+    results += zero_scaling_results(ctx, config, quick, out_dir)
     settings = {"model": cfg.model.name_or_path, "threads": threads, "warmup_steps": warmup, "timed_steps": repeats,
                 "micro_batch_size": cfg.train.micro_batch_size, "max_seq_len": cfg.data.max_seq_len,
                 "precision": cfg.train.precision, "checkpoint_cadence_steps": cadence, "quick": quick,
-                "torch": torch.__version__}
+                "baseline": baseline, "device": torch.cuda.get_device_name() if use_gpu else "cpu",
+                "peak_tflops": peak, "torch": torch.__version__}
     return sorted(results, key=lambda r: r.name), settings
 
 
@@ -315,9 +332,14 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(config: str | None, quick: bool, out: str) -> int:
+def main(config: str | None, quick: bool, out: str, device: str = "auto", peak_tflops: float | None = None) -> int:
+    """`device`: "cpu" (CUDA is never touched), "gpu", or "auto" (the GPU when CUDA has one)."""
+    if device == "auto":
+        import torch
+
+        device = "gpu" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="sft_dist_bench_") as tmp:
-        results, settings = run(config, quick, Path(tmp))
+        results, settings = run(config, quick, Path(tmp), device == "gpu", peak_tflops)
     print(table(results), flush=True)
     payload = {"settings": settings,
                "results": [{**dataclasses.asdict(r), "ratio": r.ratio} for r in results]}

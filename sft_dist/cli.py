@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the tiny model, a minute or two on CPU")
     bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
     bench.add_argument("--config", help="run config to measure (default: the quickstart, tiny with --quick)")
+    bench.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                       help="where to train (auto: the GPU when CUDA has one); GPU runs add MFU")
+    bench.add_argument("--peak-tflops", type=float, help="the GPU's peak TFLOP/s for MFU (default: from a table)")
     commands.choices["tune"].add_argument("--space", required=True, help="search space (YAML)")
     commands.choices["tune"].add_argument("--resume", action="store_true", help="continue an interrupted search")
     lr_find = commands.choices["lr-find"]
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from sft_dist import bench
 
-            return bench.main(args.config, args.quick, args.out)
+            return bench.main(args.config, args.quick, args.out, args.device, args.peak_tflops)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

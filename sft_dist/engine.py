@@ -47,6 +47,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         "fp16": {"enabled": t.precision == "fp16"},
         "steps_per_print": 10**9,  # we log ourselves; DeepSpeed's own step prints are noise
         "wall_clock_breakdown": False,
+        # logging.timing: DeepSpeed times its own collectives (synchronously: on demand only); see comm_seconds.
+        "comms_logger": {"enabled": cfg.logging.timing, "prof_all": True, "verbose": False},
         # Resuming at another world size goes through a universal checkpoint (checkpoint.universal_copy).
         "checkpoint": {"load_universal": load_universal},
     }
@@ -158,3 +160,48 @@ def parameter_elements(module: torch.nn.Module) -> tuple[int, int]:
         local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
         total += param.ds_numel if hasattr(param, "ds_numel") else param.numel()
     return local, total
+
+
+def model_state_bytes(engine: Any) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and optimizer states, read from the engine's own tensors.
+
+    Call it between backward and step at an accumulation boundary, when the gradients are held. Parameters:
+    the module's (a ZeRO-3 shard, `ds_tensor`, when partitioned); gradients: those on the parameters and the
+    partitions the ZeRO optimizer keeps (`averaged_gradients`); optimizer states: ZeRO's fp32 master
+    partitions (a copy even when training in fp32) and the optimizer's moments. A tensor shared by two of
+    these (a view into one buffer) counts once, where it is first seen.
+    """
+    optimizer = engine.optimizer
+    params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    partitions = getattr(optimizer, "averaged_gradients", None) or {}
+    grads = [p.grad for p in engine.module.parameters()] + [g for group in partitions.values() for g in group or ()]
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None) \
+        or getattr(optimizer, "fp32_partitioned_groups_flat", [])
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer; stage 0 does not
+    moments = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    seen: set[tuple[int, int]] = set()
+
+    def new_bytes(tensors: list[torch.Tensor | None]) -> int:
+        total = 0
+        for t in tensors:
+            if t is not None and t.numel() and (t.data_ptr(), t.numel()) not in seen:
+                seen.add((t.data_ptr(), t.numel()))
+                total += t.numel() * t.element_size()
+        return total
+
+    return {"parameters": new_bytes(params), "gradients": new_bytes(grads),
+            "optimizer_states": new_bytes(list(masters) + moments)}
+
+
+def comm_seconds() -> float:
+    """Seconds this process spent in DeepSpeed's collectives since the last call (with `comms_logger` on).
+
+    Read from the timers DeepSpeed's comms logger keeps per operation, which are reset here: the logger's
+    own records are cumulative per operation name, and its per-call lists grow for the whole run, so they
+    are cleared too (we never print its summary).
+    """
+    from deepspeed.comm import comm
+
+    seconds = sum(timer.elapsed(reset=True) for timer in comm.timers.get_timers().values()) / 1000
+    comm.comms_logger.comms_dict.clear()
+    return seconds

@@ -45,6 +45,8 @@ class Progress:
             text += f" | {metric} {value:.4f} (step {step})"
         if "time_forward_s" in e:  # logging.timing: mean seconds per step of each phase
             text += " | s/step " + " ".join(f"{p} {e[f'time_{p}_s']:.3f}" for p in TIMED_PHASES)
+            if "time_comm_s" in e:  # part of backward and optimizer
+                text += f" (comm {e['time_comm_s']:.3f})"
         return text
 
     def eta_s(self, e: dict[str, Any]) -> float:

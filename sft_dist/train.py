@@ -103,7 +103,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
-    timer = StepTimer(cfg.logging.timing, ctx.device)
+    timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
     loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
 
     def save(step: int, metrics: dict[str, Any]) -> None:

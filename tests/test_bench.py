@@ -1,31 +1,63 @@
 """`sft-dist bench --quick` runs end to end on the tiny model and writes its JSON (a smoke test: the
-figures are timings on a shared machine, so only their presence and sanity are checked)."""
+figures are timings on a shared machine, so only their presence and sanity are checked, and the
+measurements that are not timings: ZeRO's per-rank bytes, and that TRL tokenizes as sft_dist does).
+The MFU arithmetic is checked on its own (no GPU here)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
-from conftest import REPO, subprocess_env
+import pytest
 
-NAMES = ["1 framework overhead", "2 vs transformers.Trainer", "3 packing", "4 preprocessing", "5 checkpoint",
-         "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory"]
+from conftest import REPO, subprocess_env
+from sft_dist import mfu
+from sft_dist.errors import UserError
+
+NAMES = ["1 framework overhead", "2a vs HF, unpacked", "2b vs HF, packed", "2c packing gain", "3 packing",
+         "4 preprocessing", "5 checkpoint", "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory"]
+
+
+def part_ratios(note: str) -> dict[str, float]:
+    return {name: float(value) for name, value in re.findall(r"(parameters|gradients|optimizer states) ([\d.]+)", note)}
 
 
 def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # Its own process: the bench starts a process group and a DeepSpeed engine in the process it runs in.
-    result = subprocess.run([sys.executable, "-m", "sft_dist", "bench", "--quick", "--out", str(out)], cwd=tmp_path,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "sft_dist", "bench", "--quick", "--device", "cpu", "--out", str(out)],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
     results = {r["name"]: r for r in payload["results"]}
     assert list(results) == NAMES
     assert all(r["value"] > 0 and r["baseline"] > 0 for r in results.values())
-    assert [round(results[f"6 ZeRO-{s} memory"]["ratio"], 3) for s in (1, 2, 3)] == [0.75, 0.625, 0.5]  # fp32
-    assert payload["settings"]["model"] == str(REPO / "configs" / "models" / "tiny-llama")
+    settings = payload["settings"]
+    assert settings["model"] == str(REPO / "configs" / "models" / "tiny-llama")
+    assert (settings["baseline"], settings["device"], settings["peak_tflops"]) == ("TRL SFTTrainer", "cpu", None)
     # Same model, same batches, same optimizer settings: sft_dist's steps and the plain loop's agree.
     assert float(results["1 framework overhead"]["note"].split("gap ")[1]) < 1e-4
+    # TRL's own dataset preparation yields sft_dist's token ids for every conversation.
+    assert "identical input ids on 256/256 rows" in results["4 preprocessing"]["note"]
+    # Read off the engines (fp32): ZeRO-1/2 keep whole parameters, ZeRO-3 halves them; gradients and
+    # optimizer states (fp32 master copy and Adam's moments) are halved at every stage.
+    zero = {s: part_ratios(results[f"6 ZeRO-{s} memory"]["note"]) for s in (1, 2, 3)}
+    for stage, parts in zero.items():
+        expected = {"parameters": 0.5 if stage == 3 else 1.0, "gradients": 0.5, "optimizer states": 0.5}
+        assert parts == pytest.approx(expected, abs=0.01), stage
+    assert results["6 ZeRO-3 memory"]["ratio"] == pytest.approx(0.5, abs=0.01)
     for name in NAMES:
         assert name in result.stdout
+
+
+def test_mfu_is_six_n_tokens_over_peak():
+    # 135M parameters at 10,000 tokens/s: 8.1 TFLOP/s of 989.4.
+    assert mfu.mfu(135_000_000, 10_000.0, 989.4) == pytest.approx(8.1e12 / 989.4e12)
+    assert mfu.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert mfu.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # the longer name wins
+    assert mfu.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 156.0  # TF32
+    assert mfu.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16", override=280.0) == 280.0
+    with pytest.raises(UserError, match="--peak-tflops"):
+        mfu.peak_tflops("Some Future GPU", "bf16")

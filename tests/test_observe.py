@@ -83,6 +83,10 @@ def test_timing_breakdown_is_in_every_training_record(observed_run):
     # Mean seconds per step of each phase: all steps together are less than the run took.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sum(map(sum, phases)) < summary["duration_s"]
+    # ZeRO-2's gradient reduce and parameter all-gather, as DeepSpeed's comms logger times them: part of
+    # the backward and optimizer phases.
+    comm = [e["time_comm_s"] for e in train]
+    assert all(0 < c <= step[2] + step[3] for c, step in zip(comm, phases))
     assert not any(k.startswith("time_") for e in events if "eval_loss" in e for k in e)
 
 
@@ -100,7 +104,8 @@ EVENTS = [
     {"step": 0, "eval_loss": 2.5, "eval_ppl": 12.18, "eval_token_acc": 0.25},
     {"step": 1, "epoch": 0.25, "total_steps": 4, "loss": 2.4, "lr": 1e-3, "tokens_per_s": 1500.0},
     {"step": 2, "epoch": 0.5, "total_steps": 4, "loss": 2.0, "lr": 5e-4, "tokens_per_s": 1600.0,
-     "time_data_s": 0.01, "time_forward_s": 0.1, "time_backward_s": 0.2, "time_optimizer_s": 0.05},
+     "time_data_s": 0.01, "time_forward_s": 0.1, "time_backward_s": 0.2, "time_optimizer_s": 0.05,
+     "time_comm_s": 0.04},
     {"step": 2, "eval_loss": 1.9, "eval_ppl": 6.69, "eval_token_acc": 0.5},
     {"step": 3, "epoch": 0.75, "total_steps": 4, "loss": 1.8, "lr": 2.5e-4, "tokens_per_s": 1700.0},
 ]
@@ -116,7 +121,7 @@ def test_plain_progress_prints_one_line_per_record(tmp_path):
                         "| eval_loss 2.5000 (step 0)")
     assert lines[3].startswith("train step 2/4 epoch 0.50 loss 2.0000 lr 5.00e-04 1600 tok/s eta 0:0")
     assert lines[3].endswith("| eval_loss 2.5000 (step 0) | s/step data 0.010 forward 0.100 backward 0.200 "
-                             "optimizer 0.050")
+                             "optimizer 0.050 (comm 0.040)")
     assert lines[5].endswith("| eval_loss 1.9000 (step 2)")  # the last validation, once there is a newer one
     assert len(lines) == 6
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [

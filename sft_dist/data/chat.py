@@ -39,7 +39,10 @@ def render_with_spans(
 
 def _turn_span(tokenizer: Any, template: str, messages: list[dict[str, str]], i: int, text: str) -> tuple[int, int]:
     """Character span of assistant turn i in `text`, its end marker included."""
-    through = render(tokenizer, template, messages[: i + 1]).rstrip()
+    # The last turn's prefix is the whole conversation, already rendered: rendering it again would be
+    # a third of the work for the usual single-turn row.
+    last = i == len(messages) - 1
+    through = (text if last else render(tokenizer, template, messages[: i + 1])).rstrip()
     if not text.startswith(through):
         raise BadRow("template_not_prefix_stable",
                      "the chat template renders earlier turns differently in longer conversations")

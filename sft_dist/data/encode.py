@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import datasets
+import numpy as np
 
 from sft_dist.config import DataConfig
 from sft_dist.data.badrows import BadRow
@@ -114,9 +115,12 @@ def raw_row(batch: dict[str, list], j: int) -> Any:
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list, list]:
     """A token is supervised when its characters overlap a supervised span (zero-width tokens never)."""
-    labels = [tok if any(start < hi and end > lo for lo, hi in spans) else IGNORE_INDEX
-              for tok, (start, end) in zip(ids, offsets)]
-    return list(ids), labels
+    # Vectorised over tokens: a Python test per token and span was a sixth of the encoding time.
+    starts, ends = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
+    supervised = np.zeros(len(ids), dtype=bool)
+    for lo, hi in spans:
+        supervised |= (starts < hi) & (ends > lo)
+    return list(ids), np.where(supervised, ids, IGNORE_INDEX).tolist()
 
 
 def _uniform(example: Example) -> float:
