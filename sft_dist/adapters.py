@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from sft_dist.config import PeftConfig
-from sft_dist.tasks import PEFT_TASK_TYPES
+from sft_dist.tasks import IMAGE_HEADS, PEFT_TASK_TYPES
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter; it appears inside parameter names
 
@@ -30,7 +30,9 @@ def enabled(cfg: PeftConfig) -> bool:
 
 
 def lora_config(cfg: PeftConfig, task: str = "causal_lm") -> LoraConfig:
-    # A classification task type makes peft train and save the new head in full (modules_to_save).
+    # A text classification task type makes peft train and save the new head in full (modules_to_save);
+    # peft has no image task type, so an image classifier's head is named here.
+    heads = IMAGE_HEADS if task == "image_classification" else []
     return LoraConfig(
         task_type=PEFT_TASK_TYPES[task],
         r=cfg.r,
@@ -39,7 +41,7 @@ def lora_config(cfg: PeftConfig, task: str = "causal_lm") -> LoraConfig:
         target_modules=cfg.target_modules,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
-        modules_to_save=cfg.modules_to_save or None,
+        modules_to_save=[*heads, *cfg.modules_to_save] or None,
     )
 
 

@@ -119,7 +119,7 @@ def overhead_and_checkpoint(cfg: Any, data: Any, warmup: int, repeats: int, cade
     for step in range(steps):
         started = time.perf_counter()
         loss_sum, step_tokens, global_supervised = train.train_step(session.engine, ctx, session.train_set, plan,
-                                                                    step, supervised, pad_id)
+                                                                    step, supervised, session.batches)
         ours.append(time.perf_counter() - started)
         started = time.perf_counter()
         micro = [session.train_set[[int(i) for i in m]] for m in plan.micro_batches(step, 0)]

@@ -30,7 +30,7 @@ from sft_dist.runtime import Job
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
     """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps."""
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = None if cfg.model.task == "image_classification" else load_tokenizer(cfg.model)
     data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data", cfg.model.labels)
     t = cfg.train
     lengths = row_lengths(data.train_dir)

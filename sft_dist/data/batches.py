@@ -99,6 +99,18 @@ def attention_of(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+@dataclass(frozen=True)
+class TextBatches:
+    """Saved token rows as model inputs (`collate`); called like `images.ImageBatches`, whose training
+    batches depend on the step and rows (augmentation), which text ignores."""
+
+    pad_id: int
+    attention: str | None = None
+
+    def __call__(self, rows: dict[str, list], indices: Any = None, step: int | None = None) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad_id, self.attention)
+
+
 def collate(rows: dict[str, list], pad_id: int, attention: str | None = None) -> dict[str, torch.Tensor]:
     """Rows (a dataset slice: input_ids, labels, and seq_lens when packed) as model inputs plus labels.
 

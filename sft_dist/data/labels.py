@@ -64,7 +64,7 @@ def label_names(data: DataConfig, model: ModelConfig) -> list[str]:
 
 
 def _label_field(data: DataConfig) -> str:
-    canonical = "label" if data.format == "classification" else "tags"
+    canonical = "tags" if data.format == "token_classification" else "label"
     return data.fields.get(canonical, canonical)
 
 
@@ -82,7 +82,7 @@ def _training_labels(data: DataConfig) -> tuple[set[str], set[int]]:
                         except BadRow:
                             continue
                         value = row.get(field) if isinstance(row, dict) else None
-                        for item in (value if isinstance(value, list) and data.format != "classification" else [value]):
+                        for item in (value if isinstance(value, list) and data.format == "token_classification" else [value]):
                             if isinstance(item, str):
                                 names.add(item)
                             elif isinstance(item, int) and not isinstance(item, bool):
