@@ -133,7 +133,8 @@ def reference_macro_f1(target: np.ndarray, predicted: np.ndarray) -> float:
 @pytest.mark.parametrize("overrides, key, words", [
     (["data.format=messages"], "data.format", "trains on data.format: classification"),
     (["model.task=causal_lm"], "data.format", "needs model.task: sequence_classification"),
-    (["model.task=image_classification"], "model.task", "not supported yet"),
+    (["model.task=image_classification"], "data.format", "trains on data.format: image_classification"),
+    (["data.image_augment={}"], "data.image_augment", "data.format classification has none"),
     (["data.packing=true"], "data.packing", "set data.packing: false"),
     (["model.labels=[a, b]", "model.num_labels=3"], "model.num_labels", "set one of them"),
     (["train.class_weights=[1.0, 2.0, 3.0]"], "train.class_weights", "3 weights for 2 labels"),

@@ -75,7 +75,7 @@ def _training_labels(data: DataConfig) -> tuple[set[str], set[int]]:
         for source in data.train_sources():
             parts, _problems = open_source(source, data.streaming, Path(work))
             for part in parts:
-                for batch in part.dataset.iter(batch_size=1000):
+                for batch in _label_column(part.dataset, field).iter(batch_size=1000):
                     for j in range(len(next(iter(batch.values())))):
                         try:
                             row = raw_row(batch, j)
@@ -88,6 +88,12 @@ def _training_labels(data: DataConfig) -> tuple[set[str], set[int]]:
                             elif isinstance(item, int) and not isinstance(item, bool):
                                 ids.add(item)
     return names, ids
+
+
+def _label_column(dataset: Any, field: str) -> Any:
+    """Only the label column of a table (an image column would otherwise be read and decoded); JSON
+    rows are one text column, parsed by `raw_row`."""
+    return dataset.select_columns([field]) if field in (dataset.column_names or ()) else dataset
 
 
 class LabelEncoder:
