@@ -76,8 +76,7 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     set_seed(cfg.seed)
     engine_lib.init_distributed()
     preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
-    images = cfg.model.task == "image_classification"
-    tokenizer = None if images else model_lib.load_tokenizer(cfg.model)
+    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(cfg.model)
     if cfg.data.chat_template:  # generation prompts render as the training data did
         tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
@@ -85,9 +84,16 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
     engine, loop_state = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
-    batches = ImageBatches(model_lib.load_image_processor(cfg.model), cfg.data.image_augment, cfg.seed) if images \
-        else TextBatches(tokenizer.pad_token_id, attention_of(engine.module))
+    batches = batch_maker(cfg, tokenizer, engine.module)
     return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches), loop_state
+
+
+def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> TextBatches | ImageBatches:
+    """How saved rows become this model's inputs: padded tokens, or the image processor's pixels."""
+    if cfg.model.task == "image_classification":
+        dtype = next(module.parameters()).dtype  # not every vision model casts its pixels itself
+        return ImageBatches(model_lib.load_image_processor(cfg.model), cfg.data.image_augment, cfg.seed, dtype)
+    return TextBatches(tokenizer.pad_token_id, attention_of(module))
 
 
 def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:

@@ -191,3 +191,15 @@ def test_lora_under_zero1_trains_and_saves_the_image_head(ray_cluster, tmp_path)
     assert last["eval_accuracy"] == pytest.approx((logits.argmax(-1) == target).double().mean().item())
     assert last["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-4)
     assert last["eval_loss"] < first["eval_loss"], (first, last)
+
+
+def test_eval_command_on_the_image_run_repeats_its_last_validation(image_run, tmp_path, capsys):
+    from sft_dist.cli import main
+
+    assert main(["eval", str(IMAGE_CONFIG), "--checkpoint", str(image_run), "--set", f"output_dir={tmp_path}",
+                 "--set", "run_name=again"]) == 0
+    result = json.loads((tmp_path / "eval-again" / "eval.json").read_text())
+    last = evals(image_run)[-1]
+    assert result["step"] == 12 and result["eval_examples"] == last["eval_examples"] == 48
+    assert result["eval_accuracy"] == last["eval_accuracy"] and result["eval_macro_f1"] == last["eval_macro_f1"]
+    assert result["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-6)

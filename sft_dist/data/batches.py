@@ -124,7 +124,10 @@ def collate(rows: dict[str, list], pad_id: int, attention: str | None = None) ->
         return _flattened(rows)
     if "seq_lens" in rows:
         return _packed(rows, pad_id, boolean_mask=attention == "sdpa")
-    return _padded(rows["input_ids"], rows["labels"], pad_id)
+    batch = _padded(rows["input_ids"], rows["labels"], pad_id)
+    if "token_type_ids" in rows:  # a classifier's text pairs (BERT): padded as the tokenizer pads, with 0
+        batch["token_type_ids"] = _padded(rows["token_type_ids"], rows["token_type_ids"], 0)["input_ids"]
+    return batch
 
 
 def _padded(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

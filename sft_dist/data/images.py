@@ -26,11 +26,10 @@ from PIL import Image
 
 from sft_dist.config import DataConfig, ImageAugmentConfig
 from sft_dist.data.badrows import BadRow
-from sft_dist.data.encode import FEATURES, SAVED_COLUMNS, Encoder, raw_row
+from sft_dist.data.encode import FEATURES, Encoder, raw_row
 from sft_dist.data.labels import LabelEncoder
 
 IMAGE_FEATURES = datasets.Features({**FEATURES, "image": datasets.Value("binary")})
-SAVED_IMAGE_COLUMNS = (*SAVED_COLUMNS, "image")
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect-ratio range
 CROP_TRIES = 10  # as torchvision: draws before falling back to the whole image
 
@@ -38,6 +37,8 @@ CROP_TRIES = 10  # as torchvision: draws before falling back to the whole image
 class ImageEncoder:
     """What `datasets.map` runs over `image_classification` rows of one data file (`folder`: where its
     relative image paths start)."""
+
+    features = IMAGE_FEATURES
 
     def __init__(self, data: DataConfig, names: list[str], folder: Path | None = None):
         self.data, self.names, self.folder = data, names, folder
@@ -126,6 +127,7 @@ class ImageBatches:
     processor: Any
     augment: ImageAugmentConfig | None
     seed: int
+    dtype: torch.dtype = torch.float32  # the model's
 
     def __call__(self, rows: dict[str, list], indices: Any = None, step: int | None = None) -> dict[str, torch.Tensor]:
         """`step`: the training step (augmented when configured, seeded by seed, step and row); None in
@@ -134,7 +136,7 @@ class ImageBatches:
         if self.augment is not None and step is not None:
             images = [augmented(image, self.augment, np.random.default_rng([self.seed, step, int(row)]))
                       for image, row in zip(images, indices)]
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.dtype)
         labels = torch.tensor([labels[:1] for labels in rows["labels"]], dtype=torch.long)
         return {"pixel_values": pixels, "labels": labels}
 

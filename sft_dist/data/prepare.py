@@ -23,9 +23,9 @@ from sft_dist.config import DataConfig, EvalConfig, SourceConfig
 from sft_dist.data import stats as stats_lib
 from sft_dist.data.badrows import BadRow, Origin, bad_row_error
 from sft_dist.data.chat import generation_prompt
-from sft_dist.data.encode import FEATURES, SAVED_COLUMNS, Encoder, raw_row
+from sft_dist.data.encode import EXTRA_COLUMNS, SAVED_COLUMNS, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
-from sft_dist.data.images import IMAGE_FEATURES, SAVED_IMAGE_COLUMNS, ImageEncoder, undecoded
+from sft_dist.data.images import ImageEncoder, undecoded
 from sft_dist.data.labels import LabelEncoder
 from sft_dist.data.packing import pack
 from sft_dist.data.sources import Part, first_line, fingerprint, open_source
@@ -35,7 +35,7 @@ from sft_dist.errors import UserError
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
 
-CACHE_FORMAT_VERSION = "2"  # bump when the saved layout, masking or packing rules change
+CACHE_FORMAT_VERSION = "3"  # bump when the saved layout, masking or packing rules change
 COMPLETE = "prepared.json"  # written last: a cache folder without it is incomplete
 ROWS_PER_PROCESS = 20_000  # below this, starting tokenizer processes costs more than it saves
 
@@ -132,7 +132,7 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
         raise _nothing_usable(split, encoded, data)
     # (concatenate_datasets hashes its inputs for a fingerprint: seconds, for nothing, with one input)
     examples = weighted[0] if len(weighted) == 1 else datasets.concatenate_datasets(weighted)
-    saved = examples.select_columns(list(SAVED_IMAGE_COLUMNS if "image" in examples.column_names else SAVED_COLUMNS))
+    saved = examples.select_columns([*SAVED_COLUMNS, *(c for c in EXTRA_COLUMNS if c in examples.column_names)])
     if data.packing:
         saved = pack(saved, data.max_seq_len, out / "work" / split)
     saved.save_to_disk(str(out / split))
@@ -168,10 +168,9 @@ def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: Dat
 
 def _encode_part(part: Part, encoder: Encoder, data: DataConfig, work: Path) -> datasets.Dataset:
     work.mkdir(parents=True, exist_ok=True)
-    dataset, features = part.dataset, FEATURES
+    dataset, features = part.dataset, encoder.features
     if isinstance(encoder, ImageEncoder):  # relative image paths start at this part's file
-        dataset, features = undecoded(dataset, encoder.image_key), IMAGE_FEATURES
-        encoder = encoder.for_part(part.name)
+        dataset, encoder = undecoded(dataset, encoder.image_key), encoder.for_part(part.name)
     if isinstance(dataset, datasets.IterableDataset):
         # Streaming: rows are read and encoded on the fly; only the encoded rows are written.
         try:
