@@ -66,7 +66,8 @@ def test_augmentation_is_seeded_per_step_and_row_and_off_in_validation():
 
 def truncated_png_parquet(tmp_path: Path) -> Path:
     """The shipped training Parquet with row 3's image cut short (the PNG header intact)."""
-    table = datasets.Dataset.from_parquet(str(DATA / "train.parquet")).cast_column("image", datasets.Image(decode=False))
+    table = datasets.Dataset.from_parquet(str(DATA / "train.parquet"))
+    table = table.cast_column("image", datasets.Image(decode=False))
     images = list(table["image"])
     images[3] = {"bytes": images[3]["bytes"][:60], "path": None}
     broken = table.remove_columns("image").add_column("image", images).cast_column("image", datasets.Image())
@@ -81,8 +82,9 @@ def test_bad_images_name_file_and_row_and_skip_counts_them(tmp_path):
     rows[4]["image"] = "no-such.png"  # relative: looked for next to eval.jsonl
     missing.write_text("".join(json.dumps(r) + "\n" for r in rows))
     broken = truncated_png_parquet(tmp_path)
-    for split, path, where, words in (("eval", missing, (str(missing), 5, "missing_image"), str(tmp_path / "no-such.png")),
-                                      ("train", broken, (str(broken), None, "unreadable_image"), "row 3:")):
+    cases = (("eval", missing, (str(missing), 5, "missing_image"), str(tmp_path / "no-such.png")),
+             ("train", broken, (str(broken), None, "unreadable_image"), "row 3:"))
+    for split, path, where, words in cases:
         cfg = load(f"data.{split}={path}", f"output_dir={tmp_path}")
         with pytest.raises(UserError) as err:
             driver.prepare_data(cfg)
@@ -143,7 +145,8 @@ def test_image_metrics_equal_a_single_process_computation_on_the_export(image_ru
 
     folder = image_run / "model"
     config = AutoConfig.from_pretrained(folder)
-    assert config.id2label == {0: "blue", 1: "green", 2: "red"} and config.architectures == ["ViTForImageClassification"]
+    assert config.id2label == {0: "blue", 1: "green", 2: "red"}
+    assert config.architectures == ["ViTForImageClassification"]
     rows = eval_rows()
     logits = exported_logits(folder, [DATA / r["image"] for r in rows])
     target = np.array([config.label2id[r["label"]] for r in rows])

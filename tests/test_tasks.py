@@ -110,9 +110,9 @@ def test_text_pairs_reach_the_model_with_their_token_type_ids(tiny_bert, tmp_pat
 
     rows = [{"text": "Is the battery good?", "text_pair": "Yes, it lasts two whole days.", "label": "positive"},
             {"text": "Worth it?", "text_pair": "No.", "label": "negative"}]
-    cfg = load(SENTIMENT_CONFIG, f"model.name_or_path={tiny_bert}", f"data.train={write_rows(tmp_path / 'p.jsonl', rows)}",
-               "data.eval=null", "eval.every_steps=null", f"output_dir={tmp_path}", "train.micro_batch_size=1",
-               "ray.num_workers=1")
+    pairs = write_rows(tmp_path / "pairs.jsonl", rows)
+    cfg = load(SENTIMENT_CONFIG, f"model.name_or_path={tiny_bert}", f"data.train={pairs}", "data.eval=null",
+               "eval.every_steps=null", f"output_dir={tmp_path}", "train.micro_batch_size=1", "ray.num_workers=1")
     tokenizer = driver.load_tokenizer(cfg.model)
     prepared = driver.prepare(cfg.data, cfg.eval, tokenizer, tmp_path / "cache", cfg.model.labels)
     batch = TextBatches(tokenizer.pad_token_id)(datasets.load_from_disk(prepared.train_dir)[:])

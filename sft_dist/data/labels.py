@@ -5,6 +5,8 @@ and `token_classification` rows (words and one BIO/IOB2 tag per word) into token
 Saved rows keep the causal LM layout, so batching is shared: `labels` holds the one label id of a
 sequence-classification example, or one label per token for token classification (-100 where nothing
 is predicted: special tokens and, by default, every sub-token of a word but the first).
+With a tokenizer whose model takes token type ids (BERT), rows also hold them (a text pair's second
+text is type 1), and the collator pads them into every batch.
 `num_supervised` is what the training loss is normalised by: 1 per example for sequence
 classification (so the loss is a mean over the global batch's examples), the labelled tokens for
 token classification.
@@ -18,11 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from sft_dist.config import DataConfig, ModelConfig, RunConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX
-import datasets
-
 from sft_dist.data.encode import FEATURES, Encoder, raw_row
 from sft_dist.data.sources import open_source
 from sft_dist.errors import UserError
@@ -86,7 +88,8 @@ def _training_labels(data: DataConfig) -> tuple[set[str], set[int]]:
                         except BadRow:
                             continue
                         value = row.get(field) if isinstance(row, dict) else None
-                        for item in (value if isinstance(value, list) and data.format == "token_classification" else [value]):
+                        tags = isinstance(value, list) and data.format == "token_classification"
+                        for item in value if tags else [value]:
                             if isinstance(item, str):
                                 names.add(item)
                             elif isinstance(item, int) and not isinstance(item, bool):
