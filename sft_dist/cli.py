@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     export.add_argument("--merge-lora", action="store_true",
-                        help="LoRA checkpoints: write the base with the adapter merged in, not the adapter folder")
+                        help="adapter checkpoints (LoRA, LoHa, IA3, ...): write the base with the adapter merged in, "
+                             "not the adapter folder")
     commands.choices["eval"].add_argument(
         "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best, else latest)")
     plan = commands.choices["plan"]

@@ -54,16 +54,48 @@ class ModelConfig(Section):
 
 
 class PeftConfig(Section):
-    # qlora: LoRA on a base loaded in 4 bits (bitsandbytes NF4), GPU workers only.
-    method: Literal["none", "lora", "qlora"] = "none"
+    # none; lora; qlora (LoRA on a base loaded in 4 bits, bitsandbytes NF4, GPU workers only); or the
+    # name of another peft method that adds adapters to `target_modules` (peft's PeftType in lower case:
+    # loha, lokr, ia3, vera, oft, boft, adalora, ...), checked against the installed peft before Ray starts.
+    method: str = Field("none", pattern=r"^[a-z0-9_]+$")
+    # LoRA's own settings (lora, qlora); another method takes its settings from `options`.
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
     use_dora: bool = False  # weight-decomposed LoRA (DoRA)
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)
-    # Modules trained in full and saved with the adapter (e.g. a new head or resized embeddings).
+    # Every method: where the adapters go, and modules trained in full and saved with the adapter
+    # (e.g. a new head or resized embeddings).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
     modules_to_save: list[str] = Field(default_factory=list)
+    # More fields of peft's config class for the method, passed as given: e.g. {layers_to_transform: [3]}
+    # for lora, {r: 8, alpha: 8} for loha, {feedforward_modules: [down_proj]} for ia3.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _lora_keys_only_for_lora(self) -> "PeftConfig":
+        if self.method in ("none", "lora", "qlora"):
+            return self
+        defaults = PeftConfig.model_construct()
+        for key in LORA_ONLY_KEYS:
+            if getattr(self, key) != getattr(defaults, key):
+                raise ValueError(f"peft.{key} is LoRA's; for peft.method {self.method} give the method's own "
+                                 f"fields under peft.options (e.g. peft.options.{key})")
+        return self
+
+    @model_validator(mode="after")
+    def _options_do_not_repeat_keys(self) -> "PeftConfig":
+        typed = {"task_type", "target_modules", "modules_to_save"}
+        if self.method in ("lora", "qlora"):
+            typed |= {"r", "lora_alpha", "lora_dropout", *LORA_ONLY_KEYS}
+        repeated = sorted(typed & set(self.options))
+        if repeated:
+            raise ValueError(f"peft.options.{repeated[0]}: set by sft_dist (task_type from model.task) or by its "
+                             f"own key (peft.target_modules, peft.r, peft.alpha, ...); remove it from options")
+        return self
+
+
+LORA_ONLY_KEYS = ("r", "alpha", "dropout", "use_dora", "use_rslora")
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")

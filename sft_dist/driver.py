@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sft_dist import checkpoint, lr_find, plots, sinks
+from sft_dist import adapters, checkpoint, lr_find, plots, sinks
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
@@ -29,7 +29,10 @@ from sft_dist.runtime import Job
 
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
-    """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps."""
+    """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps; first
+    check the adapter config against the installed peft, which the config alone cannot."""
+    if adapters.enabled(cfg.peft):
+        adapters.check(cfg.peft, cfg.model, zero3=cfg.deepspeed.stage == 3)
     tokenizer = None if cfg.model.task == "image_classification" else load_tokenizer(cfg.model)
     data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data", cfg.model.labels)
     t = cfg.train
@@ -217,15 +220,8 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
                if k in ("model", "peft")]
     if changed:
         raise UserError(f"the checkpoint {folder} was trained with another {', '.join(changed)}", key=changed[0])
-    data = prepare_data(cfg)
-    if use_ray:
-        connect_to_ray(cfg)
-    run_dir = create_run_dir(cfg)
-    print(f"evaluating {folder}; run folder: {run_dir}", flush=True)
-    recorder = RunRecorder(run_dir)
-    fit = fit_on_ray if use_ray else fit_in_process
-    error = fit(cfg, data, recorder, Job(kind="eval", checkpoint=str(folder)))
-    error = recorder.worker_error() or error
+    run_dir, recorder, error = side_run(cfg, use_ray, Job(kind="eval", checkpoint=str(folder)),
+                                        f"evaluating {folder}")
     if error:
         print(f"error: evaluation failed: {error}", file=sys.stderr)
         return 1
@@ -233,6 +229,19 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
     return 0
+
+
+def side_run(cfg: RunConfig, use_ray: bool, job: Job, describe: str) -> tuple[Path, RunRecorder, str | None]:
+    """A short run beside training (`eval`, `lr-find`) in a run folder of its own: the folder, what the
+    workers recorded, and the error if the run failed."""
+    data = prepare_data(cfg)
+    if use_ray:
+        connect_to_ray(cfg)
+    run_dir = create_run_dir(cfg)
+    print(f"{describe}; run folder: {run_dir}", flush=True)
+    recorder = RunRecorder(run_dir)
+    error = (fit_on_ray if use_ray else fit_in_process)(cfg, data, recorder, job)
+    return run_dir, recorder, recorder.worker_error() or error
 
 
 def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr_max: float, steps: int,
@@ -247,13 +256,8 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
              "eval.generate=null", "logging.every_steps=1", "debug.fail_at_step=null"]
     cfg = with_labels(config_lib.load(config_path, [*overrides, *sweep, *([] if use_ray else ["ray.num_workers=1"])]))
     cfg = cfg.model_copy(update={"run_name": f"lr-find-{cfg.run_name}"})
-    data = prepare_data(cfg)
-    if use_ray:
-        connect_to_ray(cfg)
-    run_dir = create_run_dir(cfg)
-    print(f"learning-rate range test, {lr_min:g} -> {lr_max:g} over {steps} steps; run folder: {run_dir}", flush=True)
-    recorder = RunRecorder(run_dir)
-    error = (fit_on_ray if use_ray else fit_in_process)(cfg, data, recorder, Job(kind="lr_find"))
+    run_dir, recorder, error = side_run(cfg, use_ray, Job(kind="lr_find"),
+                                        f"learning-rate range test, {lr_min:g} -> {lr_max:g} over {steps} steps")
     if error:
         print(f"error: the range test failed: {error}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = Fals
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     if merge_lora and not adapters.enabled(cfg.peft):
-        raise UserError("--merge-lora: this checkpoint is a full fine-tune (peft.method: none), not a LoRA one",
+        raise UserError("--merge-lora: this checkpoint is a full fine-tune (peft.method: none), not an adapter one",
                         file=str(folder))
     if adapters.enabled(cfg.peft):
         write_lora(folder, staging, cfg, DTYPES[dtype], merge_lora)

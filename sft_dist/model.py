@@ -76,3 +76,12 @@ def build(
         embeddings.neftune_noise_alpha = neftune_alpha
         embeddings.register_forward_hook(neftune_post_forward_hook)
     return model
+
+
+def skeleton(cfg: ModelConfig) -> torch.nn.Module:
+    """The model's modules without weights (on the meta device): for checks of its structure that should
+    not cost a load, such as where adapters can go."""
+    config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
+                                        trust_remote_code=cfg.trust_remote_code, **tasks.head_config(cfg))
+    with torch.device("meta"):
+        return tasks.AUTO_CLASSES[cfg.task].from_config(config, trust_remote_code=cfg.trust_remote_code)

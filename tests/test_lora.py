@@ -43,6 +43,13 @@ def lora_zero3_run(ray_cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lora_zero0_run(ray_cluster, tmp_path_factory):
+    """Without ZeRO: every rank holds the whole adapter and its optimizer state; export reads rank 0's file."""
+    return train_tiny(tmp_path_factory.mktemp("lora0"), *LORA, "deepspeed.stage=0", "eval.generate=null",
+                      "checkpoint.export_at_end=true")
+
+
+@pytest.fixture(scope="module")
 def failed_lora_zero3_run(ray_cluster, tmp_path_factory):
     """Rank 1 raises at step 7; Ray restarts the workers, which resume from the step-5 adapter checkpoint."""
     return train_tiny(tmp_path_factory.mktemp("lora3fail"), *LORA, "deepspeed.stage=3", "eval.generate=null",
@@ -101,6 +108,14 @@ def test_lora_learns_and_trains_only_the_adapter(run, request):
 
 def test_zero2_and_zero3_lora_follow_the_same_trajectory(lora_zero2_run, lora_zero3_run):
     assert train_losses(lora_zero3_run) == pytest.approx(train_losses(lora_zero2_run), rel=1e-4)
+
+
+def test_lora_without_zero_follows_zero2_and_exports_its_adapter(lora_zero0_run, lora_zero2_run):
+    assert train_losses(lora_zero0_run) == pytest.approx(train_losses(lora_zero2_run), rel=1e-4)
+    adapter = load_file(lora_zero0_run / "model" / "adapter_model.safetensors")
+    assert sum(t.numel() for t in adapter.values()) == expected_adapter_elements()
+    on_base = adapter_on_base(lora_zero0_run / "model")
+    assert eval_loss(on_base, lora_zero0_run.parent) == pytest.approx(eval_losses(lora_zero0_run)[-1], rel=1e-5)
 
 
 def tensor_bytes(saved: object) -> int:
@@ -204,3 +219,87 @@ def test_a_wrapped_model_with_tied_embeddings_keeps_its_frozen_base_out_of_its_s
     assert model.base_model.model.lm_head.weight is model.base_model.model.model.embed_tokens.weight
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert set(model.state_dict()) == trainable and len(trainable) == 2 * 7 * 2
+
+
+# ---------------------------------------------------------------- other peft methods, by name
+
+OTHER_METHOD = ("train.lr=1e-2", f"train.max_steps={STEPS}", "eval.generate=null", f"checkpoint.every_steps={STEPS}",
+                "checkpoint.export_at_end=true")
+
+
+@pytest.fixture(scope="module")
+def loha_zero2_run(ray_cluster, tmp_path_factory):
+    """LoHa: two low-rank pairs per layer, multiplied elementwise (peft reads weight shapes: not ZeRO-3)."""
+    return train_tiny(tmp_path_factory.mktemp("loha2"), "peft.method=loha", f"peft.options={{r: {R}, alpha: {R}}}",
+                      "deepspeed.stage=2", *OTHER_METHOD)
+
+
+@pytest.fixture(scope="module")
+def ia3_zero3_run(ray_cluster, tmp_path_factory):
+    """IA3: one learned scaling vector per targeted layer, on ZeRO-3's partitioned base."""
+    # A vector starting at ones moves the output little per step: it takes a larger learning rate.
+    return train_tiny(tmp_path_factory.mktemp("ia3"), "peft.method=ia3", f"peft.target_modules=[{LINEARS}]",
+                      "deepspeed.stage=3", *OTHER_METHOD, "train.lr=1e-1")
+
+
+LINEARS = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+
+
+def ia3_elements() -> int:
+    """One vector per targeted linear layer (all of them): of its output size, except down_proj, which
+    peft's IA3 treats as feed-forward for Llama and scales on its input."""
+    c = json.loads((BASE / "config.json").read_text())
+    h, i, head = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
+    return (q + 2 * kv + h + 2 * i + i) * c["num_hidden_layers"]  # q, k, v, o, gate, up; down's input
+
+
+@pytest.mark.parametrize("run, peft_type, elements", [
+    ("loha_zero2_run", "LOHA", lambda: 2 * expected_adapter_elements()),  # w = (a1 @ b1) * (a2 @ b2)
+    ("ia3_zero3_run", "IA3", ia3_elements),
+])
+def test_other_peft_methods_by_name_train_and_export(run, peft_type, elements, request, tmp_path):
+    run_dir = request.getfixturevalue(run)
+    first_eval, last_eval = eval_losses(run_dir)
+    assert last_eval < 0.98 * first_eval, (first_eval, last_eval)
+    setup = next(e for e in read_events(run_dir) if e.get("event") == "setup")
+    assert setup["trainable_params"] == elements()
+    adapter_dir = run_dir / "model"
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"] == peft_type
+    saved = load_file(adapter_dir / "adapter_model.safetensors")  # under ZeRO-3, gathered from the partitions
+    assert sum(t.numel() for t in saved.values()) == elements()
+    on_base = adapter_on_base(adapter_dir)
+    assert eval_loss(on_base, run_dir.parent) == pytest.approx(last_eval, rel=1e-5)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[1, 5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, on_base(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["peft.method=lorra"], "peft.method", "not a method of peft"),
+    (["peft.method=prefix_tuning"], "peft.method", "prompt-learning methods add virtual tokens"),
+    (["peft.method=ia3", "peft.options={nonsense: 1}"], "peft.options.nonsense", "not a field of peft's IA3Config"),
+    (["peft.method=ia3", "peft.r=4"], "peft", "peft.r is LoRA's"),
+    (["peft.method=lora", "peft.target_modules=[q_projection]"], "peft", "Target modules {'q_projection'} not found"),
+    (["peft.method=loha", "deepspeed.stage=3"], "peft", "peft's loha cannot be built on ZeRO-3's partitioned weights"),
+    (["peft.method=ia3"], "peft.target_modules", "ia3 with all-linear saves an adapter peft cannot load again"),
+    (["peft.method=lora", "peft.options={init_lora_weights: pissa}"], "peft.options.init_lora_weights",
+     "pissa changes the frozen base weights"),
+])
+def test_an_adapter_peft_cannot_build_is_refused_before_ray_starts(overrides, key, message, capsys):
+    code = main(["train", str(TINY_CONFIG), *[a for o in overrides for a in ("--set", o)]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{key}:" in err and message in err, err
+
+
+def test_peft_still_cannot_reload_an_ia3_adapter_saved_with_all_linear(tmp_path):
+    """Why sft_dist refuses ia3 with all-linear (peft#2429). When this fails, peft has fixed it: drop the refusal."""
+    from peft import IA3Config, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(BASE), IA3Config(target_modules="all-linear"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="feedforward_modules` should be a subset of `target_modules"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path)
