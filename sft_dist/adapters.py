@@ -108,7 +108,10 @@ def _dry_run(cfg: PeftConfig, skeleton: torch.nn.Module, method: PeftMethodConfi
         return
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as err:
         raise UserError(f"{failure}: {type(err).__name__}: {err}", key="peft") from None
-    empty = [name for name, p in model.named_parameters() if p.requires_grad and p.numel() == 0]
+    # modules_to_save (a classifier's head) are copies of the model's own modules, emptied here as they
+    # are partitioned under ZeRO-3: not adapters sized from a shape.
+    empty = [name for name, p in model.named_parameters()
+             if p.requires_grad and p.numel() == 0 and ".modules_to_save." not in name]
     if empty:  # an adapter sized from an emptied weight's shape: it would silently train nothing
         raise UserError(f"{failure}: empty adapter tensors such as {empty[0]}", key="peft")
 
