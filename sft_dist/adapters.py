@@ -28,7 +28,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from sft_dist import model as model_lib
 from sft_dist.config import ModelConfig, PeftConfig
 from sft_dist.errors import UserError
-from sft_dist.tasks import PEFT_TASK_TYPES
+from sft_dist.tasks import IMAGE_HEADS, PEFT_TASK_TYPES
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter; it appears inside parameter names
 
@@ -46,12 +46,16 @@ def method_config(cfg: PeftConfig, task: str = "causal_lm") -> PeftMethodConfig:
         raise UserError(f"not a field of peft's {config_class.__name__}; its fields: "
                         f"{', '.join(sorted(known - {'peft_type', 'task_type', 'revision', 'auto_mapping'}))}",
                         key=f"peft.options.{unknown[0]}")
-    if cfg.modules_to_save and "modules_to_save" not in known:
-        raise UserError(f"peft's {config_class.__name__} trains no extra modules in full", key="peft.modules_to_save")
-    # A classification task type makes peft train and save the new head in full (modules_to_save).
+    # A text classification task type makes peft train and save the new head in full (modules_to_save);
+    # peft has no image task type, so an image classifier's head is named here.
+    heads = IMAGE_HEADS if task == "image_classification" else []
+    if (cfg.modules_to_save or heads) and "modules_to_save" not in known:
+        raise UserError(f"peft's {config_class.__name__} trains no extra modules in full"
+                        + (", which an image classifier's new head needs" if heads else ""),
+                        key="peft.modules_to_save" if cfg.modules_to_save else "peft.method")
     common = {"task_type": PEFT_TASK_TYPES[task], "target_modules": cfg.target_modules}
     if "modules_to_save" in known:
-        common["modules_to_save"] = cfg.modules_to_save or None
+        common["modules_to_save"] = [*heads, *cfg.modules_to_save] or None
     if config_class is LoraConfig:
         common |= {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": cfg.use_dora,
                    "use_rslora": cfg.use_rslora}
@@ -104,7 +108,10 @@ def _dry_run(cfg: PeftConfig, skeleton: torch.nn.Module, method: PeftMethodConfi
         return
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as err:
         raise UserError(f"{failure}: {type(err).__name__}: {err}", key="peft") from None
-    empty = [name for name, p in model.named_parameters() if p.requires_grad and p.numel() == 0]
+    # modules_to_save (a classifier's head) are copies of the model's own modules, emptied here as they
+    # are partitioned under ZeRO-3: not adapters sized from a shape.
+    empty = [name for name, p in model.named_parameters()
+             if p.requires_grad and p.numel() == 0 and ".modules_to_save." not in name]
     if empty:  # an adapter sized from an emptied weight's shape: it would silently train nothing
         raise UserError(f"{failure}: empty adapter tensors such as {empty[0]}", key="peft")
 

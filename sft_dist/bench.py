@@ -116,7 +116,7 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
     for step in range(steps):
         started = time.perf_counter()
         loss_sum, step_tokens, global_supervised = train.train_step(session.engine, ctx, session.train_set, plan,
-                                                                    step, supervised, pad_id)
+                                                                    step, supervised, session.batches)
         ours.append(time.perf_counter() - started)
         started = time.perf_counter()
         micro = [session.train_set[[int(i) for i in m]] for m in plan.micro_batches(step, 0)]
@@ -166,7 +166,7 @@ def session_tokens_per_s(ctx: Any, cfg: Any, data: Any, warmup: int, repeats: in
     for step in range(warmup + repeats):
         started = time.perf_counter()
         _, step_tokens, _ = train.train_step(session.engine, ctx, session.train_set, session.plan, step, supervised,
-                                             session.tokenizer.pad_token_id)
+                                             session.batches)
         times.append(time.perf_counter() - started)
         tokens.append(step_tokens)
     return float(np.sum(tokens[warmup:]) / np.sum(times[warmup:]))

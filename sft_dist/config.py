@@ -43,14 +43,6 @@ class ModelConfig(Section):
     num_labels: int | None = Field(None, gt=1)
     labels: list[str] | None = None
 
-    @field_validator("task")
-    @classmethod
-    def _task_supported(cls, task: str) -> str:
-        if task == "image_classification":
-            raise ValueError(f"task {task!r} is not supported yet; use causal_lm, sequence_classification "
-                             "or token_classification")
-        return task
-
     @model_validator(mode="after")
     def _labels_match_their_number(self) -> "ModelConfig":
         if self.labels is not None and (len(set(self.labels)) != len(self.labels) or len(self.labels) < 2):
@@ -115,9 +107,13 @@ FORMAT_FIELDS = {
     "text": ("text",),
     "classification": ("text", "text_pair", "label"),  # a text (or a pair) and a label name or id
     "token_classification": ("tokens", "tags"),  # words and one tag (BIO/IOB2, name or id) per word
+    # An image (a path, relative to the data file's folder or absolute, or the bytes of an image file,
+    # e.g. a `datasets` Image column) and a label name or id.
+    "image_classification": ("image", "label"),
 }
 # The data format each model.task trains on (causal_lm: any of the others).
-TASK_FORMATS = {"sequence_classification": "classification", "token_classification": "token_classification"}
+TASK_FORMATS = {"sequence_classification": "classification", "token_classification": "token_classification",
+                "image_classification": "image_classification"}
 ROLES = ("system", "user", "assistant")
 
 
@@ -154,6 +150,23 @@ EvalEntry = Annotated[
 ]
 
 
+class ImageAugmentConfig(Section):
+    """Training-only image augmentation, applied before the model's image processor, drawn from
+    (seed, step, row): the same images on every rerun, none in validation."""
+
+    horizontal_flip: bool = True  # mirror half of the images left-right
+    # Random resized crop (torchvision's RandomResizedCrop): a crop of this fraction of the area, with
+    # an aspect ratio between 3/4 and 4/3, resized back; null: no cropping.
+    crop_scale: tuple[float, float] | None = (0.6, 1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_is_a_range(cls, scale: tuple[float, float] | None) -> tuple[float, float] | None:
+        if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(scale)}")
+        return scale
+
+
 class DataConfig(Section):
     train: list[SourceEntry]
     # Sources, or a fraction (0-1) of the training rows held out (chosen by content, the same every run).
@@ -172,6 +185,7 @@ class DataConfig(Section):
     num_proc: int | None = Field(None, gt=0)  # tokenizing processes; default: by data size and CPUs
     # token_classification: label every sub-token of a word with its tag, not only the first one.
     label_all_subtokens: bool = False
+    image_augment: ImageAugmentConfig | None = None  # image_classification only
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -239,6 +253,12 @@ class DataConfig(Section):
         wrong = sorted(v for v in self.roles.values() if v not in ROLES)
         if wrong:
             raise ValueError(f"data.roles: maps to {', '.join(wrong)}; map each dataset role to one of {ROLES}")
+        return self
+
+    @model_validator(mode="after")
+    def _augment_needs_images(self) -> "DataConfig":
+        if self.image_augment is not None and self.format != "image_classification":
+            raise ValueError(f"data.image_augment: augments images; data.format {self.format} has none")
         return self
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     check the adapter config against the installed peft, which the config alone cannot."""
     if adapters.enabled(cfg.peft):
         adapters.check(cfg.peft, cfg.model, zero3=cfg.deepspeed.stage == 3)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = None if cfg.model.task == "image_classification" else load_tokenizer(cfg.model)
     data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data", cfg.model.labels)
     t = cfg.train
     lengths = row_lengths(data.train_dir)

@@ -18,15 +18,16 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sft_dist.config import EvalConfig, GenerateConfig
-from sft_dist.data.batches import attention_of, collate, eval_batches, model_inputs
+from sft_dist.data.batches import eval_batches, model_inputs
 from sft_dist.runtime import RunContext, all_reduce_sum
 from sft_dist.tasks import TokenCounts
 
 
-def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int, pad_id: int,
+def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
              counter: Any = None) -> dict[str, float]:
     """The task's metrics over the whole eval set, from counts summed over ranks (`counter`, from
     `tasks.eval_counts`; by default the causal LM's token-weighted loss, perplexity and token accuracy).
+    `batches` makes model inputs of saved rows (`TextBatches`, `ImageBatches`), unaugmented here.
 
     Collective: every rank calls it at the same step (each forward under ZeRO-3 gathers parameters).
     """
@@ -39,7 +40,7 @@ def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int,
         for indices in eval_batches(len(eval_set), micro_batch_size, ctx.rank, ctx.world_size):
             # A rank whose share ran out still runs a forward (on example 0), counted with weight 0.
             rows = eval_set[[int(i) for i in indices] or [0]]
-            batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
+            batch = {k: v.to(ctx.device) for k, v in batches(rows).items()}
             logits = engine(**model_inputs(batch)).logits
             if len(indices):
                 totals += counter.counts(logits, batch["labels"])

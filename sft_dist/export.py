@@ -1,5 +1,6 @@
 """Checkpoint to a Hugging Face folder: safetensors weights, config, tokenizer (with its chat template)
-and generation config, loadable with `AutoModelForCausalLM.from_pretrained(DIR)`. A LoRA checkpoint
+or image processor, and generation config, loadable with the task's `AutoModelFor...from_pretrained(DIR)`
+and `pipeline(...)`. A LoRA checkpoint
 becomes the adapter folder `PeftModel.from_pretrained(base, DIR)` loads, or with `merge_lora` the
 base with the adapter merged in, a plain model folder.
 
@@ -66,7 +67,7 @@ def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
     if m.task != "causal_lm":
         config.architectures = [tasks.architecture(config, m.task)]
     config.save_pretrained(out)
-    write_tokenizer(cfg, out)
+    write_preprocessor(cfg, out)
     if m.task != "causal_lm":
         return  # classifiers do not generate
     try:
@@ -76,8 +77,12 @@ def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
     generation.save_pretrained(out)
 
 
-def write_tokenizer(cfg: RunConfig, out: Path) -> None:
+def write_preprocessor(cfg: RunConfig, out: Path) -> None:
+    """The tokenizer, or an image classifier's image processor (what `pipeline(...)` needs besides the model)."""
     m = cfg.model
+    if m.task == "image_classification":
+        model_lib.load_image_processor(m).save_pretrained(out)
+        return
     tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
     tokenizer.save_pretrained(out)
 
@@ -95,7 +100,7 @@ def write_lora(folder: Path, out: Path, cfg: RunConfig, dtype: torch.dtype, merg
         write_metadata(cfg, out, dtype)
     else:
         adapters.save_adapter(model.to(dtype), out, cfg.model.name_or_path)
-        write_tokenizer(cfg, out)
+        write_preprocessor(cfg, out)
 
 
 def trained_tensors(folder: Path, stage: int) -> dict[str, torch.Tensor]:

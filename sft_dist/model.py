@@ -10,8 +10,9 @@ import contextlib
 from typing import Any, ContextManager
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.integrations.neftune import neftune_post_forward_hook
+from transformers.utils import is_torchvision_available
 
 from sft_dist import tasks
 from sft_dist.config import ModelConfig
@@ -28,6 +29,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         # Padded positions are masked and unsupervised, so any id will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_image_processor(cfg: ModelConfig) -> Any:
+    """The model folder's own image processor (preprocessor_config.json). Its PIL implementation when
+    torchvision, which the default one needs, is not installed: what `pipeline(...)` falls back to as
+    well, so training, validation and the exported model's pipeline see the same pixels."""
+    backend = {} if is_torchvision_available() else {"backend": "pil"}
+    return AutoImageProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **backend)
 
 
 def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:

@@ -10,7 +10,10 @@ Large Transformer Models" (2022): s·b·h·(34 + 5·a·s/h) bytes per layer in 1
 gradient checkpointing, each layer keeps its 16-bit input (2·s·b·h) and one layer is recomputed at a
 time. Plus the logits: s·b·V in the compute dtype, and a float32 copy and its gradient for the loss.
 
-Parameters are counted from the model's config on the meta device: no weights are read.
+Parameters are counted from the model's config on the meta device, built by the `model.task`'s class
+(a classifier with its head, not a language-model head): no weights are read. A classifier's logits
+are per label, not per vocabulary entry; a vision transformer's sequence is its patches (and [CLS]),
+not `data.max_seq_len`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class ModelShape:
     hidden: int
     layers: int
     heads: int
-    vocab: int
+    vocab: int  # logits per position: the vocabulary of a causal LM, a classifier's labels
+    positions: int | None = None  # a fixed sequence length (an image's patches); None: data.max_seq_len
 
 
 @dataclass(frozen=True)
@@ -146,23 +150,38 @@ def model_config_folder(cfg: RunConfig, config_path: Path, given: str | None) ->
     return shipped if (shipped / "config.json").is_file() else name
 
 
-def model_shape(source: Path | str, trust_remote_code: bool = False) -> ModelShape:
-    """Count parameters from the config alone: the model is built on the meta device (no memory, no weights)."""
+def model_shape(source: Path | str, trust_remote_code: bool = False, task: str = "causal_lm",
+                num_labels: int = 2) -> ModelShape:
+    """Count parameters from the config alone: the task's model is built on the meta device (no memory,
+    no weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from sft_dist.tasks import AUTO_CLASSES
+
+    head = {} if task == "causal_lm" else {"num_labels": num_labels}
     try:
-        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, **head)
     except OSError as err:
         raise UserError(f"cannot read the model's config from {source} ({err}); pass --model-config DIR "
                         "(a folder with the model's config.json)", key="model.name_or_path") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AUTO_CLASSES[task].from_config(config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelShape(total, largest, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
-                      text.vocab_size)
+    # Convolutional vision models have no transformer layers: their activations are not estimated.
+    layers = [getattr(text, name, 0) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads")]
+    return ModelShape(total, largest, *layers, text.vocab_size if task == "causal_lm" else num_labels,
+                      image_positions(config))
+
+
+def image_positions(config: Any) -> int | None:
+    """A vision transformer's sequence: one position per patch, plus [CLS]; None for text models."""
+    size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int):
+        return None
+    return (size // patch) ** 2 + 1
 
 
 # ---------------------------------------------------------------- the report
@@ -179,7 +198,8 @@ def parse_bytes(text: str) -> int:
 def rows(cfg: RunConfig, shape: ModelShape, gpus_per_node: int) -> list[dict[str, Any]]:
     t, world = cfg.train, cfg.ray.num_workers
     eager = cfg.model.attn_implementation == "eager"
-    act = {gc: activation_bytes(shape, t.micro_batch_size, cfg.data.max_seq_len, t.precision, eager, gc)
+    seq_len = shape.positions or cfg.data.max_seq_len
+    act = {gc: activation_bytes(shape, t.micro_batch_size, seq_len, t.precision, eager, gc)
            for gc in (False, True)}
     out = []
     for setting in settings():
@@ -215,9 +235,10 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
     lines = [
         f"model: {cfg.model.name_or_path}: {shape.total_params / 1e9:.3f} B parameters "
         f"({shape.total_params:,}; largest layer {shape.largest_layer_params:,}), {shape.layers} layers, "
-        f"hidden {shape.hidden}, vocab {shape.vocab}",
+        f"hidden {shape.hidden}, {'vocab' if cfg.model.task == 'causal_lm' else 'labels'} {shape.vocab}",
         f"run: {cfg.ray.num_workers} workers, {t.precision}, micro-batch {t.micro_batch_size} x "
-        f"{cfg.data.max_seq_len} tokens, configured ZeRO-{ds.stage}"
+        f"{shape.positions or cfg.data.max_seq_len} {'patches' if shape.positions else 'tokens'}, "
+        f"configured ZeRO-{ds.stage}"
         + (" offload optimizer" if ds.offload_optimizer else "") + (" offload params" if ds.offload_params else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else ""),
         "",
@@ -260,5 +281,8 @@ def plan(config_path: str, overrides: list[str], device_memory: str | None, mode
 
     cfg = config_lib.load(config_path, overrides)
     device_bytes = parse_bytes(device_memory) if device_memory else None
-    shape = model_shape(model_config_folder(cfg, Path(config_path), model_config), cfg.model.trust_remote_code)
+    # A classifier's label count from the config (2 if the data names them: the head is a rounding error).
+    num_labels = len(cfg.model.labels) if cfg.model.labels else cfg.model.num_labels or 2
+    shape = model_shape(model_config_folder(cfg, Path(config_path), model_config), cfg.model.trust_remote_code,
+                        cfg.model.task, num_labels)
     return report(cfg, shape, device_bytes, gpus_per_node or min(cfg.ray.num_workers, 8))

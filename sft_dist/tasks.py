@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
 
 from sft_dist.config import ModelConfig, TrainConfig
 from sft_dist.data.chat import IGNORE_INDEX
@@ -25,9 +26,15 @@ AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
     "sequence_classification": AutoModelForSequenceClassification,
     "token_classification": AutoModelForTokenClassification,
+    "image_classification": AutoModelForImageClassification,
 }
+# peft has no image task type: image heads are named in modules_to_save instead (IMAGE_HEADS).
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS",
-                   "token_classification": "TOKEN_CLS"}
+                   "token_classification": "TOKEN_CLS", "image_classification": None}
+# The new head's module name in transformers' image classifiers (ViT, DeiT, BEiT, Swin, ConvNeXT, ResNet...).
+IMAGE_HEADS = ["classifier"]
+# Tasks that classify a whole example (one label id per row): the same loss and the same metrics.
+WHOLE_EXAMPLE_TASKS = ("sequence_classification", "image_classification")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -58,7 +65,7 @@ def training_loss(task: str, train: TrainConfig) -> LossFn:
         return lambda logits, labels: token_loss_sums(logits, labels, train.label_smoothing)
     weights = torch.tensor(train.class_weights, dtype=torch.float32) if train.class_weights else None
     smoothing = train.label_smoothing
-    if task == "sequence_classification":
+    if task in WHOLE_EXAMPLE_TASKS:
         return lambda logits, labels: sequence_loss_sums(logits, labels, weights, smoothing)
     return lambda logits, labels: tag_loss_sums(logits, labels, weights, smoothing)
 
@@ -103,7 +110,7 @@ class TokenCounts:
 
 
 class SequenceCounts:
-    """Sequence classification: loss sum, examples, correct, then per class TP, FP and FN."""
+    """Sequence (and image) classification: loss sum, examples, correct, then per class TP, FP and FN."""
 
     def __init__(self, num_labels: int):
         self.num_labels = num_labels
@@ -167,7 +174,7 @@ class EntityCounts:
 
 
 def eval_counts(cfg: ModelConfig) -> TokenCounts | SequenceCounts | EntityCounts:
-    if cfg.task == "sequence_classification":
+    if cfg.task in WHOLE_EXAMPLE_TASKS:
         return SequenceCounts(len(cfg.labels))
     if cfg.task == "token_classification":
         return EntityCounts(list(cfg.labels))

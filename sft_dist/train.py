@@ -18,7 +18,8 @@ from sft_dist import adapters, checkpoint, faults, preflight, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig, resume_fingerprint
-from sft_dist.data.batches import BatchPlan, attention_of, collate, grouping_lengths, model_inputs
+from sft_dist.data.batches import BatchPlan, TextBatches, attention_of, grouping_lengths, model_inputs
+from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
 from sft_dist.evaluate import BestTracker, deadline, generate_answers, generation_metrics, validate
@@ -39,11 +40,12 @@ class Session:
     ctx: RunContext
     cfg: RunConfig
     engine: Any
-    tokenizer: Any
+    tokenizer: Any  # None for images
     train_set: Any
     eval_set: Any | None
     prompts: list[dict]
     plan: BatchPlan
+    batches: TextBatches | ImageBatches  # saved rows -> model inputs
 
     def validate(self, step: int) -> dict[str, Any]:
         """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
@@ -55,7 +57,7 @@ class Session:
         if self.eval_set is not None:
             with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.tokenizer.pad_token_id,
+                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
                                         tasks.eval_counts(cfg.model)))
         if cfg.eval.generate and self.prompts:
             with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
@@ -74,7 +76,7 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     set_seed(cfg.seed)
     engine_lib.init_distributed()
     preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
-    tokenizer = model_lib.load_tokenizer(cfg.model)
+    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(cfg.model)
     if cfg.data.chat_template:  # generation prompts render as the training data did
         tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
@@ -82,7 +84,16 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
     engine, loop_state = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
-    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan), loop_state
+    batches = batch_maker(cfg, tokenizer, engine.module)
+    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches), loop_state
+
+
+def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> TextBatches | ImageBatches:
+    """How saved rows become this model's inputs: padded tokens, or the image processor's pixels."""
+    if cfg.model.task == "image_classification":
+        dtype = next(module.parameters()).dtype  # not every vision model casts its pixels itself
+        return ImageBatches(model_lib.load_image_processor(cfg.model), cfg.data.image_augment, cfg.seed, dtype)
+    return TextBatches(tokenizer.pad_token_id, attention_of(module))
 
 
 def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:
@@ -102,7 +113,6 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
     tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
-    pad_id = session.tokenizer.pad_token_id
     timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
     loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
 
@@ -124,8 +134,8 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     divergence = Divergence() if stop_on_divergence else None
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
-        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example, pad_id,
-                               loss_fn, timer))
+        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example,
+                               session.batches, loss_fn, timer))
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
         if train_log:
             ctx.emit(train_log)
@@ -238,13 +248,14 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
 
 
 def train_step(
-    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray, pad_id: int,
-    loss_fn: tasks.LossFn = token_loss_sums, timer: StepTimer = OFF,
+    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
+    batches: TextBatches | ImageBatches, loss_fn: tasks.LossFn = token_loss_sums, timer: StepTimer = OFF,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
     Returns (this rank's summed loss, this rank's real tokens, the global batch's supervised tokens).
-    ("Supervised tokens" are examples for sequence classification: the loss is then a mean per example.)
+    ("Supervised tokens" are examples for sequence and image classification: the loss is then a mean
+    per example; an image counts as one token.)
     """
     # Every rank knows the whole global batch's supervised token count without communicating, so each
     # micro-batch's summed loss can be divided by it up front: the gradient is then the mean over all
@@ -257,7 +268,7 @@ def train_step(
     timer.start()
     for indices in plan.micro_batches(step, ctx.rank):
         rows = train_set[[int(i) for i in indices]]
-        batch = {k: v.to(ctx.device) for k, v in collate(rows, pad_id, attention_of(engine.module)).items()}
+        batch = {k: v.to(ctx.device) for k, v in batches(rows, indices, step).items()}
         timer.lap("data")
         logits = engine(**model_inputs(batch)).logits
         loss_sum, _, _ = loss_fn(logits, batch["labels"])
@@ -267,7 +278,7 @@ def train_step(
         engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
         timer.lap("optimizer")
         loss_total += loss_sum.item()
-        tokens += sum(len(ids) for ids in rows["input_ids"])
+        tokens += sum(rows["length"])
     return loss_total, tokens, global_tokens
 
 

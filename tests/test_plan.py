@@ -104,3 +104,19 @@ def test_bad_device_memory_exits_2(capsys):
 
     assert main(["plan", str(TINY_CONFIG), "--device-memory", "lots"]) == 2
     assert "--device-memory" in capsys.readouterr().err
+
+
+def test_sizes_an_image_classifier_by_its_own_parameters_and_patches(capsys):
+    """A classifier is built by its task's class (the tiny ViT with a 3-label head), not as a causal LM."""
+    from transformers import AutoModelForImageClassification
+
+    from sft_dist.cli import main
+
+    folder = REPO / "configs" / "models" / "tiny-vit"
+    loaded = AutoModelForImageClassification.from_pretrained(folder, num_labels=3)
+    shape = plan.model_shape(folder, task="image_classification", num_labels=3)
+    assert shape.total_params == sum(p.numel() for p in loaded.parameters()) == 24_003
+    assert (shape.vocab, shape.positions) == (3, 17)  # 3 labels; (32 / 8)^2 patches and [CLS]
+    assert main(["plan", str(REPO / "configs" / "image-tiny.yaml"), "--set", "model.num_labels=3"]) == 0
+    text = capsys.readouterr().out
+    assert "(24,003;" in text and "labels 3" in text and "micro-batch 8 x 17 patches" in text

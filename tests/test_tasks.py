@@ -100,6 +100,30 @@ def test_ner_labels_go_to_the_first_sub_token_of_each_word(minilm, tmp_path):
         assert row["num_supervised"] == sum(label != x for label in labels)
 
 
+def test_text_pairs_reach_the_model_with_their_token_type_ids(tiny_bert, tmp_path):
+    """BERT tells a text from its pair by token type ids: saved with the rows and padded into every
+    batch, training and validation alike, so the model sees what the tokenizer would give it."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+
+    from sft_dist.data.batches import TextBatches, model_inputs
+
+    rows = [{"text": "Is the battery good?", "text_pair": "Yes, it lasts two whole days.", "label": "positive"},
+            {"text": "Worth it?", "text_pair": "No.", "label": "negative"}]
+    pairs = write_rows(tmp_path / "pairs.jsonl", rows)
+    cfg = load(SENTIMENT_CONFIG, f"model.name_or_path={tiny_bert}", f"data.train={pairs}", "data.eval=null",
+               "eval.every_steps=null", f"output_dir={tmp_path}", "train.micro_batch_size=1", "ray.num_workers=1")
+    tokenizer = driver.load_tokenizer(cfg.model)
+    prepared = driver.prepare(cfg.data, cfg.eval, tokenizer, tmp_path / "cache", cfg.model.labels)
+    batch = TextBatches(tokenizer.pad_token_id)(datasets.load_from_disk(prepared.train_dir)[:])
+    expected = tokenizer([r["text"] for r in rows], [r["text_pair"] for r in rows], padding=True, return_tensors="pt")
+    assert batch["token_type_ids"].tolist() == expected["token_type_ids"].tolist()
+    assert batch["token_type_ids"][0].tolist().count(1) == len(tokenizer(rows[0]["text_pair"])["input_ids"]) - 1
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**model_inputs(batch)).logits, model(**expected).logits)
+
+
 def test_entities_follow_seqeval_spans():
     tags = ["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-ORG", "B-ORG", "I-PER", "O"]
     # An I- after O starts an entity; B- after B- starts another; a type change ends one.
@@ -133,7 +157,8 @@ def reference_macro_f1(target: np.ndarray, predicted: np.ndarray) -> float:
 @pytest.mark.parametrize("overrides, key, words", [
     (["data.format=messages"], "data.format", "trains on data.format: classification"),
     (["model.task=causal_lm"], "data.format", "needs model.task: sequence_classification"),
-    (["model.task=image_classification"], "model.task", "not supported yet"),
+    (["model.task=image_classification"], "data.format", "trains on data.format: image_classification"),
+    (["data.image_augment={}"], "data.image_augment", "data.format classification has none"),
     (["data.packing=true"], "data.packing", "set data.packing: false"),
     (["model.labels=[a, b]", "model.num_labels=3"], "model.num_labels", "set one of them"),
     (["train.class_weights=[1.0, 2.0, 3.0]"], "train.class_weights", "3 weights for 2 labels"),

@@ -99,6 +99,18 @@ def attention_of(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+@dataclass(frozen=True)
+class TextBatches:
+    """Saved token rows as model inputs (`collate`); called like `images.ImageBatches`, whose training
+    batches depend on the step and rows (augmentation), which text ignores."""
+
+    pad_id: int
+    attention: str | None = None
+
+    def __call__(self, rows: dict[str, list], indices: Any = None, step: int | None = None) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad_id, self.attention)
+
+
 def collate(rows: dict[str, list], pad_id: int, attention: str | None = None) -> dict[str, torch.Tensor]:
     """Rows (a dataset slice: input_ids, labels, and seq_lens when packed) as model inputs plus labels.
 
@@ -112,7 +124,10 @@ def collate(rows: dict[str, list], pad_id: int, attention: str | None = None) ->
         return _flattened(rows)
     if "seq_lens" in rows:
         return _packed(rows, pad_id, boolean_mask=attention == "sdpa")
-    return _padded(rows["input_ids"], rows["labels"], pad_id)
+    batch = _padded(rows["input_ids"], rows["labels"], pad_id)
+    if "token_type_ids" in rows:  # a classifier's text pairs (BERT): padded as the tokenizer pads, with 0
+        batch["token_type_ids"] = _padded(rows["token_type_ids"], rows["token_type_ids"], 0)["input_ids"]
+    return batch
 
 
 def _padded(input_ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -31,9 +31,13 @@ FEATURES = datasets.Features({
     "heldout_u": datasets.Value("float64"),  # a uniform number from the example's content (held-out split)
 })
 SAVED_COLUMNS = ("input_ids", "labels", "num_supervised", "length")
+# Saved as well when an encoder makes them: a classifier's token type ids, an image's bytes.
+EXTRA_COLUMNS = ("token_type_ids", "image")
 
 
 class Encoder:
+    features = FEATURES
+
     def __init__(self, data: DataConfig, tokenizer: Any, template: str | None):
         self.data, self.tokenizer, self.template = data, tokenizer, template
 

@@ -5,6 +5,8 @@ and `token_classification` rows (words and one BIO/IOB2 tag per word) into token
 Saved rows keep the causal LM layout, so batching is shared: `labels` holds the one label id of a
 sequence-classification example, or one label per token for token classification (-100 where nothing
 is predicted: special tokens and, by default, every sub-token of a word but the first).
+With a tokenizer whose model takes token type ids (BERT), rows also hold them (a text pair's second
+text is type 1), and the collator pads them into every batch.
 `num_supervised` is what the training loss is normalised by: 1 per example for sequence
 classification (so the loss is a mean over the global batch's examples), the labelled tokens for
 token classification.
@@ -18,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from sft_dist.config import DataConfig, ModelConfig, RunConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX
@@ -26,6 +30,8 @@ from sft_dist.data.sources import open_source
 from sft_dist.errors import UserError
 
 OUTSIDE = "O"  # the BIO tag of a word outside every entity
+# With a tokenizer whose model takes token type ids (BERT: 0 for the text, 1 for its pair).
+TYPED_FEATURES = datasets.Features({**FEATURES, "token_type_ids": datasets.List(datasets.Value("int8"))})
 
 
 def with_labels(cfg: RunConfig) -> RunConfig:
@@ -64,7 +70,7 @@ def label_names(data: DataConfig, model: ModelConfig) -> list[str]:
 
 
 def _label_field(data: DataConfig) -> str:
-    canonical = "label" if data.format == "classification" else "tags"
+    canonical = "tags" if data.format == "token_classification" else "label"
     return data.fields.get(canonical, canonical)
 
 
@@ -75,19 +81,26 @@ def _training_labels(data: DataConfig) -> tuple[set[str], set[int]]:
         for source in data.train_sources():
             parts, _problems = open_source(source, data.streaming, Path(work))
             for part in parts:
-                for batch in part.dataset.iter(batch_size=1000):
+                for batch in _label_column(part.dataset, field).iter(batch_size=1000):
                     for j in range(len(next(iter(batch.values())))):
                         try:
                             row = raw_row(batch, j)
                         except BadRow:
                             continue
                         value = row.get(field) if isinstance(row, dict) else None
-                        for item in (value if isinstance(value, list) and data.format != "classification" else [value]):
+                        tags = isinstance(value, list) and data.format == "token_classification"
+                        for item in value if tags else [value]:
                             if isinstance(item, str):
                                 names.add(item)
                             elif isinstance(item, int) and not isinstance(item, bool):
                                 ids.add(item)
     return names, ids
+
+
+def _label_column(dataset: Any, field: str) -> Any:
+    """Only the label column of a table (an image column would otherwise be read and decoded); JSON
+    rows are one text column, parsed by `raw_row`."""
+    return dataset.select_columns([field]) if field in (dataset.column_names or ()) else dataset
 
 
 class LabelEncoder:
@@ -96,9 +109,11 @@ class LabelEncoder:
     def __init__(self, data: DataConfig, tokenizer: Any, names: list[str]):
         self.data, self.tokenizer, self.names = data, tokenizer, names
         self.ids = {name: i for i, name in enumerate(names)}
+        typed = tokenizer is not None and "token_type_ids" in tokenizer.model_input_names
+        self.features = TYPED_FEATURES if typed else FEATURES
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = {name: [None] * len(indices) for name in FEATURES}
+        out = {name: [None] * len(indices) for name in self.features}
         for j in range(len(indices)):
             out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
             try:
@@ -145,14 +160,13 @@ class LabelEncoder:
         return text, pair, self.label_id(row[label_key], f"'{label_key}'")
 
     def _keep_sequence(self, out: dict, j: int, text: str, pair: str | None, label: int) -> None:
-        full = self.tokenizer(text, pair)["input_ids"]
-        truncated = len(full) > self.data.max_seq_len
-        if truncated and self._dropped_as_too_long(out, j, len(full)):
+        encoded = self.tokenizer(text, pair)
+        truncated = len(encoded["input_ids"]) > self.data.max_seq_len
+        if truncated and self._dropped_as_too_long(out, j, len(encoded["input_ids"])):
             return
-        # The tokenizer truncates (longest first for pairs) and keeps [CLS]/[SEP] in place.
-        ids = self.tokenizer(text, pair, truncation=True, max_length=self.data.max_seq_len)["input_ids"] \
-            if truncated else full
-        self._store(out, j, ids, [label], 1, truncated, [text, pair, label])
+        if truncated:  # the tokenizer truncates (longest first for pairs) and keeps [CLS]/[SEP] in place
+            encoded = self.tokenizer(text, pair, truncation=True, max_length=self.data.max_seq_len)
+        self._store(out, j, encoded, [label], 1, truncated, [text, pair, label])
 
     # ------------------------------------------------------------ token classification
 
@@ -185,7 +199,7 @@ class LabelEncoder:
         if supervised == 0:
             Encoder._drop(out, j, "no_supervised_tokens", "no word left with a label (after truncation)")
             return
-        self._store(out, j, encoded["input_ids"], labels, supervised, truncated, [words, tags])
+        self._store(out, j, encoded, labels, supervised, truncated, [words, tags])
 
     # ------------------------------------------------------------ shared
 
@@ -196,11 +210,13 @@ class LabelEncoder:
         out["length"][j] = length
         return True
 
-    @staticmethod
-    def _store(out: dict, j: int, ids: list[int], labels: list[int], supervised: int, truncated: bool,
+    def _store(self, out: dict, j: int, encoded: Any, labels: list[int], supervised: int, truncated: bool,
                content: list[Any]) -> None:
+        ids = encoded["input_ids"]
         out["input_ids"][j], out["labels"][j], out["num_supervised"][j] = list(ids), labels, supervised
         out["length"][j], out["truncated"][j], out["bad"][j] = len(ids), truncated, False
+        if "token_type_ids" in self.features:
+            out["token_type_ids"][j] = encoded["token_type_ids"]
         # Fixed by the content, as for chat rows: a held-out fraction never has a copy of an eval row in training.
         digest = hashlib.blake2b(json.dumps(content).encode(), digest_size=8).digest()
         out["heldout_u"][j] = int.from_bytes(digest, "big") / 2**64

@@ -23,8 +23,9 @@ from sft_dist.config import DataConfig, EvalConfig, SourceConfig
 from sft_dist.data import stats as stats_lib
 from sft_dist.data.badrows import BadRow, Origin, bad_row_error
 from sft_dist.data.chat import generation_prompt
-from sft_dist.data.encode import FEATURES, SAVED_COLUMNS, Encoder, raw_row
+from sft_dist.data.encode import EXTRA_COLUMNS, SAVED_COLUMNS, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
+from sft_dist.data.images import ImageEncoder, undecoded
 from sft_dist.data.labels import LabelEncoder
 from sft_dist.data.packing import pack
 from sft_dist.data.sources import Part, first_line, fingerprint, open_source
@@ -34,7 +35,7 @@ from sft_dist.errors import UserError
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
 
-CACHE_FORMAT_VERSION = "2"  # bump when the saved layout, masking or packing rules change
+CACHE_FORMAT_VERSION = "3"  # bump when the saved layout, masking or packing rules change
 COMPLETE = "prepared.json"  # written last: a cache folder without it is incomplete
 ROWS_PER_PROCESS = 20_000  # below this, starting tokenizer processes costs more than it saves
 
@@ -63,7 +64,8 @@ class Encoded:
 
 def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: Path,
             labels: list[str] | None = None) -> PreparedData:
-    """`labels`: the label names (in id order) of a classification format's rows."""
+    """`labels`: the label names (in id order) of a classification format's rows; `tokenizer`: None for
+    images (they are saved as files' bytes, so the rows do not depend on the image processor)."""
     template = _template(data, tokenizer)
     num_prompts = eval_cfg.generate.num_prompts if eval_cfg.generate else 0
     key = cache_key(data, tokenizer, template, num_prompts, labels)
@@ -73,7 +75,7 @@ def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: 
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "work").mkdir(parents=True)
         try:
-            encoder = LabelEncoder(data, tokenizer, labels) if labels else Encoder(data, tokenizer, template)
+            encoder = _encoder(data, tokenizer, template, labels)
             summary = _build(data, encoder, num_prompts, tmp)
             (tmp / COMPLETE).write_text(json.dumps(summary, indent=1))
         finally:
@@ -87,6 +89,12 @@ def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: 
     eval_dir = out / "eval"
     return PreparedData(str(out / "train"), str(eval_dir) if eval_dir.is_dir() else None,
                         summary["stats"], summary["prompts"])
+
+
+def _encoder(data: DataConfig, tokenizer: Any, template: str | None, labels: list[str] | None) -> Any:
+    if data.format == "image_classification":
+        return ImageEncoder(data, labels)
+    return LabelEncoder(data, tokenizer, labels) if labels else Encoder(data, tokenizer, template)
 
 
 def _template(data: DataConfig, tokenizer: Any) -> str | None:
@@ -124,7 +132,7 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
         raise _nothing_usable(split, encoded, data)
     # (concatenate_datasets hashes its inputs for a fingerprint: seconds, for nothing, with one input)
     examples = weighted[0] if len(weighted) == 1 else datasets.concatenate_datasets(weighted)
-    saved = examples.select_columns(list(SAVED_COLUMNS))
+    saved = examples.select_columns([*SAVED_COLUMNS, *(c for c in EXTRA_COLUMNS if c in examples.column_names)])
     if data.packing:
         saved = pack(saved, data.max_seq_len, out / "work" / split)
     saved.save_to_disk(str(out / split))
@@ -160,20 +168,23 @@ def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: Dat
 
 def _encode_part(part: Part, encoder: Encoder, data: DataConfig, work: Path) -> datasets.Dataset:
     work.mkdir(parents=True, exist_ok=True)
-    if isinstance(part.dataset, datasets.IterableDataset):
+    dataset, features = part.dataset, encoder.features
+    if isinstance(encoder, ImageEncoder):  # relative image paths start at this part's file
+        dataset, encoder = undecoded(dataset, encoder.image_key), encoder.for_part(part.name)
+    if isinstance(dataset, datasets.IterableDataset):
         # Streaming: rows are read and encoded on the fly; only the encoded rows are written.
         try:
             return datasets.Dataset.from_generator(
-                _encoded_stream, features=FEATURES, gen_kwargs={"stream": part.dataset, "encoder": encoder},
+                _encoded_stream, features=features, gen_kwargs={"stream": dataset, "encoder": encoder},
                 cache_dir=str(work), fingerprint=hashlib.sha256(str(work).encode()).hexdigest()[:16])
         except datasets.exceptions.DatasetGenerationError as err:  # a reader failed mid-stream
             raise UserError(f"cannot read this source: {first_line(err)}", file=part.name) from None
-    num_proc = data.num_proc or min(len(os.sched_getaffinity(0)), len(part.dataset) // ROWS_PER_PROCESS) or None
+    num_proc = data.num_proc or min(len(os.sched_getaffinity(0)), len(dataset) // ROWS_PER_PROCESS) or None
     if num_proc and num_proc > 1:
         # The map forks: the Rust tokenizer's own thread pool would warn and serialize in each child.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return part.dataset.map(
-        encoder, batched=True, with_indices=True, remove_columns=part.dataset.column_names, features=FEATURES,
+    return dataset.map(
+        encoder, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features,
         num_proc=num_proc, cache_file_name=str(work / "encoded.arrow"), load_from_cache_file=False)
 
 
@@ -252,15 +263,18 @@ def cache_key(data: DataConfig, tokenizer: Any, template: str | None, num_prompt
     payload = {
         "version": CACHE_FORMAT_VERSION,
         # num_proc and streaming change how the rows are made, not which rows.
-        "data": data.model_dump(mode="json", exclude={"num_proc", "streaming"}),
+        # Augmentation happens per batch on the workers: not part of the saved rows.
+        "data": data.model_dump(mode="json", exclude={"num_proc", "streaming", "image_augment"}),
         "sources": [fingerprint(s) for s in data.train_sources() + data.eval_sources()],
         "template": template,
-        "special_tokens": [tokenizer.bos_token_id, tokenizer.eos_token_id],
         "num_prompts": num_prompts,
     }
     if labels:
         payload["labels"] = labels
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
+    if tokenizer is None:  # images: the rows hold the images' bytes, whatever the image processor
+        return digest.hexdigest()[:16]
+    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend else json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
     return digest.hexdigest()[:16]
