@@ -75,6 +75,9 @@ def load_space(path: str) -> SearchSpace:
         if "grid" in domain and space.searcher == "optuna":
             raise UserError("grid needs searcher: random (Optuna samples; use choice)", file=path, key=key)
     for i, point in enumerate(space.start_with):
+        if any("grid" in domain for domain in space.params.values()):  # each point would replace a whole grid
+            raise UserError("start_with needs a space without grid (a grid tries every point of its own)",
+                            file=path, key="start_with")
         if set(point) != set(space.params):
             raise UserError(f"give a value for each key of params: {', '.join(space.params)}",
                             file=path, key=f"start_with.{i}")

@@ -98,6 +98,8 @@ def test_optuna_requested_but_not_installed_is_a_setup_error(tmp_path, monkeypat
 @pytest.mark.parametrize("changes, key, message", [
     ({"params": {"train.lr": {"grid": [1e-3, 1e-2]}}, "start_with": []}, "train.lr", "grid needs searcher: random"),
     ({"start_with": [{"train.weight_decay": 0.1}]}, "start_with.0", "give a value for each key of params"),
+    ({"searcher": "random", "params": {"train.lr": {"grid": [1e-3]}}}, "start_with",
+     "start_with needs a space without grid"),
 ])
 def test_a_bad_search_space_names_its_key(tmp_path, capsys, changes, key, message):
     space = write_space(tmp_path, **changes)
