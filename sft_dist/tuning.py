@@ -240,15 +240,24 @@ def run_trial(trial: dict[str, Any]) -> None:
 
     fit = threading.Thread(target=lambda: outcome.append(launcher.fit(cfg, data, record, Job())), daemon=True)
     fit.start()
+    last = []
     while fit.is_alive() or not events.empty():
         try:
             event = events.get(timeout=1)
         except queue.Empty:
             continue
         if trial["metric"] in event and not event.get("event"):
-            tune.report({trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(run_dir)})
+            result = {trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(run_dir)}
+            if cfg.train.max_steps and event["step"] >= cfg.train.max_steps:
+                last.append(result)  # the run's final validation: reported below
+            else:
+                tune.report(result)
     error = outcome[0] if outcome else "the run ended without a result"
     (run_dir / "summary.json").write_text(json.dumps(recorder.summary(data.stats, error), indent=2))
+    # Tune stops a trial (kills its actor) as soon as it reports its last rung (ASHA's max_t): the final
+    # validation goes after the run has ended, so its final checkpoint, export and summary are complete
+    for result in last:
+        tune.report(result)
     if error:
         raise RuntimeError(error)
 
