@@ -10,7 +10,11 @@ thread, which is where `ray.tune.report` belongs.
 from __future__ import annotations
 
 import json
+import math
 import queue
+import shlex
+import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from sft_dist import config as config_lib
 from sft_dist.errors import UserError
@@ -49,7 +54,9 @@ class SearchSpace(BaseModel):
     mode: Literal["min", "max"] | None = None  # default: the config's eval.mode
     num_samples: int = Field(1, gt=0)  # per grid point
     max_concurrent_trials: int | None = Field(None, gt=0)  # default: as many as the cluster's CPUs/GPUs fit
-    searcher: Literal["random", "optuna"] = "random"
+    searcher: Literal["random", "optuna"] = "random"  # optuna: TPE (`pip install 'sft_dist[tune]'`)
+    # Configs tried first, in order, before the searcher's own picks (each sets every key of params).
+    start_with: list[dict[str, Any]] = Field(default_factory=list)
     asha: AshaConfig | None = AshaConfig()
 
 
@@ -65,6 +72,15 @@ def load_space(path: str) -> SearchSpace:
     for key, domain in space.params.items():
         if len(domain) != 1:
             raise UserError("give exactly one of uniform, loguniform, randint, choice, grid", file=path, key=key)
+        if "grid" in domain and space.searcher == "optuna":
+            raise UserError("grid needs searcher: random (Optuna samples; use choice)", file=path, key=key)
+    for i, point in enumerate(space.start_with):
+        if any("grid" in domain for domain in space.params.values()):  # each point would replace a whole grid
+            raise UserError("start_with needs a space without grid (a grid tries every point of its own)",
+                            file=path, key="start_with")
+        if set(point) != set(space.params):
+            raise UserError(f"give a value for each key of params: {', '.join(space.params)}",
+                            file=path, key=f"start_with.{i}")
     return space
 
 
@@ -77,6 +93,8 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
     experiment = Path(base.output_dir) / f"tune-{Path(config_path).stem}-{Path(space_path).stem}"
     metric = space.metric or base.eval.metric
     mode = space.mode or (base.eval.direction() if metric == base.eval.metric else "min")
+    _check_installed(space, space_path)
+    _check_resume(experiment, resume)
     from sft_dist import driver, launcher
 
     driver.prepare_data(base)  # tokenize once, before any trial: trials find the cache
@@ -84,27 +102,58 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
     wanted = base.ray.num_workers * (space.max_concurrent_trials or 1) + 1
     launcher.connect(base.model_copy(update={"ray": base.ray.model_copy(update={"num_workers": wanted})}))
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
-    if resume and tune.Tuner.can_restore(str(experiment)):
+    if resume:  # Tune's saved state: trials, their results, the searcher's and ASHA's state
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        base_file = experiment.with_suffix(".config.yaml")
-        base_file.parent.mkdir(parents=True, exist_ok=True)
-        base_file.write_text(config_lib.dump(base.model_copy(update={"run_name": None})))
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"base": str(base_file), "metric": metric,
-                         "params": {k: DOMAINS[kind](args) for k, d in space.params.items() for kind, args in d.items()}},
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=space.num_samples, search_alg=_searcher(space, metric, mode),
-                scheduler=_asha(space, base), max_concurrent_trials=concurrent_trials(space, base)),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent)),
-        )
+        tuner = _new_tuner(trainable, space, base, experiment, metric, mode)
     results = tuner.fit()
     print(trial_table(results, metric, list(space.params), validations(base)))
+    finished = sum(1 for result in results if ended(result))
+    if finished < num_trials(space):  # Ctrl+C: Tune saved the search's state and stopped its trials
+        command = ["sft-dist", "tune", config_path, "--space", space_path,
+                   *[a for o in overrides for a in ("--set", o)], "--resume"]
+        print(f"the search was interrupted ({finished} of {num_trials(space)} trials finished; its state is in "
+              f"{experiment}); continue it with:\n  {shlex.join(command)}", file=sys.stderr)
+        return 1
     best = results.get_best_result(metric, mode, scope="all")
     print(f"best: {metric} {best.metrics.get(metric)} with " +
           " ".join(f"{k}={v}" for k, v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
     return 0
+
+
+def _new_tuner(trainable: Any, space: SearchSpace, base: Any, experiment: Path, metric: str, mode: str) -> tune.Tuner:
+    base_file = experiment.with_suffix(".config.yaml")  # what every trial loads, with its values on top
+    base_file.parent.mkdir(parents=True, exist_ok=True)
+    base_file.write_text(config_lib.dump(base.model_copy(update={"run_name": None})))
+    return tune.Tuner(
+        trainable,
+        param_space={"base": str(base_file), "metric": metric,
+                     "params": {k: DOMAINS[kind](args) for k, d in space.params.items() for kind, args in d.items()}},
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, num_samples=space.num_samples, scheduler=_asha(space, base),
+            search_alg=_searcher(space, base.seed, concurrent_trials(space, base)),
+            trial_dirname_creator=trial_folder_name),
+        run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent)),
+    )
+
+
+def _check_resume(experiment: Path, resume: bool) -> None:
+    saved = tune.Tuner.can_restore(str(experiment))
+    if resume and not saved:
+        raise UserError(f"no search to resume in {experiment}", key="--resume")
+    if saved and not resume:  # never mix two searches' trials in one experiment
+        raise UserError(f"a search already ran in {experiment}: add --resume to continue it, or remove that "
+                        "folder to start a new one", key="--space")
+
+
+def num_trials(space: SearchSpace) -> int:
+    """Trials in the whole search: num_samples for each grid point (Tune's own count)."""
+    points = math.prod(len(d["grid"]) for d in space.params.values() if "grid" in d)
+    return space.num_samples * points
+
+
+def trial_folder_name(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"  # Tune's default spells out every config value, paths included
 
 
 def as_overrides(values: dict[str, Any]) -> list[str]:
@@ -147,15 +196,28 @@ def validations(base: Any) -> int:
     return int(base.eval.at_start) + periodic + int(base.eval.at_end)
 
 
-def _searcher(space: SearchSpace, metric: str, mode: str) -> Any:
-    if space.searcher == "random":
-        return None  # Tune's own: grid points expanded, other domains sampled
-    try:
-        from ray.tune.search.optuna import OptunaSearch
-        import optuna  # noqa: F401
-    except ImportError:
-        raise UserError("searcher optuna needs `pip install optuna`", key="searcher") from None
-    return OptunaSearch(metric=metric, mode=mode)
+def _check_installed(space: SearchSpace, path: str) -> None:
+    """Before Ray starts: a missing optuna is a setup error (Ray's OptunaSearch imports without it)."""
+    if space.searcher == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise UserError("searcher optuna is not installed: pip install 'sft_dist[tune]'", file=path,
+                            key="searcher") from None
+
+
+def _searcher(space: SearchSpace, seed: int, concurrent: int) -> Any:
+    """Tune's search algorithm, seeded by the config's seed, running at most `concurrent` trials at once;
+    the space's start_with points go first. Tune converts the param_space's domains into the searcher's
+    own (Optuna's distributions)."""
+    if space.searcher == "random":  # Tune's own: grid points expanded, other domains sampled
+        return BasicVariantGenerator(points_to_evaluate=[{"params": p} for p in space.start_with] or None,
+                                     max_concurrent=concurrent, random_state=seed)
+    from ray.tune.search.optuna import OptunaSearch
+
+    # Optuna names each parameter by its flattened path in the param_space
+    points = [{f"params/{k}": v for k, v in p.items()} for p in space.start_with]
+    return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=points or None, seed=seed), max_concurrent=concurrent)
 
 
 def run_trial(trial: dict[str, Any]) -> None:
@@ -164,10 +226,12 @@ def run_trial(trial: dict[str, Any]) -> None:
     from sft_dist.metrics import RunRecorder
     from sft_dist.runtime import Job
 
-    name = f"trial-{tune.get_context().get_trial_id()}"
+    name = f"trial-{tune.get_context().get_trial_id()}"  # the name of its Tune folder too
     cfg = config_lib.load(trial["base"], [*as_overrides(trial["params"]), f"run_name={name}"])
     data = driver.prepare_data(cfg)
-    run_dir = driver.create_run_dir(cfg, continuing=True)  # a restored trial continues in its folder
+    if cfg.run_dir().exists():  # a trial Tune restarts (--resume) starts over: Tune holds no checkpoint of it,
+        shutil.rmtree(cfg.run_dir())  # and Ray Train would resume its run's own checkpoints behind Tune's clock
+    run_dir = driver.create_run_dir(cfg)
     recorder, events, outcome = RunRecorder(run_dir), queue.Queue(), []
 
     def record(event: dict[str, Any]) -> None:
@@ -176,17 +240,32 @@ def run_trial(trial: dict[str, Any]) -> None:
 
     fit = threading.Thread(target=lambda: outcome.append(launcher.fit(cfg, data, record, Job())), daemon=True)
     fit.start()
+    last = []
     while fit.is_alive() or not events.empty():
         try:
             event = events.get(timeout=1)
         except queue.Empty:
             continue
         if trial["metric"] in event and not event.get("event"):
-            tune.report({trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(run_dir)})
+            result = {trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(run_dir)}
+            if cfg.train.max_steps and event["step"] >= cfg.train.max_steps:
+                last.append(result)  # the run's final validation: reported below
+            else:
+                tune.report(result)
     error = outcome[0] if outcome else "the run ended without a result"
     (run_dir / "summary.json").write_text(json.dumps(recorder.summary(data.stats, error), indent=2))
+    # Tune stops a trial (kills its actor) as soon as it reports its last rung (ASHA's max_t): the final
+    # validation goes after the run has ended, so its final checkpoint, export and summary are complete
+    for result in last:
+        tune.report(result)
     if error:
         raise RuntimeError(error)
+
+
+def ended(result: Any) -> bool:
+    """Whether a trial ended: failed, or its last result is marked done (at its end, or stopped by ASHA).
+    A trial cut off by an interrupted search is neither (Tune's status calls it terminated all the same)."""
+    return bool(result.error or result.metrics.get("done"))
 
 
 def trial_table(results: Any, metric: str, keys: list[str], full: int) -> str:
@@ -194,8 +273,10 @@ def trial_table(results: Any, metric: str, keys: list[str], full: int) -> str:
     rows = [["trial", *keys, metric, "validations", "status"]]
     for result in results:
         done = result.metrics.get("training_iteration", 0)
-        status = "error" if result.error else "done" if done >= full else "stopped early"
-        values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (result.config["params"][k] for k in keys)]
+        status = ("error" if result.error else "unfinished" if not ended(result) else
+                  "done" if done >= full else "stopped early")
+        params = (result.config or {}).get("params", {})  # a trial cut off before its first result has none
+        values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (params.get(k, "?") for k in keys)]
         rows.append([str(result.metrics.get("trial_id", "?")), *values,
                      f"{result.metrics.get(metric, float('nan')):.4f}", str(done), status])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -37,6 +37,21 @@ def test_layerwise_decay_sets_the_optimizer_groups_and_lower_blocks_move_less(st
     assert moved[0] == pytest.approx(moved[1] * DECAY, rel=0.2)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_layerwise_decay_reaches_the_lora_adapters_of_each_block(stage, tmp_path):
+    run = train_tiny(tmp_path, "train.max_steps=1", f"deepspeed.stage={stage}", "peft.method=lora",
+                     "train.warmup_ratio=0", "train.scheduler=constant", f"train.lr={LR}", f"train.layerwise_lr_decay={DECAY}",
+                     "eval.generate=null", "eval.at_start=false", "eval.at_end=false", extra_args=("--no-ray",))
+    setup = next(e for e in read_events(run) if e.get("event") == "setup")
+    # only the adapters train (no embeddings, no head): block 0's one below the top, block 1's the top
+    assert sorted(setup["optimizer_lrs"]) == pytest.approx([LR * DECAY, LR])
+    groups = sorted(setup["param_groups"], key=lambda g: g["lr"])
+    for block, group in enumerate(groups):
+        assert group["lr"] == pytest.approx(LR * DECAY ** (1 - block))
+        assert all("lora_" in name and f".layers.{block}." in name for name in group["examples"]), group
+    assert groups[0]["params"] == groups[1]["params"] > 0  # each block's adapters, all of them
+
+
 def test_lr_overrides_win_over_layerwise_decay(tmp_path):
     run = train_tiny(tmp_path, "train.max_steps=1", "train.warmup_ratio=0", "train.scheduler=constant",
                      f"train.lr={LR}", f"train.layerwise_lr_decay={DECAY}", "train.lr_overrides={lm_head: 1.0e-5}",
