@@ -72,11 +72,19 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     ever holds all of it; other stages build normally."""
     global _hf_deepspeed_config
     if ds_config["zero_optimization"]["stage"] == 3:
+        # Kept for the whole job: transformers also asks it whether to sync ranks in `generate`.
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     else:  # an earlier ZeRO-3 engine in this process (tests, --no-ray) must not partition this model
-        _hf_deepspeed_config = None
-        unset_hf_deepspeed_config()
+        forget_zero3_construction()
     yield
+
+
+def forget_zero3_construction() -> None:
+    """Clear transformers' process-wide ZeRO-3 setting, which would make later `from_pretrained` and
+    `from_config` calls in this process build partitioned models."""
+    global _hf_deepspeed_config
+    _hf_deepspeed_config = None
+    unset_hf_deepspeed_config()
 
 
 LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")  # a transformer block's index

@@ -97,10 +97,13 @@ def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> Text
 
 
 def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:
-    if job.kind == "eval":
-        evaluate_checkpoint(ctx, cfg, data, job.checkpoint)
-    else:
-        run(ctx, cfg, data, job.resume_from, stop_on_divergence=job.kind == "lr_find")
+    try:
+        if job.kind == "eval":
+            evaluate_checkpoint(ctx, cfg, data, job.checkpoint)
+        else:
+            run(ctx, cfg, data, job.resume_from, stop_on_divergence=job.kind == "lr_find")
+    finally:  # a process that goes on after the job (--no-ray, tests) builds its next models unpartitioned
+        engine_lib.forget_zero3_construction()
 
 
 def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | None = None,

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from sft_dist import model as model_lib
 from sft_dist.config import ModelConfig
@@ -62,7 +61,6 @@ def test_lr_overrides_win_over_layerwise_decay(tmp_path):
 
 
 def test_neftune_adds_noise_to_the_embeddings_only_in_training_mode():
-    unset_hf_deepspeed_config()  # a ZeRO-3 engine built earlier in this process would partition these
     plain = model_lib.build(ModelConfig(name_or_path=str(TINY_MODEL)), torch.float32)
     noisy = model_lib.build(ModelConfig(name_or_path=str(TINY_MODEL)), torch.float32, neftune_alpha=5.0)
     ids = torch.tensor([[1, 2, 3, 4]])
