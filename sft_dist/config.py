@@ -7,7 +7,6 @@ never a silent default downstream.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import time
@@ -19,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from sft_dist.errors import UserError
+from sft_dist.local_paths import DATA_SUFFIXES, first_problem, is_local_source
 
 
 class Section(BaseModel):
@@ -98,7 +98,6 @@ class PeftConfig(Section):
 LORA_ONLY_KEYS = ("r", "alpha", "dropout", "use_dora", "use_rslora")
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # The canonical field names of each data.format; data.fields maps them to a dataset's own column names.
 FORMAT_FIELDS = {
     "messages": ("messages", "role", "content"),
@@ -115,12 +114,6 @@ FORMAT_FIELDS = {
 TASK_FORMATS = {"sequence_classification": "classification", "token_classification": "token_classification",
                 "image_classification": "image_classification"}
 ROLES = ("system", "user", "assistant")
-
-
-def is_local_source(path: str) -> bool:
-    """A local file, glob or folder rather than a hub dataset name ("name" or "org/name")."""
-    return (Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-            or any(c in path for c in "*?[") or path.endswith(DATA_SUFFIXES))
 
 
 class SourceConfig(Section):
@@ -219,15 +212,6 @@ class DataConfig(Section):
         return self.model_copy(update={"train": [absolute(s) for s in self.train], "eval": eval_})
 
     @model_validator(mode="after")
-    def _local_sources_exist(self) -> "DataConfig":
-        for key, sources in (("data.train", self.train_sources()), ("data.eval", self.eval_sources())):
-            for source in sources:
-                problem = _local_source_problem(source.path)
-                if problem:
-                    raise ValueError(f"{key}: {problem}")
-        return self
-
-    @model_validator(mode="after")
     def _eval_fraction_in_range(self) -> "DataConfig":
         fraction = self.eval_fraction()
         if fraction is not None and not 0 < fraction < 1:
@@ -267,22 +251,6 @@ class DataConfig(Section):
             raise ValueError("data.group_by_length: packed rows are all about data.max_seq_len long, so grouping "
                              "them by length does nothing; set data.packing or data.group_by_length to false")
         return self
-
-
-def _local_source_problem(path: str) -> str | None:
-    """Why a local source cannot be read (None when it can, or when it is a hub name)."""
-    if not is_local_source(path):
-        return None
-    if any(c in path for c in "*?["):
-        matches = [p for p in glob.glob(os.path.expanduser(path), recursive=True) if p.endswith(DATA_SUFFIXES)]
-        return None if matches else f"no {'/'.join(DATA_SUFFIXES)} file matches the glob {path}"
-    local = Path(path).expanduser()
-    if not local.exists():
-        return f"file not found: {path}"
-    if local.is_file() and not path.endswith(DATA_SUFFIXES):
-        return f"unsupported file type {local.suffix or '(none)'}: {path} (use {', '.join(DATA_SUFFIXES)} files, " \
-               "a folder of them, or a datasets save_to_disk folder)"
-    return None
 
 
 # transformers.get_scheduler names; scheduler-specific arguments go in train.scheduler_kwargs (e.g.
@@ -542,16 +510,6 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _model_path_exists(self) -> "RunConfig":
-        path = self.model.name_or_path
-        looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-        if looks_local and not Path(path).expanduser().is_dir():
-            raise ValueError(f"model.name_or_path: folder not found: {path} (nor is it a hub name like org/model)")
-        if self.model.gguf_file and looks_local and not (Path(path).expanduser() / self.model.gguf_file).is_file():
-            raise ValueError(f"model.gguf_file: {self.model.gguf_file} not found in {path}")
-        return self
-
-    @model_validator(mode="after")
     def _periodic_validation_has_data(self) -> "RunConfig":
         e = self.eval
         asked = "eval.early_stopping" if e.early_stopping else "eval.every_steps" if e.every_steps else None
@@ -604,8 +562,9 @@ class RunConfig(Section):
 
 
 def load(path: str | os.PathLike, overrides: list[str] = (), name_run: bool = True) -> RunConfig:
-    """Read a YAML file, apply `--set key=value` overrides, validate, and resolve paths (and, with
-    `name_run`, name an unnamed run after the config file and the time)."""
+    """Read the user's YAML file, apply `--set key=value` overrides, validate, check that the local paths it
+    names exist, and resolve them (and, with `name_run`, name an unnamed run after the config file and the
+    time). Only this reads the filesystem: a saved config validates anywhere (`RunConfig.model_validate`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError("config file not found", file=str(path))
@@ -625,7 +584,10 @@ def load(path: str | os.PathLike, overrides: list[str] = (), name_run: bool = Tr
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise _user_error(err, path, text, from_set) from None
+        raise _located(*_first_error(err), path, text, from_set) from None
+    problem = first_problem(config)
+    if problem:
+        raise _located(*problem, path, text, from_set)
     return resolve(config, path, name_run)
 
 
@@ -666,54 +628,12 @@ def resolve(config: RunConfig, config_path: Path, name_run: bool = True) -> RunC
     return config.model_copy(update=updates)
 
 
-# What a checkpoint's training state depends on: changing any of these makes a resume wrong. The world
-# size may change (the data position is global) as long as the global batch stays the same.
-RESUME_KEYS = ("seed", "model", "peft", "data", "train.micro_batch_size*grad_accum*num_workers",
-               "deepspeed.stage", "train.precision")
-
-
-def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
-    """The values of RESUME_KEYS, as JSON-able data stored with every checkpoint."""
-    dumped = config.model_dump(mode="json")
-    t = config.train
-    model = {**dumped["model"], "name_or_path": _content_identity(config.model.name_or_path)}
-    data = {**dumped["data"], "train": [_source_identity(s) for s in config.data.train_sources()],
-            "eval": [_source_identity(s) for s in config.data.eval_sources()] or dumped["data"]["eval"]}
-    values = {
-        "seed": config.seed, "model": model, "peft": dumped["peft"], "data": data,
-        "train.micro_batch_size*grad_accum*num_workers": t.micro_batch_size * t.grad_accum * config.ray.num_workers,
-        "deepspeed.stage": config.deepspeed.stage, "train.precision": t.precision,
-    }
-    assert tuple(values) == RESUME_KEYS
-    return values
-
-
-def _source_identity(source: SourceConfig) -> dict[str, Any]:
-    return {**source.model_dump(mode="json"), "path": _content_identity(source.path)}
-
-
-def _content_identity(path: str) -> Any:
-    """A local file's, glob's or folder's files by relative name and size, not by where they are: a Ray
-    job's working directory (and so every relative path in it) moves between submissions. A hub name
-    stays as it is."""
-    found = Path(path).expanduser()
-    if found.is_dir():
-        return sorted([str(f.relative_to(found)), f.stat().st_size] for f in found.rglob("*") if f.is_file())
-    matches = sorted(glob.glob(str(found))) if any(c in path for c in "*?[") else [str(found)] if found.exists() else []
-    return sorted([Path(f).name, os.stat(f).st_size] for f in matches) or path
-
-
-def changed_resume_keys(saved: dict[str, Any], config: RunConfig) -> list[str]:
-    current = resume_fingerprint(config)
-    return [key for key in RESUME_KEYS if saved.get(key) != current[key]]
-
-
 def dump(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def _user_error(err: ValidationError, path: Path, text: str, from_set: dict[str, str]) -> UserError:
-    """The first validation problem, as one message naming the dotted key and its line."""
+def _first_error(err: ValidationError) -> tuple[str, str]:
+    """(dotted key, message) of the first validation problem."""
     first = err.errors()[0]
     # Union members and validators add their own names to the location: not part of the key.
     loc = [str(p) for p in first["loc"]]
@@ -729,6 +649,11 @@ def _user_error(err: ValidationError, path: Path, text: str, from_set: dict[str,
     named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): (.*)", message, re.S)
     if named:  # cross-field rules name their own key first
         key, message = named.groups()
+    return key, message
+
+
+def _located(key: str, message: str, path: Path, text: str, from_set: dict[str, str]) -> UserError:
+    """One message naming the file, the key's line (or the `--set` that gave it) and the dotted key."""
     origin = next((from_set[k] for k in from_set if key == k or key.startswith(k + ".")), None)
     if origin:
         message += f" [from --set {origin}]"

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sft_dist import adapters, checkpoint, lr_find, plots, sinks
+from sft_dist import adapters, checkpoint, fingerprint, lr_find, plots, sinks
 from sft_dist import config as config_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan
@@ -47,7 +47,8 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
             key="data.train",
         )
     train_stats = {**data.stats["train"], "batching": batching_stats(plan, lengths)}
-    return dataclasses.replace(data, stats={**data.stats, "train": train_stats})
+    return dataclasses.replace(data, stats={**data.stats, "train": train_stats},
+                               fingerprint=fingerprint.resume_fingerprint(cfg, data.source_digests))
 
 
 def create_run_dir(cfg: RunConfig, continuing: bool = False) -> Path:
@@ -61,8 +62,9 @@ def create_run_dir(cfg: RunConfig, continuing: bool = False) -> Path:
     return run_dir
 
 
-def resume_checkpoint(cfg: RunConfig, resume: str) -> str:
-    """The complete checkpoint that `--resume auto|PATH` names, after checking the config still fits it."""
+def resume_checkpoint(cfg: RunConfig, resume: str, current: dict[str, Any]) -> str:
+    """The complete checkpoint that `--resume auto|PATH` names, after checking that the run's fingerprint
+    (`current`) still fits it."""
     if resume == "auto":
         where = Path(cfg.storage_path()) / cfg.run_name
         if "://" in cfg.storage_path():
@@ -74,7 +76,7 @@ def resume_checkpoint(cfg: RunConfig, resume: str) -> str:
         reason = checkpoint.problem(folders[-1]) if folders else "no complete checkpoint"
         raise UserError(f"cannot resume from {where}: {reason}", key="--resume")
     chosen = folders[-1]
-    changed = config_lib.changed_resume_keys(checkpoint.read_manifest(chosen)["fingerprint"], cfg)
+    changed = fingerprint.changed_keys(checkpoint.read_manifest(chosen)["fingerprint"], current)
     if changed:
         raise UserError(f"the config changed in keys that a resume cannot follow: {', '.join(changed)} "
                         f"(checkpoint {chosen}); revert them or start a new run", key="--resume")
@@ -164,9 +166,9 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
     cfg = with_labels(config_lib.load(config_path, overrides, name_run=resume != "auto"))
     if resume == "auto":
         cfg = run_to_continue(cfg, config_path)
-    resume_from = resume_checkpoint(cfg, resume) if resume else None
     sinks.check_installed(cfg.logging)
     data = prepare_data(cfg)
+    resume_from = resume_checkpoint(cfg, resume, data.fingerprint) if resume else None
     if use_ray:
         connect_to_ray(cfg)
     run_dir = create_run_dir(cfg, continuing=resume == "auto")
@@ -216,11 +218,12 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     cfg = with_labels(config_lib.load(config_path, [*overrides, "checkpoint.every_steps=null",
                                                     "checkpoint.export_at_end=false"]))
     cfg = cfg.model_copy(update={"run_name": f"eval-{cfg.run_name}"})
-    changed = [k for k in config_lib.changed_resume_keys(checkpoint.read_manifest(folder)["fingerprint"], cfg)
+    data = prepare_data(cfg)
+    changed = [k for k in fingerprint.changed_keys(checkpoint.read_manifest(folder)["fingerprint"], data.fingerprint)
                if k in ("model", "peft")]
     if changed:
         raise UserError(f"the checkpoint {folder} was trained with another {', '.join(changed)}", key=changed[0])
-    run_dir, recorder, error = side_run(cfg, use_ray, Job(kind="eval", checkpoint=str(folder)),
+    run_dir, recorder, error = side_run(cfg, data, use_ray, Job(kind="eval", checkpoint=str(folder)),
                                         f"evaluating {folder}")
     if error:
         print(f"error: evaluation failed: {error}", file=sys.stderr)
@@ -231,10 +234,10 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     return 0
 
 
-def side_run(cfg: RunConfig, use_ray: bool, job: Job, describe: str) -> tuple[Path, RunRecorder, str | None]:
+def side_run(cfg: RunConfig, data: PreparedData, use_ray: bool, job: Job, describe: str
+             ) -> tuple[Path, RunRecorder, str | None]:
     """A short run beside training (`eval`, `lr-find`) in a run folder of its own: the folder, what the
     workers recorded, and the error if the run failed."""
-    data = prepare_data(cfg)
     if use_ray:
         connect_to_ray(cfg)
     run_dir = create_run_dir(cfg)
@@ -256,7 +259,7 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
              "eval.generate=null", "logging.every_steps=1", "debug.fail_at_step=null"]
     cfg = with_labels(config_lib.load(config_path, [*overrides, *sweep, *([] if use_ray else ["ray.num_workers=1"])]))
     cfg = cfg.model_copy(update={"run_name": f"lr-find-{cfg.run_name}"})
-    run_dir, recorder, error = side_run(cfg, use_ray, Job(kind="lr_find"),
+    run_dir, recorder, error = side_run(cfg, prepare_data(cfg), use_ray, Job(kind="lr_find"),
                                         f"learning-rate range test, {lr_min:g} -> {lr_max:g} over {steps} steps")
     if error:
         print(f"error: the range test failed: {error}", file=sys.stderr)

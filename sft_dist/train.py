@@ -17,7 +17,7 @@ from transformers import set_seed
 from sft_dist import adapters, checkpoint, faults, preflight, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
-from sft_dist.config import RunConfig, resume_fingerprint
+from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan, TextBatches, attention_of, grouping_lengths, model_inputs
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
@@ -122,7 +122,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
                  "epoch": step // plan.steps_per_epoch, "best": tracker.state(),
-                 "fingerprint": resume_fingerprint(cfg), "config": cfg.model_dump(mode="json")}
+                 "fingerprint": data.fingerprint, "config": cfg.model_dump(mode="json")}
         score = tracker.score(metrics)
         checkpoint.save(engine, ctx, state,
                         {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score})

@@ -74,3 +74,45 @@ def test_too_little_data_for_one_global_batch_exits_2(tmp_path):
     result = cli("train", str(TINY_CONFIG), "--set", f"data.train={data}", "--set", f"output_dir={tmp_path}")
     assert result.returncode == 2, result.stderr
     assert "data.train" in result.stderr and "fewer than one global batch of 8" in result.stderr
+
+
+def test_a_saved_config_validates_where_its_files_do_not_exist(tmp_path):
+    """A worker on another node, or export after the data moved: the saved config names the driver's
+    paths, which need not exist here; only loading the user's own file checks them."""
+    data, model = tmp_path / "gone" / "train.jsonl", tmp_path / "gone" / "model"
+    saved = config_lib.load(TINY_CONFIG, ["run_name=x"]).model_dump(mode="json")
+    saved["data"]["train"], saved["model"]["name_or_path"] = [str(data)], str(model)
+    assert config_lib.RunConfig.model_validate(saved).data.train == [str(data)]
+    moved = tmp_path / "config.yaml"
+    moved.write_text(config_lib.dump(config_lib.RunConfig.model_validate(saved)))
+    with pytest.raises(UserError) as err:
+        config_lib.load(moved)
+    line = next(i for i, text in enumerate(moved.read_text().splitlines(), 1) if text.startswith("data:"))
+    assert (err.value.key, err.value.line) == ("data.train", line + 1) and "file not found" in err.value.message
+
+
+def test_the_fingerprint_sees_a_change_of_content_that_keeps_names_and_sizes(tmp_path):
+    """Same file names and sizes, other bytes: a resume would train on other data, or from another base."""
+    from sft_dist import fingerprint
+    from sft_dist.data.sources import content_digest
+
+    def fingerprint_of(cfg):
+        sources = cfg.data.train_sources() + cfg.data.eval_sources()
+        return fingerprint.resume_fingerprint(cfg, [content_digest(s) for s in sources])
+
+    model = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(REPO / "configs" / "models" / "tiny-llama", model)
+    train = tmp_path / "train.jsonl"
+    train.write_text((REPO / "configs/data/dates/train.jsonl").read_text())
+    cfg = config_lib.load(TINY_CONFIG, ["run_name=x", f"data.train={train}", f"model.name_or_path={model}"])
+    before = fingerprint_of(cfg)
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # the same bytes, reordered
+    weights = model / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(raw))
+    assert fingerprint.changed_keys(before, fingerprint_of(cfg)) == ["model", "data"]
+    assert fingerprint.changed_keys(before, before) == []

@@ -28,14 +28,14 @@ from sft_dist.data.formats import Chat, normalize
 from sft_dist.data.images import ImageEncoder, undecoded
 from sft_dist.data.labels import LabelEncoder
 from sft_dist.data.packing import pack
-from sft_dist.data.sources import Part, first_line, fingerprint, open_source
+from sft_dist.data.sources import Part, content_digest, first_line, fingerprint, open_source
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
 
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
 
-CACHE_FORMAT_VERSION = "3"  # bump when the saved layout, masking or packing rules change
+CACHE_FORMAT_VERSION = "4"  # bump when the saved layout, masking or packing rules change
 COMPLETE = "prepared.json"  # written last: a cache folder without it is incomplete
 ROWS_PER_PROCESS = 20_000  # below this, starting tokenizer processes costs more than it saves
 
@@ -46,6 +46,10 @@ class PreparedData:
     eval_dir: str | None
     stats: dict[str, dict] = field(default_factory=dict)
     prompts: list[dict[str, Any]] = field(default_factory=list)  # held-out generation prompts
+    # The content of every training source, then every evaluation source (sources.content_digest).
+    source_digests: list[Any] = field(default_factory=list)
+    # What a checkpoint of this run depends on (sft_dist.fingerprint), set by the driver.
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +81,7 @@ def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: 
         try:
             encoder = _encoder(data, tokenizer, template, labels)
             summary = _build(data, encoder, num_prompts, tmp)
+            summary["source_digests"] = [content_digest(s) for s in data.train_sources() + data.eval_sources()]
             (tmp / COMPLETE).write_text(json.dumps(summary, indent=1))
         finally:
             shutil.rmtree(tmp / "work", ignore_errors=True)  # intermediate tables; the saved rows are copies
@@ -88,7 +93,7 @@ def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: 
     summary = json.loads((out / COMPLETE).read_text())
     eval_dir = out / "eval"
     return PreparedData(str(out / "train"), str(eval_dir) if eval_dir.is_dir() else None,
-                        summary["stats"], summary["prompts"])
+                        summary["stats"], summary["prompts"], summary["source_digests"])
 
 
 def _encoder(data: DataConfig, tokenizer: Any, template: str | None, labels: list[str] | None) -> Any:

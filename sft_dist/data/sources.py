@@ -20,9 +20,10 @@ from typing import Any, Iterator
 
 import datasets
 
-from sft_dist.config import DATA_SUFFIXES, SourceConfig, is_local_source
+from sft_dist.config import SourceConfig
 from sft_dist.data.badrows import BadRow, Origin
 from sft_dist.errors import UserError
+from sft_dist.local_paths import DATA_SUFFIXES, is_local_source
 
 # Raw JSON rows: the line's text (parsed later, in parallel) or why it could not even be read.
 JSON_FEATURES = datasets.Features(
@@ -83,6 +84,26 @@ def fingerprint(source: SourceConfig) -> list[Any]:
     files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() and is_saved_dataset(path) \
         else data_files(source.path)
     return [source.split] + [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+
+
+def content_digest(source: SourceConfig) -> list[Any]:
+    """The source's content: each local file by relative name, size and SHA-256 (not by where it is: a Ray
+    job's working directory moves between submissions); a hub dataset by name, config and split."""
+    if not is_local_source(source.path):
+        return [source.path, source.config, source.split]
+    root = Path(source.path).expanduser()
+    saved = root.is_dir() and is_saved_dataset(root)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file()) if saved else data_files(source.path)
+    return [[str(Path(f).relative_to(root)) if root.is_dir() else Path(f).name, os.path.getsize(f), _sha256(f)]
+            for f in files]
+
+
+def _sha256(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _open_file(file: str, streaming: bool, work_dir: Path) -> Part:
