@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight, tasks
+from sft_dist import adapters, checkpoint, faults, preflight, quiet, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig, resume_fingerprint
@@ -74,6 +74,7 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
            ) -> tuple[Session, dict[str, Any]]:
     """Build the session, restored from `restart` when given; returns it with the saved loop state."""
     set_seed(cfg.seed)
+    quiet.deepspeed_op_builds(cfg.ray.use_gpu, cfg.deepspeed.offload_optimizer, ctx.local_rank)
     engine_lib.init_distributed()
     preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
     tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(cfg.model)
