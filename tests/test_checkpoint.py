@@ -13,15 +13,13 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from sft_dist import checkpoint
 from sft_dist.cli import main
-from sft_dist.loss import token_loss_sums
 
-from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env, train_losses,
-                      train_tiny)
+from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, subprocess_env,
+                      train_losses, train_tiny)
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
 
@@ -51,17 +49,41 @@ def test_a_failed_worker_is_restarted_and_the_run_retraces_the_uninterrupted_one
     steps = [e["step"] for e in read_events(failed_dir) if "loss" in e]
     assert steps == list(range(1, BASELINE_STEPS + 1))  # each step recorded once
     assert train_losses(failed_dir) == pytest.approx(train_losses(baseline_dir), rel=RTOL)
+    # The LR scheduler's state came back too: a fresh one would restart the warmup at step 6.
+    assert learning_rates(failed_dir) == pytest.approx(learning_rates(baseline_dir), rel=1e-9)
     assert json.loads((failed_dir / "summary.json").read_text())["status"] == "completed"
 
 
+def learning_rates(run_dir: Path) -> list[float]:
+    return [e["lr"] for e in read_events(run_dir) if "loss" in e]
+
+
+def tear(folder: Path) -> None:
+    """What a crash in the middle of writing a checkpoint leaves: a shard cut short."""
+    shard = next((folder / checkpoint.TAG).glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "truncated" in checkpoint.problem(folder)
+
+
 def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, tmp_path):
-    constant = ("train.scheduler=constant", "train.warmup_ratio=0", "checkpoint.every_steps=3", "eval.generate=null")
-    longer = train_tiny(tmp_path / "long", "train.max_steps=8", *constant)
-    short = train_tiny(tmp_path / "short", "train.max_steps=4", *constant)
-    resumed = train_tiny(tmp_path / "short", "train.max_steps=8", *constant, extra_args=("--resume", "auto"))
-    assert resumed == short
-    assert [e["step"] for e in read_events(resumed) if e.get("event") == "resume"] == [4]
+    """With dropout (random numbers drawn at every step: the RNG state must come back), a warmup (the
+    scheduler's state must come back), and the short run's newest checkpoint torn: --resume auto starts
+    from the older one, and so does the recovery from a worker failure after it."""
+    # A warmup then constant: the same schedule for 4 steps and for 8, so the runs compare step by step.
+    same = ("train.scheduler=constant_with_warmup", "train.warmup_steps=2", "checkpoint.every_steps=3",
+            "eval.generate=null", "model.dropout=0.1")
+    longer = train_tiny(tmp_path / "long", "train.max_steps=8", *same)
+    short = train_tiny(tmp_path / "short", "train.max_steps=4", *same)
+    tear(short / checkpoint.folder_name(4))
+    resumed = train_tiny(tmp_path / "short", "train.max_steps=8", *same, "debug.fail_at_step=6", "ray.max_failures=1",
+                         extra_args=("--resume", "auto"))
+    assert resumed == short and (resumed / ".debug-failed-at-step-6").exists()
+    resumes = [e for e in read_events(resumed) if e.get("event") == "resume"]
+    assert [e["step"] for e in resumes] == [3, 3]  # --resume auto, then Ray's restart after the failure
+    assert all(any("truncated" in reason for reason in e["skipped"]) for e in resumes[1:])
+    assert [e["step"] for e in read_events(resumed) if "loss" in e] == list(range(1, 9))
     assert train_losses(resumed) == pytest.approx(train_losses(longer), rel=RTOL)
+    assert learning_rates(resumed) == pytest.approx(learning_rates(longer), rel=1e-9)
 
 
 def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, capsys):
@@ -76,9 +98,7 @@ def test_a_torn_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, ca
                      "checkpoint.export_at_end=true", extra_args=("--no-ray",))
     assert (run / "model" / "model.safetensors").is_file()  # export_at_end
     latest = run / checkpoint.folder_name(4)
-    shard = next((latest / checkpoint.TAG).glob("*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:100])  # a crash mid-write
-    assert "truncated" in checkpoint.problem(latest)
+    tear(latest)
     resumed = train_tiny(tmp_path, "train.max_steps=4", "checkpoint.every_steps=2", "eval.generate=null",
                          extra_args=("--no-ray", "--resume", str(run)), run_name="again")
     out = capsys.readouterr().out
@@ -87,18 +107,10 @@ def test_a_torn_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, ca
 
 
 def exported_eval_loss(model_dir: Path, output_dir: Path) -> float:
-    """Token-weighted eval loss of an exported model, in one process, on the run's tokenized eval set."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    """Token-weighted eval loss of an exported model, in one process, by the model's own loss."""
     (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    rows = datasets.load_from_disk(eval_dir)
-    assert len(rows) % 2 == 1  # not divisible by the world size
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for row in rows:  # one example at a time: no padding, nothing for a mask to hide
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
-            loss, count, _ = token_loss_sums(logits, torch.tensor([row["labels"]]))
-            loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
-    return loss_sum / tokens
+    assert len(datasets.load_from_disk(eval_dir)) % 2 == 1  # not divisible by the world size
+    return eval_set_loss(AutoModelForCausalLM.from_pretrained(model_dir).eval(), output_dir)
 
 
 @pytest.mark.parametrize("run", ["failed_zero2_run", "failed_zero3_run"])

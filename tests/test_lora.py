@@ -3,14 +3,12 @@ Exported adapters are loaded with peft on the pretrained base and must reproduce
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from peft import PeftModel
@@ -19,10 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from sft_dist import checkpoint
 from sft_dist.cli import main
-from sft_dist.loss import token_loss_sums
 
 from conftest import BASELINE_STEPS as STEPS
-from conftest import REPO, TINY_CONFIG, eval_losses, read_events, train_losses, train_tiny
+from conftest import REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, train_losses, train_tiny
 
 BASE = REPO / "configs" / "models" / "tiny-llama"
 R = 8
@@ -74,16 +71,7 @@ def expected_adapter_elements() -> int:
     return R * per_layer * c["num_hidden_layers"]
 
 
-def eval_loss(model: torch.nn.Module, output_dir: Path) -> float:
-    """Token-weighted loss on the run's tokenized eval set, one example at a time (no padding)."""
-    (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for row in datasets.load_from_disk(eval_dir):
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
-            loss, count, _ = token_loss_sums(logits, torch.tensor([row["labels"]]))
-            loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
-    return loss_sum / tokens
+eval_loss = eval_set_loss  # by the model's own loss (a PeftModel passes `labels` on to the base's)
 
 
 def adapter_on_base(adapter_dir: Path) -> PeftModel:

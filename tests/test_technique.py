@@ -80,6 +80,10 @@ def test_label_smoothing_raises_the_training_loss_of_a_confident_model():
     plain, count, _ = token_loss_sums(logits, labels)
     smoothed, _, _ = token_loss_sums(logits, labels, label_smoothing=0.1)
     assert count.item() == 2 and smoothed.item() > plain.item() + 1
+    # Position t predicts token t+1: plain PyTorch on the shifted pair is the oracle.
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum",
+                                                 label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_lr_find_suggests_a_rate_in_the_range_writes_the_plot_and_leaves_no_checkpoint(ray_cluster, tmp_path, capsys):
