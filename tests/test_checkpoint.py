@@ -41,6 +41,7 @@ def failed_zero3_run(ray_cluster, tmp_path_factory):
                       "ray.max_failures=1")
 
 
+@pytest.mark.timeout(420)  # 100-135 s measured: the failed run, and the baseline when it runs first
 @pytest.mark.parametrize("failed, baseline", [("failed_zero2_run", "zero2_run"), ("failed_zero3_run", "zero3_run")])
 def test_a_failed_worker_is_restarted_and_the_run_retraces_the_uninterrupted_one(failed, baseline, request):
     failed_dir, baseline_dir = request.getfixturevalue(failed), request.getfixturevalue(baseline)
