@@ -72,7 +72,7 @@ def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, t
     scheduler's state must come back), and the short run's newest checkpoint torn: --resume auto starts
     from the older one, and so does the recovery from a worker failure after it."""
     # A warmup then constant: the same schedule for 4 steps and for 8, so the runs compare step by step.
-    same = ("train.scheduler=constant_with_warmup", "train.warmup_steps=2", "checkpoint.every_steps=3",
+    same = ("train.scheduler=constant_with_warmup", "train.warmup_ratio=0", "train.warmup_steps=2", "checkpoint.every_steps=3",
             "eval.generate=null", "model.dropout=0.1")
     longer = train_tiny(tmp_path / "long", "train.max_steps=8", *same)
     short = train_tiny(tmp_path / "short", "train.max_steps=4", *same)
@@ -121,7 +121,8 @@ def other_data_content(tmp: Path) -> list[str]:
         strict=True, reason="the data fingerprint is file names and sizes until content fingerprints land on main")),
 ], ids=["seed", "stage", "precision", "model", "data-content"])
 def test_resume_refuses_a_change_the_checkpoint_cannot_follow(failed_zero2_run, change, key, tmp_path, capsys):
-    overrides = [a for o in change(tmp_path) for a in ("--set", o)]
+    # Its own output_dir: a change that got past the check would tokenize into the failed run's cache.
+    overrides = [a for o in [f"output_dir={tmp_path}", *change(tmp_path)] for a in ("--set", o)]
     code = main(["train", str(failed_zero2_run / "config.yaml"), *overrides, "--resume", str(failed_zero2_run)])
     err = capsys.readouterr().err
     assert code == 2 and f"a resume cannot follow: {key} (checkpoint" in err, err
