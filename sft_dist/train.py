@@ -240,6 +240,9 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
                             adapters.quantized_loading(cfg.peft, dtype, ctx.device), cfg.train.neftune_alpha)
     model = adapters.wrap(model, cfg.peft, model_lib.PRECISION_DTYPES[cfg.train.precision],
                           cfg.model.gradient_checkpointing, cfg.model.task)
+    # from_pretrained returns a model in eval mode: without this, model.dropout and NEFTune (which act
+    # only in training mode) would never act in training.
+    model.train()
     trainable = adapters.trainable_elements(model)
     groups = engine_lib.parameter_groups(model, cfg.train)
     engine = engine_lib.initialize(model, cfg, ds_config, steps, groups)

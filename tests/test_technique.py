@@ -168,3 +168,11 @@ def test_bf16_training_follows_fp32_within_bf16_precision(fp32_run, tmp_path):
     module = torch.load(next((run / checkpoint.folder_name(3) / checkpoint.TAG).glob("*model_states.pt")),
                         map_location="cpu", weights_only=False)["module"]
     assert {t.dtype for t in module.values()} == {torch.bfloat16}
+
+
+def test_model_dropout_acts_in_training(fp32_run, tmp_path):
+    """from_pretrained hands back a model in eval mode; training must switch dropout (and NEFTune) on."""
+    run = train_tiny(tmp_path, *PLAIN, "model.dropout=0.3", extra_args=("--no-ray",))
+    dropped, plain = [e["loss"] for e in read_events(run) if "loss" in e], \
+        [e["loss"] for e in read_events(fp32_run) if "loss" in e]
+    assert dropped[0] != pytest.approx(plain[0], rel=1e-4)  # the same weights and batch: only dropout differs
