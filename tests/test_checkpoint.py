@@ -117,8 +117,7 @@ def other_data_content(tmp: Path) -> list[str]:
     (lambda tmp: ["deepspeed.stage=3"], "deepspeed.stage"),
     (lambda tmp: ["train.precision=bf16"], "train.precision"),
     (other_model, "model"),
-    pytest.param(other_data_content, "data", marks=pytest.mark.xfail(
-        strict=True, reason="the data fingerprint is file names and sizes until content fingerprints land on main")),
+    (other_data_content, "data"),
 ], ids=["seed", "stage", "precision", "model", "data-content"])
 def test_resume_refuses_a_change_the_checkpoint_cannot_follow(failed_zero2_run, change, key, tmp_path, capsys):
     # Its own output_dir: a change that got past the check would tokenize into the failed run's cache.
