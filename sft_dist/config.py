@@ -421,12 +421,21 @@ class CheckpointConfig(Section):
         return self
 
 
+class HangAt(Section):
+    """Where `debug.hang_in_validation` blocks: one rank, in the validation at one step (0: at the start)."""
+
+    step: int = Field(ge=0)
+    rank: int = Field(0, ge=0)
+
+
 class DebugConfig(Section):
-    """Testing aids: make one rank fail once, at a step, to exercise recovery."""
+    """Testing aids: make one rank fail once, at a step, to exercise recovery; or block one rank in a
+    validation, to exercise eval.timeout_s."""
 
     fail_at_step: int | None = Field(None, gt=0)
     fail_rank: int = Field(0, ge=0)
     fail_mode: Literal["raise", "exit"] = "raise"
+    hang_in_validation: HangAt | None = None
 
 
 class RayConfig(Section):
@@ -548,6 +557,15 @@ class RunConfig(Section):
     def _fail_rank_exists(self) -> "RunConfig":
         if self.debug.fail_rank >= self.ray.num_workers:
             raise ValueError(f"debug.fail_rank: {self.debug.fail_rank} but there are {self.ray.num_workers} workers")
+        return self
+
+    @model_validator(mode="after")
+    def _hang_is_bounded(self) -> "RunConfig":
+        hang = self.debug.hang_in_validation
+        if hang and hang.rank >= self.ray.num_workers:
+            raise ValueError(f"debug.hang_in_validation.rank: {hang.rank} but there are {self.ray.num_workers} workers")
+        if hang and self.eval.timeout_s is None:  # nothing would end the hang: the run would never finish
+            raise ValueError("debug.hang_in_validation: needs eval.timeout_s, which ends the hung validation")
         return self
 
     def run_dir(self) -> Path:

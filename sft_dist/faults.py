@@ -1,4 +1,5 @@
-"""Fault injection for tests and drills (`debug.fail_at_step`): one rank fails once, at one step.
+"""Fault injection for tests and drills: one rank fails once, at one step (`debug.fail_at_step`), or
+blocks inside one validation (`debug.hang_in_validation`).
 
 "Once" is remembered by a marker file in the run folder, so the restarted worker group trains on.
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from sft_dist.config import DebugConfig
@@ -21,3 +23,12 @@ def maybe_fail(debug: DebugConfig, run_dir: Path, rank: int, step: int) -> None:
     if debug.fail_mode == "exit":
         os._exit(17)  # a hard process death: no exception, no cleanup, as when a node dies
     raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank {rank}")
+
+
+def maybe_hang(debug: DebugConfig, rank: int, step: int) -> None:
+    """Block this rank for good in the validation at `debug.hang_in_validation.step`, as a rank stuck on
+    a dead filesystem or a lost peer would: the other ranks wait for it in the validation's all-reduce.
+    Only eval.timeout_s's watchdog ends it (the config refuses the hang without one)."""
+    hang = debug.hang_in_validation
+    if hang is not None and (hang.step, hang.rank) == (step, rank):
+        threading.Event().wait()  # never set

@@ -56,6 +56,7 @@ class Session:
 
         if self.eval_set is not None:
             with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
+                faults.maybe_hang(cfg.debug, ctx.rank, step)
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
                 metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
                                         tasks.eval_counts(cfg.model)))

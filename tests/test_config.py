@@ -40,6 +40,17 @@ def test_bad_config_exits_2_naming_the_key_without_ray(override, key, words):
     assert "Traceback" not in result.stderr and "Ray" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("overrides, key, words", [
+    (["debug.hang_in_validation={step: 1}"], "debug.hang_in_validation", "needs eval.timeout_s"),
+    (["eval.timeout_s=5", "debug.hang_in_validation={step: 1, rank: 2}"], "debug.hang_in_validation.rank",
+     "2 but there are 2 workers"),
+])
+def test_a_hang_nothing_would_end_is_refused(overrides, key, words):
+    with pytest.raises(UserError, match=words) as err:
+        config_lib.load(TINY_CONFIG, overrides)
+    assert err.value.key == key
+
+
 def test_unknown_key_in_file_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY_CONFIG.read_text().replace("  lr: 3.0e-3", "  lr: 3.0e-3\n  learning_rate: 1"))

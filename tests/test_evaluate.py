@@ -86,13 +86,23 @@ def test_generation_under_zero3_completes_on_every_rank_and_writes_samples(zero3
     assert len(ends) == 2
 
 
-def test_a_validation_past_its_timeout_fails_the_run_naming_the_phase(ray_cluster, tmp_path, capsys):
-    code = main(["train", str(TINY_CONFIG), "--set", f"output_dir={tmp_path}", "--set", "run_name=slow",
-                 "--set", "eval.timeout_s=0.001", "--set", "train.max_steps=2"])
+@pytest.mark.timeout(240)  # ~40 s measured; without the watchdog the run would hang until this limit
+def test_a_validation_that_hangs_on_one_rank_fails_the_run_naming_phase_step_and_rank(ray_cluster, tmp_path, capfd):
+    """Rank 0 blocks in the validation at step 1 (debug.hang_in_validation) while rank 1 finishes its share
+    and waits for it in the all-reduce: each rank's watchdog ends its process at eval.timeout_s (rank 1's
+    first: it started its clock a moment earlier, while rank 0 sent the step's metrics), and the run fails
+    (exit 1) naming the phase, step and rank instead of leaving anyone waiting."""
+    code = main(["train", str(TINY_CONFIG), "--set", f"output_dir={tmp_path}", "--set", "run_name=hung",
+                 *[a for o in ("train.max_steps=2", "eval.at_start=false", "eval.every_steps=1", "eval.generate=null",
+                               "eval.timeout_s=3", "debug.hang_in_validation={step: 1, rank: 0}")
+                   for a in ("--set", o)]])
     assert code == 1
-    err = capsys.readouterr().err
-    assert "validation at step 0 on rank" in err and "ran past eval.timeout_s=0.001s" in err
-    assert json.loads((tmp_path / "slow" / "summary.json").read_text())["status"] == "failed"
+    err = capfd.readouterr().err
+    summary = json.loads((tmp_path / "hung" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 1
+    assert summary["error"] == "validation at step 1 on rank 0 ran past eval.timeout_s=3s", summary["error"]
+    assert "error: training failed: validation at step 1 on rank 0 ran past eval.timeout_s=3s" in err
+    assert not [e for e in read_events(tmp_path / "hung") if "eval_loss" in e]  # no validation completed
 
 
 def test_an_empty_validation_set_is_refused_before_training(tmp_path, capsys):
