@@ -6,10 +6,17 @@ starting their own (the launcher reuses an initialized Ray).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -43,6 +50,79 @@ def zero2_run(ray_cluster, tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero3_run(ray_cluster, tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("zero3"), f"train.max_steps={BASELINE_STEPS}", "deepspeed.stage=3")
+
+
+@dataclass
+class StoppedRun:
+    run_dir: Path
+    exit_code: int
+    out: str  # what the driver printed, as a user sees it (Ray forwards the workers' lines)
+    err: str
+
+
+@pytest.fixture(scope="session")
+def stopped_ray_run(ray_cluster, tmp_path_factory) -> StoppedRun:
+    """One short real run on the session's Ray that serves several tests (the clean log, the first step
+    against plain PyTorch, a stop agreed by all ranks): 2 workers x grad_accum 2 x micro-batch 2, ZeRO-2,
+    validated at the start, and stopped by a SIGTERM to the driver once step 2 is logged. On Ray that
+    stop reaches rank 0 alone (the driver's control queue), so the ranks must agree on it."""
+    from sft_dist.cli import main
+
+    output_dir = tmp_path_factory.mktemp("stopped")
+    args = ["train", str(TINY_CONFIG), "--set", f"output_dir={output_dir}", "--set", "run_name=run",
+            *[a for o in ("train.max_steps=1000", "train.micro_batch_size=2", "train.grad_accum=2",
+                          "eval.generate=null") for a in ("--set", o)]]
+    running = threading.Event()
+    running.set()
+    signaller = threading.Thread(target=sigterm_at_step, args=(output_dir / "run", 2, running), daemon=True)
+    # A SIGTERM that came after the driver put back the previous handler must not end the session.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with printed_output(output_dir) as printed:
+            signaller.start()
+            code = main(args)
+            running.clear()
+            time.sleep(2)  # Ray forwards worker output a little behind
+    finally:
+        running.clear()
+        signaller.join(timeout=10)
+        signal.signal(signal.SIGTERM, previous)
+    return StoppedRun(output_dir / "run", code, printed["out"], printed["err"])
+
+
+def sigterm_at_step(run_dir: Path, step: int, running: threading.Event, timeout_s: float = 600) -> None:
+    """SIGTERM to this process, as `ray job stop` or `scancel` sends one, once `step` is in metrics.jsonl."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout_s
+    while running.is_set() and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= step:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def printed_output(folder: Path) -> Iterator[dict[str, str]]:
+    """Everything this process prints meanwhile, through Python's streams and at file descriptors 1 and 2
+    (C++ logging): what capfd sees, for a session fixture (pytest's capture fixtures are per test)."""
+    printed: dict[str, str] = {}
+    paths = {1: folder / "stdout.txt", 2: folder / "stderr.txt"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in paths}
+    # Append mode: Python's writes and the descriptors' share one file without overwriting each other.
+    files = {fd: open(path, "a", buffering=1) for fd, path in paths.items()}
+    try:
+        for fd, handle in files.items():
+            os.dup2(handle.fileno(), fd)
+        with contextlib.redirect_stdout(files[1]), contextlib.redirect_stderr(files[2]):
+            yield printed
+    finally:
+        for fd, handle in files.items():
+            handle.flush()
+            os.dup2(saved[fd], fd)
+            os.close(saved[fd])
+            handle.close()
+        printed.update(out=paths[1].read_text(errors="replace"), err=paths[2].read_text(errors="replace"))
 
 
 def train_tiny(output_dir: Path, *overrides: str, extra_args: tuple[str, ...] = (), run_name: str = "run") -> Path:
