@@ -59,9 +59,9 @@ def test_train_exits_2_naming_the_bad_line_before_anything_distributed(tmp_path,
     assert not (tmp_path / "runs").exists() and "Traceback" not in err
 
 
-def test_with_skip_the_run_trains_and_counts_the_skipped_row_in_its_summary(ray_cluster, tmp_path, broken_line_3):
+def test_with_skip_the_run_trains_and_counts_the_skipped_row_in_its_summary(tmp_path, broken_line_3):
     run_dir = train_tiny(tmp_path, f"data.train={broken_line_3}", "data.on_bad_row=skip", "train.max_steps=2",
-                         "eval.at_start=false", "eval.generate=null")
+                         "eval.at_start=false", "eval.generate=null", extra_args=("--no-ray",))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["steps"]) == ("completed", 2)
     train_stats = summary["data"]["train"]

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from sft_dist.config import ModelConfig
-from sft_dist.model import load_tokenizer
+from sft_dist.model import build, load_tokenizer
 
 from conftest import REPO, eval_losses, eval_set_loss, read_events, train_tiny
 from fixtures.gguf_model import write_tiny_llama_gguf
@@ -36,6 +37,15 @@ def test_a_gguf_model_trains_from_its_source_models_weights(gguf_folder, tmp_pat
     # the same examples (q and k left in llama.cpp's rotary layout would not be).
     source = AutoModelForCausalLM.from_pretrained(TINY_MODEL).eval()
     assert eval_losses(run)[0] == pytest.approx(eval_set_loss(source, tmp_path), rel=1e-5)
+
+
+def test_the_gguf_model_is_the_source_model_bit_for_bit(gguf_folder):
+    """sft_dist's own model build from the GGUF: every logit equals the source model's (fp32 both ways)."""
+    loaded = build(ModelConfig(name_or_path=str(gguf_folder), gguf_file=GGUF), torch.float32).eval()
+    source = AutoModelForCausalLM.from_pretrained(TINY_MODEL).eval()
+    ids = torch.tensor([list(range(1, 60, 3))])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, source(input_ids=ids).logits)
 
 
 def test_the_gguf_tokenizer_gives_the_source_tokenizers_ids_and_chat_template(gguf_folder):

@@ -211,23 +211,24 @@ def test_a_wrapped_model_with_tied_embeddings_keeps_its_frozen_base_out_of_its_s
 
 # ---------------------------------------------------------------- other peft methods, by name
 
+# In process (--no-ray): the methods are the subject, not Ray; accumulation keeps the 2 workers' global batch.
 OTHER_METHOD = ("train.lr=1e-2", f"train.max_steps={STEPS}", "eval.generate=null", f"checkpoint.every_steps={STEPS}",
-                "checkpoint.export_at_end=true")
+                "checkpoint.export_at_end=true", "train.grad_accum=2")
 
 
 @pytest.fixture(scope="module")
-def loha_zero2_run(ray_cluster, tmp_path_factory):
+def loha_zero2_run(tmp_path_factory):
     """LoHa: two low-rank pairs per layer, multiplied elementwise (peft reads weight shapes: not ZeRO-3)."""
     return train_tiny(tmp_path_factory.mktemp("loha2"), "peft.method=loha", f"peft.options={{r: {R}, alpha: {R}}}",
-                      "deepspeed.stage=2", *OTHER_METHOD)
+                      "deepspeed.stage=2", *OTHER_METHOD, extra_args=("--no-ray",))
 
 
 @pytest.fixture(scope="module")
-def ia3_zero3_run(ray_cluster, tmp_path_factory):
+def ia3_zero3_run(tmp_path_factory):
     """IA3: one learned scaling vector per targeted layer, on ZeRO-3's partitioned base."""
     # A vector starting at ones moves the output little per step: it takes a larger learning rate.
     return train_tiny(tmp_path_factory.mktemp("ia3"), "peft.method=ia3", f"peft.target_modules=[{LINEARS}]",
-                      "deepspeed.stage=3", *OTHER_METHOD, "train.lr=1e-1")
+                      "deepspeed.stage=3", *OTHER_METHOD, "train.lr=1e-1", extra_args=("--no-ray",))
 
 
 LINEARS = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"

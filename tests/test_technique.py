@@ -86,11 +86,11 @@ def test_label_smoothing_raises_the_training_loss_of_a_confident_model():
     assert smoothed.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_lr_find_suggests_a_rate_in_the_range_writes_the_plot_and_leaves_no_checkpoint(ray_cluster, tmp_path, capsys):
+def test_lr_find_suggests_a_rate_in_the_range_writes_the_plot_and_leaves_no_checkpoint(tmp_path, capsys):
     from sft_dist.cli import main
 
     code = main(["lr-find", str(REPO / "configs" / "tiny-cpu.yaml"), "--set", f"output_dir={tmp_path}",
-                 "--lr-min", "1e-6", "--lr-max", "10", "--steps", "40"])
+                 "--lr-min", "1e-6", "--lr-max", "10", "--steps", "40", "--no-ray"])
     assert code == 0
     (run,) = tmp_path.glob("lr-find-*")
     result = json.loads((run / "lr_find.json").read_text())
