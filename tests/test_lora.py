@@ -40,10 +40,12 @@ def lora_zero3_run(ray_cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_zero0_run(ray_cluster, tmp_path_factory):
-    """Without ZeRO: every rank holds the whole adapter and its optimizer state; export reads rank 0's file."""
+def lora_zero0_run(tmp_path_factory):
+    """Without ZeRO: every rank holds the whole adapter and its optimizer state, rank 0 alone writes them
+    and export reads its file (the same files for any number of ranks: one worker, in process, with
+    accumulation keeping the 2 workers' global batch)."""
     return train_tiny(tmp_path_factory.mktemp("lora0"), *LORA, "deepspeed.stage=0", "eval.generate=null",
-                      "checkpoint.export_at_end=true")
+                      "checkpoint.export_at_end=true", "train.grad_accum=2", extra_args=("--no-ray",))
 
 
 @pytest.fixture(scope="module")
