@@ -64,7 +64,7 @@ def word_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def whisper_tokenizer() -> WhisperTokenizer:
     vocab, merges = word_bpe()
-    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TARGET_TOKENS)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TARGET_TOKENS, pad_token=EOT)
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
     tokenizer.set_prefix_tokens()  # the prefix ids exist only now that the special tokens do
     return tokenizer
