@@ -383,3 +383,18 @@ def test_mean_iou_by_hand():
     # targets 0 0 0 1, predictions 0 0 1 1; class 2 appears in neither and is left out.
     confusion = torch.tensor([[2.0, 1, 0], [0, 1, 0], [0, 0, 0]])
     assert mean_iou(confusion) == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_the_tiny_models_load_and_answer_in_their_pipelines():
+    """What the tasks' exports must do: the shipped folders already work in transformers' pipelines."""
+    from transformers import pipeline
+
+    picture = Image.open(DATA / "images/eval/0000.png").convert("RGB")
+    chat = pipeline("image-text-to-text", model=str(MODELS / "tiny-vlm"))
+    question = [{"role": "user", "content": [{"type": "image", "image": picture},
+                                             {"type": "text", "text": "What colour is the square?"}]}]
+    assert isinstance(chat(text=question, max_new_tokens=2, return_full_text=False)[0]["generated_text"], str)
+    found = pipeline("object-detection", model=str(MODELS / "tiny-detector"))(picture, threshold=0.0)
+    assert found and {f["label"] for f in found} <= set(SHAPES)
+    segments = pipeline("image-segmentation", model=str(MODELS / "tiny-segformer"))(picture)
+    assert {s["label"] for s in segments} <= set(CLASSES) and segments[0]["mask"].size == (32, 32)
