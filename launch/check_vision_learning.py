@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoModelForObjectDetection,
@@ -24,7 +25,7 @@ from sft_dist.config import DataConfig
 from sft_dist.data.batches import eval_batches
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.data.detection import DetectionBatches, DetectionEncoder
-from sft_dist.data.images import decoded
+from sft_dist.data.images import decoded, undecoded
 from sft_dist.data.segmentation import SegmentationBatches, SegmentationEncoder
 from sft_dist.data.vlm import VlmBatches, VlmEncoder
 from sft_dist.vision_metrics import DetectionScores, SegmentationCounts
@@ -41,9 +42,6 @@ EVAL_BATCH = 16
 def encoded(encoder, name: str, folder: Path = DATA) -> dict[str, list]:
     """The encoder over a JSONL file (or a Parquet file's rows), bad rows refused."""
     if name.endswith(".parquet"):
-        from sft_dist.data.images import undecoded
-        import datasets
-
         table = undecoded(datasets.Dataset.from_parquet(str(folder / name)), "image")
         rows = table.map(encoder, batched=True, with_indices=True, remove_columns=table.column_names,
                          features=encoder.features).to_dict()
