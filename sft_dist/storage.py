@@ -36,6 +36,10 @@ COPY_CHUNK_BYTES = 64 << 20  # Ray Train's chunk size for checkpoint transfers
 class StorageError(OSError):
     """A location that could not be reached; the message names the location and pyarrow's reason."""
 
+    def __init__(self, what: str, location: Location, reason: str):
+        super().__init__(f"cannot {what} {location}: {reason}")
+        self.reason = reason
+
 
 def is_uri(where: str) -> bool:
     return "://" in where
@@ -184,8 +188,7 @@ class Location:
         except StorageError:
             raise
         except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for bad options
-            reason = " ".join(str(err).split())
-            raise StorageError(f"cannot {what} {self}: {reason}") from None
+            raise StorageError(what, self, " ".join(str(err).split())) from None
 
 
 def run_location(storage_path: str, run_name: str) -> Location:
@@ -202,10 +205,10 @@ def check_reachable(root: Location, probe_name: str, key: str = "ray.storage_pat
     try:
         probe.write_text(probe_name)
         if probe.read_text() != probe_name:
-            raise StorageError(f"cannot read back {probe}: its content differs")
+            raise StorageError("read back", probe, "its content differs")
         probe.delete()
     except StorageError as err:
-        raise UserError(f"{err} (credentials come from each node's environment, AWS profile or instance role; "
+        raise UserError(f"cannot write to {root}: {err.reason} (credentials come from each node's environment, AWS profile or instance role; "
                         "the endpoint from ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
                         key=key) from None
 
