@@ -1,13 +1,13 @@
 """The driver's files on nodes that share no disk with it: the prepared (tokenized) data folder, a local
 model folder (also one holding a GGUF file) and a `.jinja` chat template.
 
-With an object-store `ray.storage_path`, the driver uploads each folder once per store to
-`{storage_path}/.cache/{data,model}/<content key>` (a folder already there under its key is reused), and
-every worker finds it on its own node: the driver's own folder when the node sees it with the same
-content, else the node's cached copy under `$SFT_DIST_CACHE_DIR` (default `~/.cache/sft_dist`),
-downloaded once per node and key while the node's other workers wait. A hub name is not shipped: every
-node loads it from the hub, as before. With a local storage path nothing is shipped: every node sees the
-driver's paths (one machine, or a shared mount).
+With an object-store `ray.storage_path` (or a shared mount, `ray.shared_storage: true`), the driver
+copies each folder once per store to `{storage_path}/.cache/{data,model}/<content key>` (a folder already
+there under its key is reused), and every worker finds it on its own node: the driver's own folder when
+the node sees it with the same content; on a shared mount, the copy on the mount; else the node's cached
+copy under `$SFT_DIST_CACHE_DIR` (default `~/.cache/sft_dist`), downloaded once per node and key while
+the node's other workers wait. A hub name is not shipped: every node loads it from the hub, as before.
+With a plain local storage path nothing is shipped: the run is on one machine.
 
 The content key is the digest of the folder's file names, sizes and sampled contents (the same identity
 the resume fingerprint uses), so a changed model or dataset is a new key and never a stale copy.
@@ -42,9 +42,9 @@ FETCH_WAIT_S = 3600
 
 
 def ship(cfg: RunConfig, data: PreparedData, root: Location) -> PreparedData:
-    """Upload what the workers need to the object store `root` (once per content key); `data` with a
-    `shipment` saying where each shipped thing is. Unchanged for local storage."""
-    if not root.is_remote:
+    """Copy what the workers need to the storage `root` (once per content key); `data` with a `shipment`
+    saying where each shipped thing is. Unchanged for storage that is this machine's own disk."""
+    if not (root.is_remote or cfg.ray.shared_storage):
         return data
     folders = {"data": Path(data.train_dir).parent}
     model = cfg.model.name_or_path
@@ -113,6 +113,9 @@ def node_copy(kind: str, entry: dict[str, Any]) -> tuple[Path, str]:
     driver_folder = Path(entry["path"])
     if all((driver_folder / name).is_file() for name in files) and content_key(driver_folder, files) == entry["key"]:
         return driver_folder, "in place"
+    shipped = Location.of(entry["remote"])
+    if not shipped.is_remote:  # a shared mount: every node reads the copy on it
+        return shipped.local_path(), "shared storage"
     cached = node_cache() / kind / entry["key"]
     if (cached / SHIPPED).is_file():
         return cached, "cached"
