@@ -118,10 +118,19 @@ def assert_recovered_from_the_bucket(run_dir: Path, step: int) -> None:
     assert len(resumes) == 1, resumes
     assert resumes[0]["checkpoint"].startswith(f"s3://{BUCKET}/runs/{run_dir.name}/checkpoint_step_{step:07d}")
     first, restarted = shipping_events(run_dir)
-    # One node fetched both folders, the other used the driver's own; after the restart nobody fetches again.
-    assert sorted(r["data"] for r in first.values()) == ["fetched", "in place"]
-    assert sorted(r["model"] for r in first.values()) == ["fetched", "in place"]
+    # The head's rank used the driver's own folders; the isolated node's rank fetched them (or found them
+    # cached by an earlier job); after the restart nobody fetches again.
+    for kind in ("data", "model"):
+        found = sorted(r[kind] for r in first.values())
+        assert found[1] == "in place" and found[0] in ("cached", "fetched"), found
     assert {r["data"] for r in restarted.values()} | {r["model"] for r in restarted.values()} <= {"cached", "in place"}
+
+
+def isolated_cache(cluster: Cluster, kind: str) -> list[str]:
+    """The worker node's own cache of shipped folders, seen through its mount namespace."""
+    pid = (cluster.temp_dir / "sft_dist_nodes" / "worker-1.pid").read_text().strip()
+    folder = Path(f"/proc/{pid}/root{cluster.driver_files}/node-cache/shipped/{kind}")
+    return sorted(p.name for p in folder.iterdir())
 
 
 KILL = ("debug.fail_rank=1", "debug.fail_mode=exit", "ray.max_failures=1")
@@ -160,14 +169,30 @@ def test_zero2_recovers_then_resume_auto_continues_from_the_bucket(cluster, zero
     resumes = [e for e in read_events(zero2_recovered) if e.get("event") == "resume"]
     assert resumes[-1]["checkpoint"].startswith(f"s3://{BUCKET}/runs/zero2/checkpoint_step_{BASELINE_STEPS:07d}")
     assert sorted(losses_by_step(zero2_recovered)) == list(range(1, BASELINE_STEPS + 3))
-    # Shipped once per node: the second job finds both folders on both nodes.
+    # Shipped once per node: the second job finds both folders on both nodes; the isolated node holds one
+    # copy of each (the ZeRO-3 job's data and model are the same content: the same keys).
     last = shipping_events(zero2_recovered)[-1]
     assert {r["data"] for r in last.values()} | {r["model"] for r in last.values()} <= {"cached", "in place"}
+    for kind in ("data", "model"):
+        copies = isolated_cache(cluster, kind)
+        assert len([c for c in copies if not c.endswith(".lock")]) == 1, copies
     # `sft-dist export s3://...`: the endpoint from the standard variable, as any S3 client would take it.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{cluster.storage.split('endpoint_override=')[1].split('&')[0]}")
     assert main(["export", f"s3://{BUCKET}/runs/zero2", "--out", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "sft_dist_export.json").read_text())["step"] == BASELINE_STEPS + 2
     AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    # `sft-dist eval` from the store, in one process: a world-size change, so rank 0 downloads the
+    # 2-worker checkpoint, converts it once to DeepSpeed's universal format and uploads that beside it.
+    files = cluster.driver_files
+    assert main(["eval", str(TINY_CONFIG), "--no-ray", "--set", f"output_dir={tmp_path / 'eval'}",
+                 "--set", f"model.name_or_path={files / 'model'}", "--set", f"data.train={files / 'data/train.jsonl'}",
+                 "--set", f"data.eval={files / 'data/eval.jsonl'}", "--set", "eval.generate=null",
+                 "--checkpoint", f"s3://{BUCKET}/runs/zero2"]) == 0
+    (evaluated,) = (tmp_path / "eval").glob("eval-*/eval.json")
+    result = json.loads(evaluated.read_text())
+    step = int(result["checkpoint"].split("checkpoint_step_")[1][:7])
+    recorded = [e["eval_loss"] for e in read_events(zero2_recovered) if e.get("step") == step and "eval_loss" in e]
+    assert result["eval_loss"] == pytest.approx(recorded[-1], rel=1e-5)  # 1 process = the run's 2 workers
 
 
 def test_a_lora_run_on_the_store_exports_its_adapter(cluster, tmp_path):

@@ -166,3 +166,26 @@ def test_credentials_in_the_storage_uri_are_refused_unprinted(tmp_path, capsys):
     assert code == 2 and err.startswith("error: ray.storage_path: credentials in the storage URI are refused")
     assert FAKE_SECRET not in err and list(tmp_path.iterdir()) == []
 
+
+
+def test_a_worker_failure_reaches_the_driver_as_one_line_naming_rank_and_host(s3_store):
+    """What ray_worker_main raises, as launcher reports it: pydantic's multi-line errors and a storage
+    failure each become one line (on main the driver printed pydantic's last line, a URL)."""
+    import ray.train
+    from pydantic import ValidationError
+
+    from sft_dist.config import RunConfig
+    from sft_dist.launcher import _failure_message
+    from sft_dist.runtime import one_line
+    from sft_dist.storage import StorageError
+
+    with pytest.raises(ValidationError) as invalid:
+        RunConfig.model_validate({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"lr": -1}})
+    with pytest.raises(StorageError) as unreachable:
+        Location.of(store_uri(s3_store, "nothing/here.bin")).read_bytes()
+    failures = {0: RuntimeError(f"rank 0 on node-a: {one_line(invalid.value)}"),
+                1: RuntimeError(f"rank 1 on node-b: {one_line(unreachable.value)}")}
+    message = _failure_message(ray.train.WorkerGroupError("workers failed", failures))
+    assert "\n" not in message
+    assert message.startswith("rank 0 on node-a: invalid config: train.lr: Input should be greater than 0; ")
+    assert f"rank 1 on node-b: StorageError: cannot read s3://{BUCKET}/nothing/here.bin" in message
