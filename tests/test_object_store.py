@@ -178,7 +178,8 @@ def test_zero2_recovers_then_resume_auto_continues_from_the_bucket(cluster, zero
         assert len([c for c in copies if not c.endswith(".lock")]) == 1, copies
     # `sft-dist export s3://...`: the endpoint from the standard variable, as any S3 client would take it.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{cluster.storage.split('endpoint_override=')[1].split('&')[0]}")
-    assert main(["export", f"s3://{BUCKET}/runs/zero2", "--out", str(tmp_path / "hf")]) == 0
+    last_checkpoint = f"s3://{BUCKET}/runs/zero2/checkpoint_step_{BASELINE_STEPS + 2:07d}"
+    assert main(["export", last_checkpoint, "--out", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "sft_dist_export.json").read_text())["step"] == BASELINE_STEPS + 2
     AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     # `sft-dist eval` from the store, in one process: a world-size change, so rank 0 downloads the
