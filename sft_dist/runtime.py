@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 import torch.distributed as dist
 
+from sft_dist import quiet
 from sft_dist.storage import Location
 
 
@@ -144,6 +145,7 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
     # one cache (another checkout, a clean clone for CI) would each rebuild what the other built.
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / env_key))
+    quiet.worker()
 
 
 def ray_worker_main(loop_config: dict[str, Any]) -> None:
