@@ -26,6 +26,9 @@ from sft_dist.cli import main
 
 from conftest import BASELINE_STEPS, BUCKET, FAKE_SECRET, REPO, S3_CREDENTIALS, TINY_CONFIG, read_events
 
+# The module's cluster fixture builds the loss baselines (if the session has not), starts two nodes and
+# runs the first job: minutes on 2 shared cores.
+pytestmark = pytest.mark.timeout(1800)
 PORT, DASHBOARD_PORT, CLIENT_PORT = 6440, 8315, 6441
 BIN = Path(sys.executable).parent
 MODEL = REPO / "configs" / "models" / "tiny-llama"
