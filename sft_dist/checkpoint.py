@@ -2,6 +2,11 @@
 every rank's files last, and the runtime hands the folder to its storage (Ray registers one checkpoint
 from all ranks' files). A folder counts as a checkpoint only if its manifest exists and every file it
 lists is there with the listed size, so a save torn by a crash is never resumed from.
+
+Checkpoints are found by scanning the storage (a local folder or an object store alike), never by
+trusting Ray's registry alone: a worker that dies right after a save takes that save's registration
+with it, while its files may be complete in storage. A checkpoint in an object store is loaded from a
+local copy of the files the loading rank needs.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import random
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -21,10 +27,13 @@ from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
 from sft_dist.errors import UserError
 from sft_dist.runtime import RunContext, all_gather
+from sft_dist.storage import Location, StorageError
 
 MANIFEST = "sft_dist_checkpoint.json"
 TAG = "state"  # DeepSpeed's sub-folder for the engine's files
 NAME = re.compile(r"checkpoint_step_(\d+)$")
+# Files that belong to one data-parallel rank: DeepSpeed's ZeRO partitions and our RNG states.
+RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)\D")
 # Each checkpoint's metrics carry a retention score, higher is better, by which Ray's CheckpointConfig
 # keeps the best; one saved without a validation at its step ranks below every validated one.
 SCORE = "checkpoint_score"
@@ -57,21 +66,48 @@ def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load(engine: Any, ctx: RunContext, folder: Path) -> dict[str, Any]:
+def load(engine: Any, ctx: RunContext, folder: Location | Path) -> dict[str, Any]:
     """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved loop state.
 
     Collective: every rank loads the same folder.
     """
-    # A universal copy (see universal_copy) loads through the same call when the engine was built with
-    # DeepSpeed's `checkpoint.load_universal`.
-    # Frozen parameters are not in the checkpoint (see has_frozen_parameters): the module loads non-strictly.
-    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
-                           load_module_strict=not has_frozen_parameters(engine))
     manifest = read_manifest(folder)
-    rng_file = folder / f"rng_rank{ctx.rank}.pt"
-    if manifest["world_size"] == ctx.world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    same_world = manifest["world_size"] == ctx.world_size
+    with local_copy(folder, ctx.rank if same_world else None) as local:
+        # A universal copy (see universal_copy) loads through the same call when the engine was built with
+        # DeepSpeed's `checkpoint.load_universal`.
+        # Frozen parameters are not in the checkpoint (see has_frozen_parameters): the module loads non-strictly.
+        engine.load_checkpoint(str(local), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                               load_module_strict=not has_frozen_parameters(engine))
+        rng_file = local / f"rng_rank{ctx.rank}.pt"
+        if same_world and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
     return manifest
+
+
+@contextmanager
+def local_copy(folder: Location | Path, rank: int | None = None) -> Iterator[Path]:
+    """The checkpoint as a local folder: itself when it is one, else a temporary copy of the files that
+    `rank` loads (its own ZeRO partition and RNG state and the shared files; all files for None: a
+    consolidation or a conversion reads every rank's), removed afterwards."""
+    folder = Location.of(folder)
+    if not folder.is_remote:
+        yield folder.local_path()
+        return
+    files = read_manifest(folder)["files"]
+    wanted = [name for name in files if rank is None or _rank_of(name) in (None, rank)]
+    scratch = Path(tempfile.mkdtemp(prefix="sft_dist_fetched_"))
+    target = scratch / folder.name  # keeps the checkpoint's name, which marks it as one
+    try:
+        folder.download(target, [*wanted, MANIFEST])
+        yield target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _rank_of(name: str) -> int | None:
+    found = RANK_FILE.search(Path(name).name)
+    return int(found.group(1)) if found else None
 
 
 def has_frozen_parameters(engine: Any) -> bool:
@@ -80,51 +116,67 @@ def has_frozen_parameters(engine: Any) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-def universal_copy(folder: Path, ctx: RunContext) -> Path:
+def universal_copy(folder: Location | Path, ctx: RunContext) -> Location:
     """A copy of `folder` in DeepSpeed's universal format, which loads at any world size.
 
     Collective: rank 0 converts (once; the manifest copied last marks a finished conversion) into
-    `.universal/` beside the checkpoint, on the same shared storage, while the others wait.
+    `.universal/` beside the checkpoint, on the same storage, while the others wait. In an object store
+    rank 0 converts a local copy of every file and uploads the result; each rank then loads from it.
     """
-    out = folder.parent / ".universal" / folder.name
-    if ctx.rank == 0 and not (out / MANIFEST).is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        ds_to_universal(argparse.Namespace(
-            input_folder=str(folder / TAG), output_folder=str(out / TAG), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True,
-            # Our checkpoints carry no tensor-parallel layout info; plain data parallelism needs none.
-            inject_missing_state=True,
-        ))
-        shutil.copy(folder / MANIFEST, out / MANIFEST)
+    folder = Location.of(folder)
+    out = folder.parent.join(".universal", folder.name)
+    if ctx.rank == 0 and not out.join(MANIFEST).is_file():
+        out.delete()
+        with local_copy(folder) as source:
+            converted = out.local_path() if not out.is_remote else Path(tempfile.mkdtemp(prefix="sft_dist_universal_"))
+            convert_to_universal(source, converted)
+            if out.is_remote:
+                out.upload(converted, [n for n in _file_sizes(converted) if n != MANIFEST])
+                out.upload(converted, [MANIFEST])  # last: marks the upload finished
+                shutil.rmtree(converted, ignore_errors=True)
     all_gather(None)  # a barrier: the converted files exist for every rank past this line
     return out
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text())
+def convert_to_universal(source: Path, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(source / TAG), output_folder=str(out / TAG), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # Our checkpoints carry no tensor-parallel layout info; plain data parallelism needs none.
+        inject_missing_state=True,
+    ))
+    # The manifest, copied last, marks a finished conversion; it lists the universal files.
+    manifest = {**json.loads((source / MANIFEST).read_text()), "files": _file_sizes(out)}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def problem(folder: Path) -> str | None:
-    """Why `folder` is not a complete checkpoint, or None if it is."""
-    if not (folder / MANIFEST).is_file():
+def read_manifest(folder: Location | Path) -> dict[str, Any]:
+    return Location.of(folder).join(MANIFEST).read_json()
+
+
+def problem(folder: Location | Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None if it is (one listing, also in an object store)."""
+    folder = Location.of(folder)
+    present = folder.files()
+    if MANIFEST not in present:
         return "no completion manifest (the save did not finish)"
     try:
         files = read_manifest(folder)["files"]
     except (json.JSONDecodeError, KeyError) as err:
         return f"unreadable manifest ({err})"
     for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
+        if name not in present:
             return f"missing {name}"
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, expected {size} (truncated?)"
+        if present[name] != size:
+            return f"{name} is {present[name]} bytes, expected {size} (truncated?)"
     return None
 
 
-def complete_checkpoints(parent: Path, log: Any = print) -> list[Path]:
+def complete_checkpoints(parent: Location | Path, log: Any = print) -> list[Location]:
     """Complete checkpoint folders under `parent`, oldest first; torn ones are named and skipped."""
     found = []
-    for folder in sorted(p for p in parent.glob("checkpoint_step_*") if NAME.search(p.name)):
+    for folder in (f for f in Location.of(parent).folders() if NAME.search(f.name)):
         reason = problem(folder)
         if reason:
             log(f"skipping checkpoint {folder}: {reason}")
@@ -133,23 +185,27 @@ def complete_checkpoints(parent: Path, log: Any = print) -> list[Path]:
     return found
 
 
-def best(found: list[Path]) -> Path | None:
+def best(found: list[Location]) -> Location | None:
     """The checkpoint with the best validation score (the newest of equals); None if none was validated."""
     scores = {f: read_manifest(f).get("metrics", {}).get(SCORE, UNSCORED) for f in found}
     scored = [f for f in found if scores[f] > UNSCORED]
     return max(scored, key=lambda f: (scores[f], f.name)) if scored else None
 
 
-def choose(source: Path) -> Path:
+def choose(source: Location | Path | str) -> Location:
     """`source` itself if it is a checkpoint folder; in a run folder its best checkpoint, else its latest."""
-    if not source.exists():
-        raise UserError("no such checkpoint or run folder", file=str(source))
-    if NAME.search(source.name):
-        reason = problem(source)
-        if reason:
-            raise UserError(f"not a complete checkpoint: {reason}", file=str(source))
-        return source
-    found = complete_checkpoints(source)
+    source = Location.of(source, key="checkpoint")
+    try:
+        if not source.exists():
+            raise UserError("no such checkpoint or run folder", file=str(source))
+        if NAME.search(source.name):
+            reason = problem(source)
+            if reason:
+                raise UserError(f"not a complete checkpoint: {reason}", file=str(source))
+            return source
+        found = complete_checkpoints(source)
+    except StorageError as err:
+        raise UserError(str(err), file=str(source)) from None
     if not found:
         raise UserError("no complete checkpoint in this run folder", file=str(source))
     return best(found) or found[-1]

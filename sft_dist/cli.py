@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
-    export.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its best, else latest)")
+    export.add_argument("checkpoint", help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     export.add_argument("--merge-lora", action="store_true",
@@ -127,5 +127,5 @@ def export_command(source: str, out: str, dtype: str, merge_lora: bool = False) 
 
     from sft_dist import driver
 
-    driver.export_checkpoint(Path(source), Path(out), dtype, merge_lora)
+    driver.export_checkpoint(source, Path(out), dtype, merge_lora)
     return 0

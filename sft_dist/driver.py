@@ -11,6 +11,7 @@ import platform
 import signal
 import sys
 import threading
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +27,7 @@ from sft_dist.errors import UserError
 from sft_dist.metrics import RunRecorder
 from sft_dist.model import load_tokenizer
 from sft_dist.runtime import Job
+from sft_dist.storage import Location, StorageError, check_reachable, run_location
 
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
@@ -62,18 +64,24 @@ def create_run_dir(cfg: RunConfig, continuing: bool = False) -> Path:
     return run_dir
 
 
+def check_storage(cfg: RunConfig) -> None:
+    """An object store that cannot be written (wrong endpoint, no bucket, no credentials) is refused naming
+    ray.storage_path, before any data is prepared or Ray starts."""
+    root = Location.of(cfg.storage_path())
+    check_reachable(root, f".sft_dist_probe-{uuid.uuid4().hex}", key="ray.storage_path" if cfg.ray.storage_path
+                    else "output_dir")
+
+
 def resume_checkpoint(cfg: RunConfig, resume: str, current: dict[str, Any]) -> str:
     """The complete checkpoint that `--resume auto|PATH` names, after checking that the run's fingerprint
-    (`current`) still fits it."""
-    if resume == "auto":
-        where = Path(cfg.storage_path()) / cfg.run_name
-        if "://" in cfg.storage_path():
-            return ""  # object storage: Ray restores the run's latest checkpoint itself
-    else:
-        where = Path(resume).expanduser().resolve()
-    folders = [where] if checkpoint.NAME.search(where.name) else checkpoint.complete_checkpoints(where)
-    if not folders or checkpoint.problem(folders[-1]):
+    (`current`) still fits it. Local folders and object stores are scanned alike."""
+    where = run_location(cfg.storage_path(), cfg.run_name) if resume == "auto" else Location.of(resume, key="--resume")
+    try:
+        folders = [where] if checkpoint.NAME.search(where.name) else checkpoint.complete_checkpoints(where)
         reason = checkpoint.problem(folders[-1]) if folders else "no complete checkpoint"
+    except StorageError as err:
+        raise UserError(str(err), key="--resume") from None
+    if reason:
         raise UserError(f"cannot resume from {where}: {reason}", key="--resume")
     chosen = folders[-1]
     changed = fingerprint.changed_keys(checkpoint.read_manifest(chosen)["fingerprint"], current)
@@ -91,7 +99,11 @@ def run_to_continue(cfg: RunConfig, config_path: str) -> RunConfig:
         if not runs:
             raise UserError(f"no earlier run of {config_path} in {cfg.output_dir} to resume", key="--resume")
         cfg = cfg.model_copy(update={"run_name": runs[-1].name})
-    if not cfg.run_dir().is_dir():
+    # A driver on a fresh machine (a new head pod) has no run folder, but an object store may hold the
+    # run's checkpoints: the run goes on from them in a new run folder.
+    in_store = Location.of(cfg.storage_path()).is_remote and checkpoint.complete_checkpoints(
+        run_location(cfg.storage_path(), cfg.run_name), log=lambda _: None)
+    if not cfg.run_dir().is_dir() and not in_store:
         raise UserError(f"no run folder {cfg.run_dir()} to resume", key="run_name")
     return cfg
 
@@ -115,8 +127,8 @@ def fit_in_process(cfg: RunConfig, data: PreparedData, recorder: RunRecorder, jo
     from sft_dist import runtime
 
     with stop_on_sigterm() as stop:
-        ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record, cfg.run_dir(),
-                                    stop)
+        ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, recorder.record,
+                                    run_location(cfg.storage_path(), cfg.run_name), stop)
         from sft_dist import train as train_loop  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
 
         try:
@@ -164,6 +176,7 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
     if not use_ray:
         overrides = [*overrides, "ray.num_workers=1"]
     cfg = with_labels(config_lib.load(config_path, overrides, name_run=resume != "auto"))
+    check_storage(cfg)
     if resume == "auto":
         cfg = run_to_continue(cfg, config_path)
     sinks.check_installed(cfg.logging)
@@ -190,7 +203,7 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
               f"--set run_name={cfg.run_name}", flush=True)
         return STOPPED_EXIT
     if cfg.checkpoint.export_at_end:
-        export_checkpoint(Path(cfg.storage_path()) / cfg.run_name, run_dir / "model")
+        export_checkpoint(run_location(cfg.storage_path(), cfg.run_name), run_dir / "model")
     print(f"done: {summary['steps']} steps ({summary['stop_reason']}); summary in {run_dir / 'summary.json'}")
     return 0
 
@@ -199,10 +212,8 @@ STOPPED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a process that SIG
 
 
 def best_checkpoint(cfg: RunConfig) -> dict[str, Any] | None:
-    """The run's checkpoint with the best validation metric: its path, step and metric value."""
-    if "://" in cfg.storage_path():
-        return None  # object storage: Ray's result names its best checkpoint
-    found = checkpoint.complete_checkpoints(Path(cfg.storage_path()) / cfg.run_name, log=lambda _: None)
+    """The run's checkpoint with the best validation metric: its path (or URI), step and metric value."""
+    found = checkpoint.complete_checkpoints(run_location(cfg.storage_path(), cfg.run_name), log=lambda _: None)
     best = checkpoint.best(found)
     if best is None:
         return None
@@ -214,9 +225,10 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     """`sft-dist eval`: validate a checkpoint as the run would, with the config's workers."""
     if not use_ray:
         overrides = [*overrides, "ray.num_workers=1"]
-    folder = checkpoint.choose(Path(source).expanduser().resolve())
+    folder = checkpoint.choose(source)
     cfg = with_labels(config_lib.load(config_path, [*overrides, "checkpoint.every_steps=null",
                                                     "checkpoint.export_at_end=false"]))
+    check_storage(cfg)
     cfg = cfg.model_copy(update={"run_name": f"eval-{cfg.run_name}"})
     data = prepare_data(cfg)
     changed = [k for k in fingerprint.changed_keys(checkpoint.read_manifest(folder)["fingerprint"], data.fingerprint)
@@ -259,6 +271,7 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
              "eval.generate=null", "logging.every_steps=1", "debug.fail_at_step=null"]
     cfg = with_labels(config_lib.load(config_path, [*overrides, *sweep, *([] if use_ray else ["ray.num_workers=1"])]))
     cfg = cfg.model_copy(update={"run_name": f"lr-find-{cfg.run_name}"})
+    check_storage(cfg)
     run_dir, recorder, error = side_run(cfg, prepare_data(cfg), use_ray, Job(kind="lr_find"),
                                         f"learning-rate range test, {lr_min:g} -> {lr_max:g} over {steps} steps")
     if error:
@@ -277,13 +290,17 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
     return 0
 
 
-def export_checkpoint(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False) -> None:
-    """`sft-dist export`, and `checkpoint.export_at_end`: a checkpoint as a Hugging Face folder."""
+def export_checkpoint(source: str | Location, out: Path, dtype: str = "fp32", merge_lora: bool = False) -> None:
+    """`sft-dist export`, and `checkpoint.export_at_end`: a checkpoint (a folder or a URI, or a run's
+    folder or URI: its best, else its latest) as a Hugging Face folder. A checkpoint in an object store
+    is downloaded whole first (consolidation reads every rank's files), then exported as a local one."""
     from sft_dist import runtime
 
+    folder = checkpoint.choose(source)
     # Consolidation is CPU work here, whatever the workers used.
     runtime.configure_worker(use_gpu=False, threads=len(os.sched_getaffinity(0)))
     from sft_dist import export  # after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
 
-    folder = export.export(source, out, dtype, merge_lora)
+    with checkpoint.local_copy(folder) as local:
+        export.export(local, out, dtype, merge_lora, origin=str(folder))
     print(f"exported {folder} -> {out}", flush=True)

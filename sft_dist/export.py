@@ -28,8 +28,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_SHARD_SIZE = "2GB"
 
 
-def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False) -> Path:
-    folder = checkpoint.choose(source.resolve())
+def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False, origin: str | None = None
+           ) -> Path:
+    """`origin`: where the checkpoint came from, when `source` is a local copy of one in an object store."""
+    folder = checkpoint.choose(source.resolve()).local_path()
     manifest = checkpoint.read_manifest(folder)
     cfg = RunConfig.model_validate(manifest["config"])
     staging = out.with_name(out.name + ".partial")
@@ -42,7 +44,8 @@ def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = Fals
     else:
         write_weights(folder, staging, DTYPES[dtype], cfg.deepspeed.stage)
         write_metadata(cfg, staging, DTYPES[dtype])
-    (staging / "sft_dist_export.json").write_text(json.dumps({"checkpoint": str(folder), "step": manifest["step"]}))
+    (staging / "sft_dist_export.json").write_text(json.dumps({"checkpoint": origin or str(folder),
+                                                                    "step": manifest["step"]}))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)  # the folder appears whole or not at all
     return folder

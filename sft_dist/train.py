@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight, quiet, tasks
+from sft_dist import adapters, checkpoint, faults, preflight, quiet, shipping, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
@@ -26,6 +25,7 @@ from sft_dist.evaluate import BestTracker, deadline, generate_answers, generatio
 from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
+from sft_dist.storage import Location
 from sft_dist.timing import OFF, StepTimer
 
 
@@ -70,23 +70,37 @@ class Session:
         return metrics
 
 
-def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | None, skipped: list[str] = ()
+def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Location | None, skipped: list[str] = ()
            ) -> tuple[Session, dict[str, Any]]:
     """Build the session, restored from `restart` when given; returns it with the saved loop state."""
     set_seed(cfg.seed)
     quiet.deepspeed_op_builds(cfg.ray.use_gpu, cfg.deepspeed.offload_optimizer, ctx.local_rank)
     engine_lib.init_distributed()
     preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
-    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(cfg.model)
+    # Loading uses the shipped folders as this node has them; the session (and so every checkpoint)
+    # keeps the driver's config.
+    here, data = fetch_shipment(ctx, cfg, data)
+    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(here.model)
     if cfg.data.chat_template:  # generation prompts render as the training data did
-        tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
+        tokenizer.chat_template = chat_template(tokenizer, here.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
-    engine, loop_state = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
-    batches = batch_maker(cfg, tokenizer, engine.module)
+    engine, loop_state = build_and_restore(ctx, here, total_steps(cfg, plan), restart, skipped)
+    batches = batch_maker(here, tokenizer, engine.module)
     return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches), loop_state
+
+
+def fetch_shipment(ctx: RunContext, cfg: RunConfig, data: PreparedData) -> tuple[RunConfig, PreparedData]:
+    """The config and data as this node has them (sft_dist.shipping); rank 0 records how each rank found them.
+
+    Collective when the data was shipped (one all_gather; every rank has the same shipment).
+    """
+    here, data, found = shipping.on_this_node(cfg, data)
+    if data.shipment:
+        ctx.emit({"step": 0, "event": "shipping", "ranks": all_gather({"rank": ctx.rank, **found})})
+    return here, data
 
 
 def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> TextBatches | ImageBatches:
@@ -137,7 +151,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     window, reason, step, preemption_saved = Window(), None, start, False
     divergence = Divergence() if stop_on_divergence else None
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
-        faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
+        faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
         window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example,
                                session.batches, loss_fn, timer))
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
@@ -195,13 +209,13 @@ def agreed_stop(ctx: RunContext, local_reason: str | None) -> str | None:
 
 def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, folder: str) -> None:
     """`sft-dist eval`: the run's validation on a saved checkpoint, distributed like training."""
-    session, loop_state = set_up(ctx, cfg, data, Path(folder))
+    session, loop_state = set_up(ctx, cfg, data, Location.of(folder))
     session.validate(loop_state["step"])
     ctx.emit({"step": loop_state["step"], "event": "end", "stop_reason": "evaluated"})
 
 
 def build_and_restore(
-    ctx: RunContext, cfg: RunConfig, steps: int, restart: Path | None, skipped: list[str] = ()
+    ctx: RunContext, cfg: RunConfig, steps: int, restart: Location | None, skipped: list[str] = ()
 ) -> tuple[Any, dict[str, Any]]:
     """The engine, restored from `restart` when given; and the loop state saved with it."""
     other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
@@ -215,22 +229,18 @@ def build_and_restore(
     return engine, loop_state
 
 
-def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Path | None, list[str]]:
+def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Location | None, list[str]]:
     """The checkpoint to continue from (None: a fresh start), and the torn ones skipped on the way.
 
     The run's own newest complete checkpoint (there after a worker failure, or with --resume auto)
-    wins over a checkpoint of another run named by --resume PATH. The run folder is scanned rather
-    than trusting Ray's registry alone: a worker that dies hard can take a checkpoint's registration
-    with it while its files are complete on disk.
+    wins over a checkpoint of another run named by --resume PATH. The run's storage (a folder or an
+    object store) is scanned rather than trusting Ray's registry: a worker that dies hard can take a
+    checkpoint's registration with it while its files are complete in storage.
     """
     skipped: list[str] = []
-    if "://" in cfg.storage_path():  # object storage: only Ray knows the run's checkpoints
-        latest = ctx.restored_checkpoint()
-        own = [latest] if latest else []
-    else:
-        own = checkpoint.complete_checkpoints(Path(cfg.storage_path()) / cfg.run_name, log=skipped.append)
-    chosen = own[-1] if own else requested
-    return (Path(chosen) if chosen else None), skipped
+    own = checkpoint.complete_checkpoints(ctx.storage, log=skipped.append)
+    chosen = own[-1] if own else Location.of(requested) if requested else None
+    return chosen, skipped
 
 
 def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> Any:

@@ -50,6 +50,8 @@ class PreparedData:
     source_digests: list[Any] = field(default_factory=list)
     # What a checkpoint of this run depends on (sft_dist.fingerprint), set by the driver.
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    # Where nodes that do not share the driver's disk find this data and the model (sft_dist.shipping).
+    shipment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
