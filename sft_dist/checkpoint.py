@@ -151,7 +151,8 @@ def choose(source: Path) -> Path:
         return source
     found = complete_checkpoints(source)
     if not found:
-        raise UserError("no complete checkpoint in this run folder", file=str(source))
+        raise UserError("no complete checkpoint in this run folder; a run saves them with checkpoint.every_steps "
+                        "(e.g. --set checkpoint.every_steps=100; it also saves at the end)", file=str(source))
     return best(found) or found[-1]
 
 

@@ -282,5 +282,5 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "fp32", merge_lora: 
     runtime.configure_worker(use_gpu=False, threads=len(os.sched_getaffinity(0)))
     from sft_dist import export  # after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
 
-    folder = export.export(source, out, dtype, merge_lora)
-    print(f"exported {folder} -> {out}", flush=True)
+    folder, usage = export.export(source, out, dtype, merge_lora)
+    print(f"exported {folder} -> {out}\n{usage}", flush=True)
