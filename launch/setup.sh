@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv and installs sft_dist (editable) with the extras the tests use: dev, GGUF, the
-# TensorBoard and MLflow sinks, bench (TRL) and tune (Optuna).
+# TensorBoard and MLflow sinks, bench (TRL) and tune (Optuna); and ./.venv-compat, the older transformers the
+# export tests load exported folders with (launch/make_compat_venv.sh, made once).
 # Safe to run again: it reinstalls only when pyproject.toml changed since the last install.
 # TORCH_SPEC picks the torch build: the default pin resolves to the CPU build on this project's CI
 # machines; on a GPU machine install a CUDA build of the same range first (see README.md).
@@ -19,3 +20,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,gguf,tensorboard,mlflow,bench,tune]"
   echo "$want" > "$stamp"
 fi
+bash launch/make_compat_venv.sh
