@@ -84,13 +84,10 @@ def write_weights(weights: dict[str, Any], out: Path, dtype: torch.dtype, skelet
     of a tied parameter (SmolLM2's, Llama 3.2's, Qwen2.5's and Gemma's `lm_head.weight` is
     `model.embed_tokens.weight`): safetensors refuses tensors that share memory. As `save_pretrained` does,
     the alias is left out and `from_pretrained` ties it again from the model's config."""
-    for alias in tied_aliases(skeleton):
+    aliases = tied_aliases(skeleton)
+    for alias in aliases:
         weights.pop(alias, None)
-    expected = set(skeleton.state_dict()) - set(tied_aliases(skeleton))
-    if set(weights) != expected:
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise UserError(f"the checkpoint's weights do not match the model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}", key="model.name_or_path")
+    check_fits(weights, {k: v for k, v in skeleton.state_dict().items() if k not in aliases})
     # Shapes and dtypes are all the split needs, so it is planned on empty tensors before any is gathered.
     split = split_torch_state_dict_into_shards(to_torch_tensor(weights, return_empty_tensor=True, dtype=dtype),
                                                max_shard_size=MAX_SHARD_SIZE)
@@ -101,6 +98,15 @@ def write_weights(weights: dict[str, Any], out: Path, dtype: torch.dtype, skelet
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def check_fits(weights: dict[str, Any], expected: dict[str, torch.Tensor]) -> None:
+    """Refuse weights whose names or shapes are not the model's (the checkpoint's recorded model changed)."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    reshaped = sorted(n for n in set(weights) & set(expected) if tuple(weights[n].shape) != tuple(expected[n].shape))
+    if missing or unexpected or reshaped:
+        raise UserError(f"the checkpoint's weights do not match the model: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}, other shapes {reshaped[:3]}", key="model.name_or_path")
 
 
 def tied_aliases(model: torch.nn.Module) -> list[str]:

@@ -3,25 +3,21 @@ Real Ray workers and DeepSpeed engines; losses compared with uninterrupted runs 
 
 from __future__ import annotations
 
-import glob
 import json
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import datasets
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from sft_dist import checkpoint
 from sft_dist.cli import main
-from sft_dist.loss import token_loss_sums
 
 from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env, train_losses,
                       train_tiny)
+from fixtures.exported import hf_eval_loss, saved_rows
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
 
@@ -86,21 +82,6 @@ def test_a_torn_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, ca
     assert train_losses(resumed) == pytest.approx(train_losses(run)[2:], rel=RTOL)
 
 
-def exported_eval_loss(model_dir: Path, output_dir: Path) -> float:
-    """Token-weighted eval loss of an exported model, in one process, on the run's tokenized eval set."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    rows = datasets.load_from_disk(eval_dir)
-    assert len(rows) % 2 == 1  # not divisible by the world size
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for row in rows:  # one example at a time: no padding, nothing for a mask to hide
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
-            loss, count, _ = token_loss_sums(logits, torch.tensor([row["labels"]]))
-            loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
-    return loss_sum / tokens
-
-
 @pytest.mark.parametrize("run", ["failed_zero2_run", "failed_zero3_run"])
 def test_export_gives_the_model_the_engine_evaluated(run, request, tmp_path):
     run_dir = request.getfixturevalue(run)
@@ -108,7 +89,10 @@ def test_export_gives_the_model_the_engine_evaluated(run, request, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "chat_template.jinja").is_file()
     # 63 validation examples on 2 ranks: the odd one out is counted once, and the all-reduced, token-weighted
     # eval_loss equals this single-process computation.
-    assert exported_eval_loss(tmp_path / "hf", run_dir.parent) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
+    rows = saved_rows(run_dir, "eval")
+    assert len(rows) % 2 == 1  # not divisible by the world size
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf_eval_loss(model, rows) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
 
 
 @pytest.mark.parametrize("stage, run, baseline",

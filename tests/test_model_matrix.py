@@ -12,13 +12,10 @@ older transformers in .venv-compat against this one's.
 
 from __future__ import annotations
 
-import glob
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from peft import PeftModel
@@ -28,12 +25,11 @@ from sft_dist import checkpoint
 from sft_dist.cli import main
 
 from conftest import REPO, eval_losses, read_events, train_losses, train_tiny
+from fixtures.exported import hf_eval_loss, older_client, saved_rows
 from fixtures.model_client import look
 
 MODELS = REPO / "configs" / "models"
 DATES = REPO / "configs" / "data" / "dates"
-COMPAT_PYTHON = REPO / ".venv-compat" / "bin" / "python"
-CLIENT = REPO / "tests" / "fixtures" / "model_client.py"
 # Each family twice, full fine-tune and LoRA, at two of the three stages; together every stage with both.
 # The tied families' heads under ZeRO-2 and ZeRO-3 (where DeepSpeed's own converter failed).
 CASES = [("llama", 0, "full"), ("llama", 3, "lora"), ("qwen2", 2, "full"), ("qwen2", 0, "lora"),
@@ -77,23 +73,6 @@ def chain(case: tuple[str, int, str], root: Path) -> Chain:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("matrix")
-
-
-def saved_rows(run: Path, split: str) -> datasets.Dataset:
-    (rows,) = glob.glob(str(run.parent / ".cache" / "data" / "*" / split))
-    return datasets.load_from_disk(rows)
-
-
-def hf_eval_loss(model: torch.nn.Module, rows: datasets.Dataset) -> float:
-    """Token-weighted mean of the model's own loss (transformers shifts the labels), one example at a time."""
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for row in rows:
-            labels = torch.tensor([row["labels"]])
-            count = int((labels[0, 1:] != -100).sum())
-            loss_sum += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * count
-            tokens += count
-    return loss_sum / tokens
 
 
 def load(chain_: Chain, name: str) -> torch.nn.Module:
@@ -154,8 +133,7 @@ def test_an_older_transformers_reads_every_export_as_this_one_does(root):
     rendering, RoPE base and logits. Without the 4.x fields it could not load the tokenizer at all, and it
     would run the Qwen2 and Mistral models with rope_theta 10000 instead of 1e6."""
     folders = [str(chain(case, root).exports.get("model", chain(case, root).exports.get("merged"))) for case in CASES]
-    older = json.loads(subprocess.run([str(COMPAT_PYTHON), str(CLIENT), *folders], capture_output=True, text=True,
-                                      check=True, timeout=300).stdout)
+    older = older_client(folders)
     for folder in folders:
         ours, theirs = look(folder), older[folder]
         assert theirs["transformers"].startswith("4.57") and ours["transformers"].startswith("5.")
