@@ -69,12 +69,10 @@ def write_folder(folder: Path, out: Path, cfg: RunConfig, dtype: torch.dtype, me
 
 def consolidated(folder: Path, stage: int) -> dict[str, Any]:
     """The checkpoint's full weights by name. Under ZeRO, DeepSpeed's lazy tensors, gathered from every
-    rank's fp32 optimizer partition when materialised (`.contiguous()`); without ZeRO every rank holds the
-    whole model and rank 0's model-states file has it."""
+    rank's fp32 optimizer partition when materialised (`.contiguous()`); without ZeRO, rank 0's module."""
     if stage > 0:
         return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=checkpoint.TAG, lazy_mode=True)
-    states = torch.load(folder / checkpoint.TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return dict(states["module"])
+    return rank0_module(folder)
 
 
 def write_weights(weights: dict[str, Any], out: Path, dtype: torch.dtype, skeleton: torch.nn.Module) -> None:
@@ -170,5 +168,10 @@ def trained_tensors(folder: Path, stage: int) -> dict[str, torch.Tensor]:
     rank's fp32 optimizer partition: under ZeRO-3 the module file holds only empty placeholders."""
     if stage > 0:
         return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=checkpoint.TAG)
+    return rank0_module(folder)
+
+
+def rank0_module(folder: Path) -> dict[str, torch.Tensor]:
+    """Without ZeRO every rank holds the whole module: rank 0's model-states file has it."""
     states = torch.load(folder / checkpoint.TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return states["module"]
+    return dict(states["module"])
