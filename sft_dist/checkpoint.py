@@ -207,7 +207,8 @@ def choose(source: Location | Path | str) -> Location:
     except StorageError as err:
         raise UserError(str(err), file=str(source)) from None
     if not found:
-        raise UserError("no complete checkpoint in this run folder", file=str(source))
+        raise UserError("no complete checkpoint in this run folder; a run saves them with checkpoint.every_steps "
+                        "(e.g. --set checkpoint.every_steps=100; it also saves at the end)", file=str(source))
     return best(found) or found[-1]
 
 

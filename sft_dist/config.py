@@ -348,7 +348,7 @@ class GenerateConfig(Section):
     """Greedy answers to held-out prompts, scored by exact match and by `match`."""
 
     num_prompts: int = Field(4, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0)  # None: from the held-out answers' lengths, plus a margin
     # exact: answer == expected; contains: expected occurs in the answer; regex: `pattern`'s first group
     # (or whole match) in the answer equals expected, or without a pattern expected is a regex the answer
     # must match in full; json: both parse as JSON and are equal.

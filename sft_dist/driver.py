@@ -302,5 +302,5 @@ def export_checkpoint(source: str | Location, out: Path, dtype: str = "fp32", me
     from sft_dist import export  # after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
 
     with checkpoint.local_copy(folder) as local:
-        export.export(local, out, dtype, merge_lora, origin=str(folder))
-    print(f"exported {folder} -> {out}", flush=True)
+        _, usage = export.export(local, out, dtype, merge_lora, origin=str(folder))
+    print(f"exported {folder} -> {out}\n{usage}", flush=True)

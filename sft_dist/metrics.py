@@ -129,7 +129,7 @@ class RunRecorder:
             lines.append(f"held-out answers, exact match {hits[0]}/{len(before)} -> {hits[1]}/{len(after)}:")
             for b, a in zip(before, after):
                 lines.append(f"  prompt:   {b['prompt']}\n  expected: {b['expected']}\n"
-                             f"  before:   {b['answer']!r}\n  after:    {a['answer']!r}")
+                             f"  before:   {b['answer']!r}{_cut_note(b)}\n  after:    {a['answer']!r}{_cut_note(a)}")
         return "\n".join(lines)
 
     def close(self, status: str) -> None:
@@ -140,3 +140,10 @@ class RunRecorder:
 
     def _print(self, line: str) -> None:
         self.display.message(line)
+
+
+def _cut_note(sample: dict[str, Any]) -> str:
+    """Said of an answer that stopped at the token limit without its end token: it may be cut short."""
+    if not sample.get("hit_max_new_tokens"):
+        return ""
+    return f" (stopped at max_new_tokens={sample['max_new_tokens']} without an end token)"

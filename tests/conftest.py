@@ -86,18 +86,16 @@ def model_loss_sum(model, input_ids: list[int], labels: list[int]) -> tuple[floa
 
 
 def eval_set_loss(model, output_dir: Path) -> float:
-    """Token-weighted loss of `model` on a run's tokenized eval set, one example at a time (no padding,
-    nothing for a mask to hide), by the model's own loss."""
+    """Token-weighted loss of `model` on a run's tokenized eval set, one example at a time, by the model's
+    own loss (fixtures.exported.hf_eval_loss)."""
     import glob
 
     import datasets
 
+    from fixtures.exported import hf_eval_loss
+
     (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    loss_sum = tokens = 0.0
-    for row in datasets.load_from_disk(eval_dir):
-        loss, count = model_loss_sum(model, row["input_ids"], row["labels"])
-        loss_sum, tokens = loss_sum + loss, tokens + count
-    return loss_sum / tokens
+    return hf_eval_loss(model, datasets.load_from_disk(eval_dir))
 
 
 # Fake credentials for the S3 API server: moto accepts any; the secrets tests look for this one.

@@ -3,16 +3,13 @@ Real Ray workers and DeepSpeed engines; losses compared with uninterrupted runs 
 
 from __future__ import annotations
 
-import glob
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import datasets
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +18,7 @@ from sft_dist.cli import main
 
 from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, subprocess_env,
                       train_losses, train_tiny)
+from fixtures.exported import hf_eval_loss, saved_rows
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
 
@@ -161,7 +159,10 @@ def test_export_gives_the_model_the_engine_evaluated(run, request, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "chat_template.jinja").is_file()
     # 63 validation examples on 2 ranks: the odd one out is counted once, and the all-reduced, token-weighted
     # eval_loss equals this single-process computation.
-    assert exported_eval_loss(tmp_path / "hf", run_dir.parent) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
+    rows = saved_rows(run_dir, "eval")
+    assert len(rows) % 2 == 1  # not divisible by the world size
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf_eval_loss(model, rows) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
 
 
 @pytest.mark.parametrize("stage, run, baseline",
