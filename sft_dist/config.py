@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from sft_dist.errors import UserError
-from sft_dist.local_paths import DATA_SUFFIXES, first_problem, is_local_source
+from sft_dist.local_paths import first_problem, is_local_source
 from sft_dist.storage import is_uri
 
 

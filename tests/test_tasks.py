@@ -4,7 +4,6 @@ BERT-style encoder, trained by real Ray workers with DeepSpeed; labels, metrics 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
