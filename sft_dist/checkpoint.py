@@ -1,7 +1,10 @@
 """Sharded checkpoints: every rank saves its ZeRO shard and RNG state, rank 0 writes a manifest of
 every rank's files last, and the runtime hands the folder to its storage (Ray registers one checkpoint
 from all ranks' files). A folder counts as a checkpoint only if its manifest exists and every file it
-lists is there with the listed size, so a save torn by a crash is never resumed from.
+lists is there with the listed size, so a save torn by a crash is never resumed from. Before any
+rank loads a folder its pickles are checked (sft_dist.safe_loading): a checkpoint cannot run code.
+A checkpoint also carries rank 0's records of the run so far (`records.jsonl`), so a driver that died
+before writing them loses nothing: the resume puts them back into metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import numpy as np
 import torch
 from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+from sft_dist import safe_loading
+from sft_dist.atomic_files import out_of_space, write_text
+from sft_dist.config import RunConfig
 from sft_dist.errors import UserError
 from sft_dist.runtime import RunContext, all_gather
 
 MANIFEST = "sft_dist_checkpoint.json"
+RECORDS = "records.jsonl"  # rank 0's training, validation and sample records up to the checkpoint's step
 TAG = "state"  # DeepSpeed's sub-folder for the engine's files
 NAME = re.compile(r"checkpoint_step_(\d+)$")
 # Each checkpoint's metrics carry a retention score, higher is better, by which Ray's CheckpointConfig
@@ -35,8 +42,14 @@ def folder_name(step: int) -> str:
     return f"checkpoint_step_{step:07d}"
 
 
-def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Save the engine (all ranks' shards), loop state and RNG, then register the checkpoint.
+class CheckpointSaveError(RuntimeError):
+    """A save that could not finish (the disk is full): the message says which step and why."""
+
+
+def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any],
+         records: list[dict[str, Any]] = ()) -> None:
+    """Save the engine (all ranks' shards), loop state, RNG and (rank 0) the run's records, then register
+    the checkpoint.
 
     Collective: every rank calls it at the same step.
     """
@@ -45,16 +58,28 @@ def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict
         engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state},
                                exclude_frozen_parameters=has_frozen_parameters(engine))
         torch.save(rng_state(), staging / f"rng_rank{ctx.rank}.pt")
+        if ctx.rank == 0:
+            (staging / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records))
         files: dict[str, int] = {}
         for rank_files in all_gather(_file_sizes(staging)):
             files.update(rank_files)
         if ctx.rank == 0:
             manifest = {"step": loop_state["step"], "world_size": ctx.world_size, "files": files,
                         "metrics": metrics, **loop_state}
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
         ctx.report_checkpoint(staging, folder_name(loop_state["step"]), metrics)
+    except Exception as err:
+        if not out_of_space(err):
+            raise
+        raise CheckpointSaveError(f"no space left on device while saving checkpoint {loop_state['step']} "
+                                  f"({_first_line(err)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load(engine: Any, ctx: RunContext, folder: Path) -> dict[str, Any]:
@@ -65,6 +90,7 @@ def load(engine: Any, ctx: RunContext, folder: Path) -> dict[str, Any]:
     # A universal copy (see universal_copy) loads through the same call when the engine was built with
     # DeepSpeed's `checkpoint.load_universal`.
     # Frozen parameters are not in the checkpoint (see has_frozen_parameters): the module loads non-strictly.
+    safe_loading.refuse_unsafe(folder)
     engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
                            load_module_strict=not has_frozen_parameters(engine))
     manifest = read_manifest(folder)
@@ -80,24 +106,38 @@ def has_frozen_parameters(engine: Any) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-def universal_copy(folder: Path, ctx: RunContext) -> Path:
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """The records a checkpoint carries (none in a checkpoint saved before records were kept)."""
+    path = folder / RECORDS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def universal_copy(folder: Path, ctx: RunContext, into: Path) -> Path:
     """A copy of `folder` in DeepSpeed's universal format, which loads at any world size.
 
     Collective: rank 0 converts (once; the manifest copied last marks a finished conversion) into
-    `.universal/` beside the checkpoint, on the same shared storage, while the others wait.
+    `into/.universal/`, the resuming run's folder (never another run's), on the storage every rank
+    reads, while the others wait. A copy made from another checkpoint of the same name is redone.
     """
-    out = folder.parent / ".universal" / folder.name
-    if ctx.rank == 0 and not (out / MANIFEST).is_file():
+    out = into / ".universal" / folder.name
+    if ctx.rank == 0 and not _converted_from(out, folder):
         shutil.rmtree(out, ignore_errors=True)
+        safe_loading.refuse_unsafe(folder)
         ds_to_universal(argparse.Namespace(
             input_folder=str(folder / TAG), output_folder=str(out / TAG), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True,
             # Our checkpoints carry no tensor-parallel layout info; plain data parallelism needs none.
             inject_missing_state=True,
         ))
+        if (folder / RECORDS).is_file():
+            shutil.copy(folder / RECORDS, out / RECORDS)
         shutil.copy(folder / MANIFEST, out / MANIFEST)
     all_gather(None)  # a barrier: the converted files exist for every rank past this line
     return out
+
+
+def _converted_from(out: Path, folder: Path) -> bool:
+    return (out / MANIFEST).is_file() and (out / MANIFEST).read_bytes() == (folder / MANIFEST).read_bytes()
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -148,11 +188,36 @@ def choose(source: Path) -> Path:
         reason = problem(source)
         if reason:
             raise UserError(f"not a complete checkpoint: {reason}", file=str(source))
-        return source
-    found = complete_checkpoints(source)
-    if not found:
-        raise UserError("no complete checkpoint in this run folder", file=str(source))
-    return best(found) or found[-1]
+        chosen = source
+    else:
+        found = complete_checkpoints(source)
+        if not found:
+            raise UserError("no complete checkpoint in this run folder", file=str(source))
+        chosen = best(found) or found[-1]
+    safe_loading.refuse_unsafe(chosen)
+    return chosen
+
+
+def saved_config(folder: Path, trust_remote_code: bool) -> RunConfig:
+    """The run config saved with a checkpoint, with model.trust_remote_code as this command says: a
+    checkpoint (perhaps someone else's) never switches remote code on by itself."""
+    cfg = RunConfig.model_validate(read_manifest(folder)["config"])
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        raise UserError("the checkpoint's config sets model.trust_remote_code, which runs the model folder's own "
+                        "Python code; pass --trust-remote-code if you trust that code", file=str(folder / MANIFEST))
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})})
+
+
+def prune(parent: Path, keep: int) -> None:
+    """Delete the complete checkpoints under `parent` that Ray's CheckpointConfig(num_to_keep=keep, by
+    SCORE) would: all but the `keep` best-scored (ties: the newest) and the latest. Runs without Ray
+    have no checkpoint manager to do it."""
+    found = complete_checkpoints(parent, log=lambda _: None)
+    ranked = sorted(found, key=lambda f: (read_manifest(f).get("metrics", {}).get(SCORE, UNSCORED), f.name))
+    kept = set(ranked[-keep:]) | set(found[-1:])
+    for folder in found:
+        if folder not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -28,10 +28,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_SHARD_SIZE = "2GB"
 
 
-def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False) -> Path:
-    folder = checkpoint.choose(source.resolve())
+def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False,
+           trust_remote_code: bool = False) -> Path:
+    folder = checkpoint.choose(source.resolve())  # refuses a checkpoint whose pickles would run code
     manifest = checkpoint.read_manifest(folder)
-    cfg = RunConfig.model_validate(manifest["config"])
+    cfg = checkpoint.saved_config(folder, trust_remote_code)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     if merge_lora and not adapters.enabled(cfg.peft):

@@ -20,6 +20,8 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 import torch.distributed as dist
 
+from sft_dist import safe_loading
+
 
 @dataclass(frozen=True)
 class Job:
@@ -102,6 +104,8 @@ class LocalRunContext:
     sink: Callable[[dict[str, Any]], None]
     storage_dir: Path  # where checkpoints go: the run folder
     stop: threading.Event  # set by the process's SIGTERM handler
+    # Called on rank 0 after each checkpoint: what Ray's CheckpointConfig does (checkpoint.keep).
+    retain: Callable[[], None] | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -109,9 +113,15 @@ class LocalRunContext:
 
     def report_checkpoint(self, folder: Path, name: str, metrics: dict[str, Any]) -> None:
         # Each rank copies its own files; the manifest makes the folder count only once all are there.
-        shutil.copytree(folder, self.storage_dir / name, dirs_exist_ok=True)
+        try:
+            shutil.copytree(folder, self.storage_dir / name, dirs_exist_ok=True)
+        except OSError:  # e.g. the disk is full: a torn copy is never resumed from, so free its space
+            shutil.rmtree(self.storage_dir / name, ignore_errors=True)
+            raise
         if dist.is_initialized():
             dist.barrier()
+        if self.rank == 0 and self.retain is not None:
+            self.retain()
 
     def restored_checkpoint(self) -> str | None:
         return None  # without Ray nothing restarts the run; --resume names the checkpoint
@@ -151,6 +161,8 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
     # one cache (another checkout, a clean clone for CI) would each rebuild what the other built.
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / env_key))
+    # Last: it imports DeepSpeed's state types, and DeepSpeed reads DS_ACCELERATOR (set above) on import.
+    safe_loading.enforce()  # no checkpoint this process loads can run code
 
 
 def ray_worker_main(loop_config: dict[str, Any]) -> None:
@@ -178,7 +190,8 @@ def ray_worker_main(loop_config: dict[str, Any]) -> None:
 
 
 def local_context(
-    use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage_dir: Path, stop: threading.Event
+    use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage_dir: Path, stop: threading.Event,
+    retain: Callable[[], None] | None = None,
 ) -> LocalRunContext:
     """A context for one process, or one of torchrun's (which sets RANK, WORLD_SIZE, MASTER_ADDR...)."""
     configure_worker(use_gpu, threads)
@@ -191,7 +204,7 @@ def local_context(
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
-    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink, storage_dir, stop)
+    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink, storage_dir, stop, retain)
 
 
 def _free_port() -> int:
