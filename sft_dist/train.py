@@ -23,6 +23,7 @@ from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
 from sft_dist.evaluate import BestTracker, deadline, generate_answers, generation_metrics, validate
+from sft_dist.health import Health
 from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
@@ -46,6 +47,15 @@ class Session:
     prompts: list[dict]
     plan: BatchPlan
     batches: TextBatches | ImageBatches  # saved rows -> model inputs
+    # Rank 0's records of the run so far (those of a restored checkpoint first): every checkpoint
+    # carries them, so records the driver never wrote (it died) come back with a resume.
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """A training, validation or samples record: to the driver, and kept for the next checkpoint."""
+        self.ctx.emit(record)
+        if self.ctx.rank == 0:
+            self.history.append(record)
 
     def validate(self, step: int) -> dict[str, Any]:
         """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
@@ -64,9 +74,9 @@ class Session:
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
                                            cfg.deepspeed.stage == 3)
             metrics.update(generation_metrics(samples))
-            ctx.emit({"step": step, "event": "samples", "samples": samples})
+            self.emit({"step": step, "event": "samples", "samples": samples})
         if metrics:
-            ctx.emit({"step": step, **metrics})
+            self.emit({"step": step, **metrics})
         return metrics
 
 
@@ -83,9 +93,9 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
-    engine, loop_state = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
+    engine, loop_state, history = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
     batches = batch_maker(cfg, tokenizer, engine.module)
-    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches), loop_state
+    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches, history), loop_state
 
 
 def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> TextBatches | ImageBatches:
@@ -118,6 +128,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
     loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
+    saved_steps = [start] if start else []  # a resumed run's checkpoint is a saved state too
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
@@ -125,7 +136,9 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
                  "fingerprint": data.fingerprint, "config": cfg.model_dump(mode="json")}
         score = tracker.score(metrics)
         checkpoint.save(engine, ctx, state,
-                        {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score})
+                        {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score},
+                        session.history)
+        saved_steps.append(step)
 
     def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
         return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
@@ -135,28 +148,38 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
         tracker.update(session.validate(0), 0)
     window, reason, step, preemption_saved = Window(), None, start, False
     divergence = Divergence() if stop_on_divergence else None
+    health = Health()
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
         faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
-        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example,
-                               session.batches, loss_fn, timer))
+        loss_sum, tokens, supervised = train_step(engine, ctx, session.train_set, plan, step - 1,
+                                                  supervised_per_example, session.batches, loss_fn, timer)
+        window.add(loss_sum, tokens, supervised)
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
         if train_log:
-            ctx.emit(train_log)
+            session.emit(train_log)
         metrics = session.validate(step) if validation_due(cfg, plan, step, steps) else {}
         tracker.update(metrics, step)
         diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
-        reason = agreed_stop(ctx, "early_stopping" if tracker.should_stop() else "diverged" if diverged else None)
+        norm = engine.get_global_grad_norm()
+        # The range test ends on a divergence (above); a training run stops on a non-finite step.
+        problem = None if divergence else health.non_finite(step, ctx.rank, loss_sum, norm)
+        warn(ctx, step, health.dead_model(step, norm))
+        stopping = "early_stopping" if tracker.should_stop() else "diverged" if diverged else None
+        reason = agreed_stop(ctx, "non_finite" if problem else stopping)
         if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
-            ctx.emit(train_metrics(step))
+            session.emit(train_metrics(step))
         # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
         # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
-        # way the run can be continued.
+        # way the run can be continued. A non-finite step saves nothing: the newest checkpoint stays
+        # the last finite state.
         just_in_time = reason == "preempted" and not preemption_saved and step != steps
         periodic = cfg.checkpoint.every_steps and step != steps and (
             step % cfg.checkpoint.every_steps == 0 or reason == "early_stopping")
-        if just_in_time or periodic or reason == "stop":
+        if reason != "non_finite" and (just_in_time or periodic or reason == "stop"):
             save(step, metrics)
         preemption_saved |= just_in_time
+        if reason == "non_finite":
+            ctx.emit({"step": step, "event": "error", "message": non_finite_message(step, problem, saved_steps)})
         if reason in ENDING:
             break
     else:
@@ -169,7 +192,20 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": tracker.metric, **tracker.state()})
 
 
-ENDING = ("stop", "early_stopping", "diverged")  # reasons that end the loop (a preemption does not)
+ENDING = ("stop", "early_stopping", "diverged", "non_finite")  # reasons that end the loop (a preemption does not)
+
+
+def warn(ctx: RunContext, step: int, message: str | None) -> None:
+    if message:
+        ctx.emit({"step": step, "event": "warning", "message": message})
+
+
+def non_finite_message(step: int, problem: str | None, saved_steps: list[int]) -> str:
+    """What rank 0 reports of a non-finite step (another rank may have seen it first)."""
+    what = problem or f"another rank's training loss was not finite at step {step}"
+    kept = f"its newest checkpoint, step {saved_steps[-1]}, is the last finite state" if saved_steps \
+        else "no checkpoint of it was saved"
+    return f"{what}; the run stopped without saving this state ({kept}); lower train.lr or check the data"
 
 
 def validation_due(cfg: RunConfig, plan: BatchPlan, step: int, steps: int) -> bool:
@@ -180,12 +216,13 @@ def validation_due(cfg: RunConfig, plan: BatchPlan, step: int, steps: int) -> bo
 
 
 def agreed_stop(ctx: RunContext, local_reason: str | None) -> str | None:
-    """Collective: why the run stops now, as every rank agrees (in ENDING's order, "preempted" between).
+    """Collective: why the run stops now, as every rank agrees (the last of `reasons` any rank has wins:
+    a non-finite step on one rank stops them all, before a stop request could save that state).
 
     A SIGTERM or preemption notice may reach one rank before another; the all-reduce makes all ranks
     act at the same step, so no rank is left alone in the next collective.
     """
-    reasons = ("diverged", "early_stopping", "preempted", "stop")
+    reasons = ("diverged", "early_stopping", "preempted", "stop", "non_finite")
     local = [local_reason, ctx.interruption()]
     flags = torch.tensor([float(any(r == reason for r in local)) for reason in reasons], dtype=torch.float64)
     agreed = all_reduce_sum(flags)
@@ -201,17 +238,22 @@ def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, fol
 
 def build_and_restore(
     ctx: RunContext, cfg: RunConfig, steps: int, restart: Path | None, skipped: list[str] = ()
-) -> tuple[Any, dict[str, Any]]:
-    """The engine, restored from `restart` when given; and the loop state saved with it."""
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
+    """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0) the
+    records the checkpoint carries, which the resume event hands to the driver to fill any gap."""
     other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
     if other_world_size:
-        restart = checkpoint.universal_copy(restart, ctx)
+        # Into this run's own folder: the source may be another run's, which is not ours to write to.
+        own = Path(cfg.storage_path()) / cfg.run_name if "://" not in cfg.storage_path() else restart.parent
+        restart = checkpoint.universal_copy(restart, ctx, own)
     engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
     if restart is None:
-        return engine, {}
+        return engine, {}, []
     loop_state = checkpoint.load(engine, ctx, restart)
-    ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped)})
-    return engine, loop_state
+    records = checkpoint.read_records(restart) if ctx.rank == 0 else []
+    ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
+              "records": records})
+    return engine, loop_state, records
 
 
 def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Path | None, list[str]]:
