@@ -42,9 +42,11 @@ def append_line(path: Path, line: str) -> None:
     """Append one line (newline added) whole, or leave the file as it was: a write cut short by a full
     disk is truncated away, so a JSONL file never holds half a record."""
     data = (line + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":  # a line torn by a crash: leave it on its own
+            data = b"\n" + data
         try:
             written = 0
             while written < len(data):

@@ -72,14 +72,19 @@ def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict
         if not out_of_space(err):
             raise
         raise CheckpointSaveError(f"no space left on device while saving checkpoint {loop_state['step']} "
-                                  f"({_first_line(err)})") from None
+                                  f"(writing {_failed_path(err)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _first_line(err: BaseException) -> str:
+def _failed_path(err: BaseException) -> str:
+    """The file a failed save was writing: shutil's copy lists (source, destination, why) per file."""
+    if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list) and err.args[0]:
+        return str(err.args[0][0][1])
+    if isinstance(err, OSError) and err.filename:
+        return str(err.filename2 or err.filename)
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def load(engine: Any, ctx: RunContext, folder: Path) -> dict[str, Any]:

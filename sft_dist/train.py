@@ -80,9 +80,10 @@ class Session:
         return metrics
 
 
-def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | None, skipped: list[str] = ()
-           ) -> tuple[Session, dict[str, Any]]:
-    """Build the session, restored from `restart` when given; returns it with the saved loop state."""
+def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | None, skipped: list[str] = (),
+           own_checkpoint: bool = False) -> tuple[Session, dict[str, Any]]:
+    """Build the session, restored from `restart` when given; returns it with the saved loop state.
+    `own_checkpoint`: `restart` is this run's, so its records are this run's history too."""
     set_seed(cfg.seed)
     engine_lib.init_distributed()
     preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
@@ -93,7 +94,8 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
-    engine, loop_state, history = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
+    engine, loop_state, history = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped,
+                                                    own_checkpoint)
     batches = batch_maker(cfg, tokenizer, engine.module)
     return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches, history), loop_state
 
@@ -121,7 +123,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     """Train to the end (or an early stop, or a requested stop). Every rank runs every line, so
     collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
     restart, skipped = resume_point(ctx, cfg, resume_from)
-    session, loop_state = set_up(ctx, cfg, data, restart, skipped)
+    session, loop_state = set_up(ctx, cfg, data, restart, skipped, is_own(cfg, restart, resume_from))
     engine, plan = session.engine, session.plan
     steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
     tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
@@ -236,21 +238,33 @@ def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, fol
     ctx.emit({"step": loop_state["step"], "event": "end", "stop_reason": "evaluated"})
 
 
+def is_own(cfg: RunConfig, restart: Path | None, requested: str | None) -> bool:
+    """Whether `restart` is a checkpoint of this run (a recovery, --resume auto), not of the run that
+    --resume PATH named: a new run's records start after the checkpoint, as they always have."""
+    if restart is None:
+        return False
+    if "://" in cfg.storage_path():  # only Ray's registry (this run's) names a checkpoint there
+        return not requested
+    return restart.resolve().parent == (Path(cfg.storage_path()) / cfg.run_name).resolve()
+
+
 def build_and_restore(
-    ctx: RunContext, cfg: RunConfig, steps: int, restart: Path | None, skipped: list[str] = ()
+    ctx: RunContext, cfg: RunConfig, steps: int, restart: Path | None, skipped: list[str] = (),
+    own_checkpoint: bool = False,
 ) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0) the
-    records the checkpoint carries, which the resume event hands to the driver to fill any gap."""
+    """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0, for
+    the run's own checkpoint) the records it carries, which the resume event hands to the driver to fill
+    in what metrics.jsonl lacks."""
     other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
     if other_world_size:
         # Into this run's own folder: the source may be another run's, which is not ours to write to.
-        own = Path(cfg.storage_path()) / cfg.run_name if "://" not in cfg.storage_path() else restart.parent
-        restart = checkpoint.universal_copy(restart, ctx, own)
+        home = Path(cfg.storage_path()) / cfg.run_name if "://" not in cfg.storage_path() else restart.parent
+        restart = checkpoint.universal_copy(restart, ctx, home)
     engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
     if restart is None:
         return engine, {}, []
     loop_state = checkpoint.load(engine, ctx, restart)
-    records = checkpoint.read_records(restart) if ctx.rank == 0 else []
+    records = checkpoint.read_records(restart) if ctx.rank == 0 and own_checkpoint else []
     ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
               "records": records})
     return engine, loop_state, records
