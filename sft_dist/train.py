@@ -163,8 +163,10 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
         tracker.update(metrics, step)
         diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
         norm = engine.get_global_grad_norm()
-        # The range test ends on a divergence (above); a training run stops on a non-finite step.
-        problem = None if divergence else health.non_finite(step, ctx.rank, loss_sum, norm)
+        # The range test ends on a divergence (above); a training run stops on a non-finite step. Under
+        # fp16 an infinite gradient norm is loss scaling at work (DeepSpeed skips the step, lowers the scale).
+        judged_norm = None if cfg.train.precision == "fp16" else norm
+        problem = None if divergence else health.non_finite(step, ctx.rank, loss_sum, judged_norm)
         warn(ctx, step, health.dead_model(step, norm))
         stopping = "early_stopping" if tracker.should_stop() else "diverged" if diverged else None
         reason = agreed_stop(ctx, "non_finite" if problem else stopping)
