@@ -19,3 +19,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,gguf,tensorboard,mlflow,bench,tune]"
   echo "$want" > "$stamp"
 fi
+
+# The lint test of the shell scripts (tests/test_cluster_files.py) runs shellcheck, a Debian package.
+# Installed where apt-get can (root, as on CI); elsewhere that test is skipped and pytest's summary says so.
+if ! command -v shellcheck >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq shellcheck; } >/dev/null 2>&1 \
+    || echo "setup: could not install shellcheck; the shell scripts' lint test will be skipped" >&2
+fi

@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sft_dist import quiet
+
+    quiet.driver()  # before anything imports Ray or DeepSpeed: both read their log settings on import
     args = parser().parse_args(argv)
     try:
         if args.command == "train":

@@ -16,6 +16,7 @@ from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from sft_dist import quiet
 from sft_dist.config import RunConfig, TrainConfig
 
 # transformers finds the ZeRO-3 config through a module-level weak reference (for partitioned
@@ -158,7 +159,9 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any]
 
 def init_distributed() -> None:
     """Adopt the process group that Ray Train or torchrun set up (DeepSpeed keeps its own handle)."""
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None)
+    with quiet.deepspeed_shm_comm_built():
+        deepspeed.init_distributed(
+            dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None)
 
 
 def parameter_elements(module: torch.nn.Module) -> tuple[int, int]:

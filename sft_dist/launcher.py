@@ -15,7 +15,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from sft_dist import watchdog
+from sft_dist import quiet, watchdog
 from sft_dist.checkpoint import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
@@ -23,11 +23,16 @@ from sft_dist.errors import UserError
 from sft_dist.runtime import Job, ray_worker_main
 
 
+_connected_here = False  # this module called ray.init (not a caller that had initialized Ray already)
+
+
 def connect(cfg: RunConfig) -> None:
     """Join `ray.address` / RAY_ADDRESS, an already initialized Ray, or start an embedded local one (which
     a watchdog ends when this process ends)."""
+    global _connected_here
     if ray.is_initialized():
         return
+    _connected_here = True
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -83,6 +88,7 @@ def fit(
             name=cfg.run_name,
             storage_path=cfg.storage_path(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=quiet.RAY_TRAIN_LOG_LEVEL if quiet.enabled() else "INFO"),
             # Ray keeps the `keep` best-scored checkpoints and always the latest (what a restart resumes
             # from). Without validation every score is equal, and the tie goes to the most recent: the
             # last `keep` are kept.
@@ -103,7 +109,18 @@ def fit(
         forwarder.join()
         _drain(events, on_event)
         ray.kill(control.actor)
+        _disconnect()
     return error
+
+
+def _disconnect() -> None:
+    """Leave the Ray this module joined or started, once the job is over. Ray prints workers' output on
+    the driver a little behind, and holds back repeated lines to count them; leaving flushes both, so
+    the last worker lines come before the run's own closing lines instead of after its `done:`."""
+    global _connected_here
+    if _connected_here:
+        _connected_here = False
+        ray.shutdown()
 
 
 def _forward(events: Queue, control: Queue, on_event: Callable, stop: threading.Event | None,

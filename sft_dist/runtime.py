@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 import torch.distributed as dist
 
-from sft_dist import safe_loading
+from sft_dist import quiet, safe_loading
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,7 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
     # one cache (another checkout, a clean clone for CI) would each rebuild what the other built.
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / env_key))
+    quiet.worker()
     # Last: it imports DeepSpeed's state types, and DeepSpeed reads DS_ACCELERATOR (set above) on import.
     safe_loading.enforce()  # no checkpoint this process loads can run code
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight, tasks
+from sft_dist import adapters, checkpoint, faults, preflight, quiet, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
@@ -85,6 +85,7 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | 
     """Build the session, restored from `restart` when given; returns it with the saved loop state.
     `own_checkpoint`: `restart` is this run's, so its records are this run's history too."""
     set_seed(cfg.seed)
+    quiet.deepspeed_op_builds(cfg.ray.use_gpu, cfg.deepspeed.offload_optimizer, ctx.local_rank)
     engine_lib.init_distributed()
     preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
     tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(cfg.model)
@@ -297,6 +298,9 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
                             adapters.quantized_loading(cfg.peft, dtype, ctx.device), cfg.train.neftune_alpha)
     model = adapters.wrap(model, cfg.peft, model_lib.PRECISION_DTYPES[cfg.train.precision],
                           cfg.model.gradient_checkpointing, cfg.model.task)
+    # from_pretrained returns a model in eval mode: without this, model.dropout and NEFTune (which act
+    # only in training mode) would never act in training.
+    model.train()
     trainable = adapters.trainable_elements(model)
     groups = engine_lib.parameter_groups(model, cfg.train)
     engine = engine_lib.initialize(model, cfg, ds_config, steps, groups)

@@ -13,16 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from sft_dist import quiet
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+
+quiet.driver()  # as `sft-dist` does before Ray is imported: the session's Ray prints what the CLI's would
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """The session's Ray; its value is the session folder (raw logs of every Ray process)."""
     import ray
 
-    ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-    yield
+    context = ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    yield Path(context.address_info["session_dir"])
     ray.shutdown()
 
 
@@ -66,3 +71,30 @@ def train_losses(run_dir: Path) -> list[float]:
 
 def eval_losses(run_dir: Path) -> list[float]:
     return [e["eval_loss"] for e in read_events(run_dir) if "eval_loss" in e]
+
+
+def model_loss_sum(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
+    """One example's loss by the model's own `labels=` path (transformers shifts the labels itself): the
+    sum over its supervised tokens, and their count. The oracle for sft_dist.loss, which it never calls."""
+    import torch
+
+    ids, target = torch.tensor([input_ids]), torch.tensor([labels])
+    count = int((target[:, 1:] != -100).sum())
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=target).loss
+    return loss.item() * count, count
+
+
+def eval_set_loss(model, output_dir: Path) -> float:
+    """Token-weighted loss of `model` on a run's tokenized eval set, one example at a time (no padding,
+    nothing for a mask to hide), by the model's own loss."""
+    import glob
+
+    import datasets
+
+    (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
+    loss_sum = tokens = 0.0
+    for row in datasets.load_from_disk(eval_dir):
+        loss, count = model_loss_sum(model, row["input_ids"], row["labels"])
+        loss_sum, tokens = loss_sum + loss, tokens + count
+    return loss_sum / tokens

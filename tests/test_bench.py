@@ -24,6 +24,7 @@ def part_ratios(note: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"(parameters|gradients|optimizer states) ([\d.]+)", note)}
 
 
+@pytest.mark.timeout(450)  # ~150 s measured on 2 cores
 def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # Its own process: the bench starts a process group and a DeepSpeed engine in the process it runs in.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,15 +14,13 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from sft_dist import checkpoint
 from sft_dist.cli import main
-from sft_dist.loss import token_loss_sums
 
-from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env, train_losses,
-                      train_tiny)
+from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, subprocess_env,
+                      train_losses, train_tiny)
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
 
@@ -42,6 +41,7 @@ def failed_zero3_run(ray_cluster, tmp_path_factory):
                       "ray.max_failures=1")
 
 
+@pytest.mark.timeout(420)  # 100-135 s measured: the failed run, and the baseline when it runs first
 @pytest.mark.parametrize("failed, baseline", [("failed_zero2_run", "zero2_run"), ("failed_zero3_run", "zero3_run")])
 def test_a_failed_worker_is_restarted_and_the_run_retraces_the_uninterrupted_one(failed, baseline, request):
     failed_dir, baseline_dir = request.getfixturevalue(failed), request.getfixturevalue(baseline)
@@ -51,17 +51,41 @@ def test_a_failed_worker_is_restarted_and_the_run_retraces_the_uninterrupted_one
     steps = [e["step"] for e in read_events(failed_dir) if "loss" in e]
     assert steps == list(range(1, BASELINE_STEPS + 1))  # each step recorded once
     assert train_losses(failed_dir) == pytest.approx(train_losses(baseline_dir), rel=RTOL)
+    # The LR scheduler's state came back too: a fresh one would restart the warmup at step 6.
+    assert learning_rates(failed_dir) == pytest.approx(learning_rates(baseline_dir), rel=1e-9)
     assert json.loads((failed_dir / "summary.json").read_text())["status"] == "completed"
 
 
+def learning_rates(run_dir: Path) -> list[float]:
+    return [e["lr"] for e in read_events(run_dir) if "loss" in e]
+
+
+def tear(folder: Path) -> None:
+    """What a crash in the middle of writing a checkpoint leaves: a shard cut short."""
+    shard = next((folder / checkpoint.TAG).glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "truncated" in checkpoint.problem(folder)
+
+
 def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, tmp_path):
-    constant = ("train.scheduler=constant", "train.warmup_ratio=0", "checkpoint.every_steps=3", "eval.generate=null")
-    longer = train_tiny(tmp_path / "long", "train.max_steps=8", *constant)
-    short = train_tiny(tmp_path / "short", "train.max_steps=4", *constant)
-    resumed = train_tiny(tmp_path / "short", "train.max_steps=8", *constant, extra_args=("--resume", "auto"))
-    assert resumed == short
-    assert [e["step"] for e in read_events(resumed) if e.get("event") == "resume"] == [4]
+    """With dropout (random numbers drawn at every step: the RNG state must come back), a warmup (the
+    scheduler's state must come back), and the short run's newest checkpoint torn: --resume auto starts
+    from the older one, and so does the recovery from a worker failure after it."""
+    # A warmup then constant: the same schedule for 4 steps and for 8, so the runs compare step by step.
+    same = ("train.scheduler=constant_with_warmup", "train.warmup_ratio=0", "train.warmup_steps=2", "checkpoint.every_steps=3",
+            "eval.generate=null", "model.dropout=0.1")
+    longer = train_tiny(tmp_path / "long", "train.max_steps=8", *same)
+    short = train_tiny(tmp_path / "short", "train.max_steps=4", *same)
+    tear(short / checkpoint.folder_name(4))
+    resumed = train_tiny(tmp_path / "short", "train.max_steps=8", *same, "debug.fail_at_step=6", "ray.max_failures=1",
+                         extra_args=("--resume", "auto"))
+    assert resumed == short and (resumed / ".debug-failed-at-step-6").exists()
+    resumes = [e for e in read_events(resumed) if e.get("event") == "resume"]
+    assert [e["step"] for e in resumes] == [3, 3]  # --resume auto, then Ray's restart after the failure
+    assert all(any("truncated" in reason for reason in e["skipped"]) for e in resumes[1:])
+    assert [e["step"] for e in read_events(resumed) if "loss" in e] == list(range(1, 9))
     assert train_losses(resumed) == pytest.approx(train_losses(longer), rel=RTOL)
+    assert learning_rates(resumed) == pytest.approx(learning_rates(longer), rel=1e-9)
 
 
 def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, capsys):
@@ -71,14 +95,51 @@ def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, capsys
     assert "train.micro_batch_size*grad_accum*num_workers" in capsys.readouterr().err
 
 
-def test_a_torn_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, capsys):
+def other_model(tmp: Path) -> list[str]:
+    """The tiny model with another config (a different model under the same file names)."""
+    copy = tmp / "tiny-llama"
+    shutil.copytree(REPO / "configs" / "models" / "tiny-llama", copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5, "rope_theta": 5000.0}))
+    return [f"model.name_or_path={copy}"]
+
+
+def other_data_content(tmp: Path) -> list[str]:
+    """The training file under the same name, of the same size, with other bytes."""
+    original = (REPO / "configs" / "data" / "dates" / "train.jsonl").read_bytes()
+    (tmp / "train.jsonl").write_bytes(original.replace(b"2017", b"2018"))
+    assert (tmp / "train.jsonl").stat().st_size == len(original) and b"2017" in original
+    return [f"data.train={tmp / 'train.jsonl'}"]
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda tmp: ["seed=7"], "seed"),
+    (lambda tmp: ["deepspeed.stage=3"], "deepspeed.stage"),
+    (lambda tmp: ["train.precision=bf16"], "train.precision"),
+    (other_model, "model"),
+    (other_data_content, "data"),
+], ids=["seed", "stage", "precision", "model", "data-content"])
+def test_resume_refuses_a_change_the_checkpoint_cannot_follow(failed_zero2_run, change, key, tmp_path, capsys):
+    # Its own output_dir: a change that got past the check would tokenize into the failed run's cache.
+    overrides = [a for o in [f"output_dir={tmp_path}", *change(tmp_path)] for a in ("--set", o)]
+    code = main(["train", str(failed_zero2_run / "config.yaml"), *overrides, "--resume", str(failed_zero2_run)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"a resume cannot follow: {key} (checkpoint" in err, err
+
+
+def test_export_picks_the_best_checkpoint_and_a_torn_one_is_skipped_for_the_previous(tmp_path, capsys):
+    # eval.mode=max on a falling eval_loss: the best checkpoint (step 2) is not the latest (step 4).
     run = train_tiny(tmp_path, "train.max_steps=4", "checkpoint.every_steps=2", "eval.generate=null",
-                     "checkpoint.export_at_end=true", extra_args=("--no-ray",))
-    assert (run / "model" / "model.safetensors").is_file()  # export_at_end
+                     "eval.every_steps=2", "eval.mode=max", "checkpoint.export_at_end=true", extra_args=("--no-ray",))
+    evals = {e["step"]: e["eval_loss"] for e in read_events(run) if "eval_loss" in e}
+    assert list(evals) == [0, 2, 4] and evals[0] > evals[2] > evals[4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_checkpoint"]["step"] == 2 and summary["best_checkpoint"]["path"].endswith("0000002")
+    assert summary["best"] == {"metric": "eval_loss", "value": evals[0], "step": 0}  # before any checkpoint
+    # export_at_end wrote the best checkpoint's weights: the model's own loss on the eval set is step 2's.
+    assert exported_eval_loss(run / "model", tmp_path) == pytest.approx(evals[2], rel=1e-5)
     latest = run / checkpoint.folder_name(4)
-    shard = next((latest / checkpoint.TAG).glob("*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:100])  # a crash mid-write
-    assert "truncated" in checkpoint.problem(latest)
+    tear(latest)
     resumed = train_tiny(tmp_path, "train.max_steps=4", "checkpoint.every_steps=2", "eval.generate=null",
                          extra_args=("--no-ray", "--resume", str(run)), run_name="again")
     out = capsys.readouterr().out
@@ -87,18 +148,10 @@ def test_a_torn_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, ca
 
 
 def exported_eval_loss(model_dir: Path, output_dir: Path) -> float:
-    """Token-weighted eval loss of an exported model, in one process, on the run's tokenized eval set."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    """Token-weighted eval loss of an exported model, in one process, by the model's own loss."""
     (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    rows = datasets.load_from_disk(eval_dir)
-    assert len(rows) % 2 == 1  # not divisible by the world size
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for row in rows:  # one example at a time: no padding, nothing for a mask to hide
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
-            loss, count, _ = token_loss_sums(logits, torch.tensor([row["labels"]]))
-            loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
-    return loss_sum / tokens
+    assert len(datasets.load_from_disk(eval_dir)) % 2 == 1  # not divisible by the world size
+    return eval_set_loss(AutoModelForCausalLM.from_pretrained(model_dir).eval(), output_dir)
 
 
 @pytest.mark.parametrize("run", ["failed_zero2_run", "failed_zero3_run"])

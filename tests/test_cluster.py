@@ -22,6 +22,9 @@ import pytest
 
 from conftest import REPO, TINY_CONFIG, read_events
 
+# Starting the two-node cluster and each job take minutes on 2 cores: the module's own limit.
+pytestmark = pytest.mark.timeout(900)
+
 PORT = 6420
 BIN = Path(sys.executable).parent  # this environment's ray, sft-dist and python
 RUN = ["--set", "ray.shared_storage=true", "--set", "ray.placement_strategy=STRICT_SPREAD",

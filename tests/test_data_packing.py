@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import model_loss_sum
 from fixtures.data import TINY_MODEL, rows, run_prepare, write_jsonl
 from sft_dist.data.batches import BatchPlan, collate, model_inputs
 from sft_dist.data.chat import IGNORE_INDEX
@@ -56,15 +57,13 @@ def tiny_models():
 
 
 def one_by_one(model, row):
-    """Logits and summed loss of each example of a packed row, run alone."""
+    """Logits and summed loss of each example of a packed row, run alone (the loss by the model's own)."""
     logits, loss = [], 0.0
     start = 0
     for n in row["seq_lens"]:
-        ids = torch.tensor([row["input_ids"][start : start + n]])
-        labels = torch.tensor([row["labels"][start : start + n]])
-        out = model(input_ids=ids).logits
-        logits.append(out[0])
-        loss += token_loss_sums(out, labels)[0].item()
+        ids, labels = row["input_ids"][start : start + n], row["labels"][start : start + n]
+        logits.append(model(input_ids=torch.tensor([ids])).logits[0])
+        loss += model_loss_sum(model, ids, labels)[0]
         start += n
     return torch.cat(logits), loss
 
@@ -136,3 +135,22 @@ def test_token_efficiency_counts_padding_in_each_micro_batch():
     stats = batching_stats(BatchPlan(4, 2, 1, 2, seed=0), lengths)
     padded = sum(max(lengths[m]) * len(m) for r in range(2) for m in BatchPlan(4, 2, 1, 2, seed=0).micro_batches(0, r))
     assert stats["token_efficiency"] == round(35 / padded, 4) and stats["steps_per_epoch"] == 1
+
+
+def test_packed_plain_text_never_supervises_the_next_examples_first_token(tmp_path, tiny_models):
+    """`data.format: text` supervises every token of an example, its first too (as a target of nothing):
+    packed after another example, that first token must not become the target of the one before it."""
+    items = [{"text": f"Tale {i}: " + "a b " * (i % 4 + 1)} for i in range(24)]
+    path = str(write_jsonl(tmp_path / "text.jsonl", items))
+    packed = datasets.load_from_disk(run_prepare(tmp_path, path, packing=True, format="text", max_seq_len=128).train_dir)
+    several = [row for row in packed if len(row["seq_lens"]) > 2][:3]
+    assert several, "no packed row holds several examples"
+    model = tiny_models["eager"]
+    for row in several:
+        starts = np.cumsum([0, *row["seq_lens"][:-1]])
+        assert all(row["labels"][s] == IGNORE_INDEX for s in starts)
+        batch = collate({k: [row[k]] for k in row}, pad_id=0, attention="eager")
+        with torch.no_grad():
+            packed_loss = token_loss_sums(model(**model_inputs(batch)).logits, batch["labels"])[0].item()
+        # The same examples one by one, each by the model's own loss.
+        assert packed_loss == pytest.approx(one_by_one(model, row)[1], rel=1e-5)

@@ -5,21 +5,50 @@ Real Ray workers and DeepSpeed engines on the tiny model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from sft_dist.cli import main
+from sft_dist.evaluate import BestTracker
 
-from conftest import TINY_CONFIG, eval_losses, read_events, train_losses, train_tiny
+from conftest import REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, train_losses, train_tiny
+
+
+def uneven_eval_set(folder: Path) -> Path:
+    """3 held-out conversations, sharded rank 0: examples 0 and 2 (three answers each), rank 1: example 1
+    (one answer): the ranks hold very different numbers of supervised tokens, so a mean of per-rank
+    means, or a rank's own view, differs from the token-weighted mean over the whole set."""
+    rows = [json.loads(line) for line in (REPO / "configs" / "data" / "dates" / "eval.jsonl").read_text().splitlines()]
+
+    def turns(group: list[dict]) -> dict:
+        return {"messages": [m for row in group for m in row["messages"]]}
+
+    path = folder / "uneven-eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (turns(rows[0:3]), turns(rows[3:4]), turns(rows[4:7]))))
+    return path
 
 
 @pytest.fixture(scope="module")
 def early_stopped_run(ray_cluster, tmp_path_factory):
     """Validation every 3 steps; an improvement must exceed 10 nats to count, so patience 2 runs out at
     step 6 (step 0 is the first validation, steps 3 and 6 fail to improve enough)."""
-    return train_tiny(tmp_path_factory.mktemp("early"), "train.max_steps=12", "eval.every_steps=3",
+    root = tmp_path_factory.mktemp("early")
+    return train_tiny(root, "train.max_steps=12", "eval.every_steps=3", f"data.eval={uneven_eval_set(root)}",
                       "eval.early_stopping.patience=2", "eval.early_stopping.min_delta=10",
                       "checkpoint.every_steps=3", "checkpoint.keep=1")
+
+
+def test_validation_on_uneven_shards_is_the_token_weighted_mean_over_the_whole_set(early_stopped_run):
+    """Step 0 is the pretrained model itself: the single-process oracle needs no checkpoint."""
+    base = AutoModelForCausalLM.from_pretrained(REPO / "configs" / "models" / "tiny-llama").eval()
+    assert eval_losses(early_stopped_run)[0] == pytest.approx(eval_set_loss(base, early_stopped_run.parent), rel=1e-5)
+    # The stop is the one the logged (all-reduced) metrics call for, replayed in one process.
+    tracker = BestTracker("eval_loss", "min", patience=2, min_delta=10)
+    stop = next(e["step"] for e in read_events(early_stopped_run) if "eval_loss" in e
+                and (tracker.update(e, e["step"]) or True) and tracker.should_stop())
+    assert json.loads((early_stopped_run / "summary.json").read_text())["steps"] == stop
 
 
 def test_early_stopping_stops_every_rank_at_the_same_step_and_names_the_best_checkpoint(early_stopped_run):
@@ -42,7 +71,7 @@ def test_validation_leaves_the_training_trajectory_alone(early_stopped_run, zero
 
 def test_eval_command_reproduces_the_logged_eval_loss(early_stopped_run, tmp_path, capsys):
     code = main(["eval", str(TINY_CONFIG), "--checkpoint", str(early_stopped_run),
-                 "--set", f"output_dir={tmp_path}"])
+                 "--set", f"output_dir={tmp_path}", "--set", f"data.eval={early_stopped_run.parent / 'uneven-eval.jsonl'}"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["checkpoint"].endswith("checkpoint_step_0000006") and result["step"] == 6

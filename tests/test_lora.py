@@ -3,14 +3,12 @@ Exported adapters are loaded with peft on the pretrained base and must reproduce
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from peft import PeftModel
@@ -19,10 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from sft_dist import checkpoint
 from sft_dist.cli import main
-from sft_dist.loss import token_loss_sums
 
 from conftest import BASELINE_STEPS as STEPS
-from conftest import REPO, TINY_CONFIG, eval_losses, read_events, train_losses, train_tiny
+from conftest import REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, train_losses, train_tiny
 
 BASE = REPO / "configs" / "models" / "tiny-llama"
 R = 8
@@ -74,16 +71,7 @@ def expected_adapter_elements() -> int:
     return R * per_layer * c["num_hidden_layers"]
 
 
-def eval_loss(model: torch.nn.Module, output_dir: Path) -> float:
-    """Token-weighted loss on the run's tokenized eval set, one example at a time (no padding)."""
-    (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for row in datasets.load_from_disk(eval_dir):
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
-            loss, count, _ = token_loss_sums(logits, torch.tensor([row["labels"]]))
-            loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
-    return loss_sum / tokens
+eval_loss = eval_set_loss  # by the model's own loss (a PeftModel passes `labels` on to the base's)
 
 
 def adapter_on_base(adapter_dir: Path) -> PeftModel:
@@ -303,3 +291,18 @@ def test_peft_still_cannot_reload_an_ia3_adapter_saved_with_all_linear(tmp_path)
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="feedforward_modules` should be a subset of `target_modules"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["use_dora", "use_rslora"])
+def test_dora_and_rslora_reach_peft_and_export_the_adapter_the_engine_evaluated(variant, tmp_path):
+    run = train_tiny(tmp_path, "peft.method=lora", f"peft.r={R}", "peft.alpha=16", f"peft.{variant}=true",
+                     "train.lr=1e-2", "train.max_steps=2", "eval.at_start=false", "eval.generate=null",
+                     "checkpoint.every_steps=2", "checkpoint.export_at_end=true", extra_args=("--no-ray",))
+    assert json.loads((run / "model" / "adapter_config.json").read_text())[variant] is True
+    saved = load_file(run / "model" / "adapter_model.safetensors")
+    magnitudes = [name for name in saved if "lora_magnitude_vector" in name]
+    assert len(magnitudes) == (2 * 7 if variant == "use_dora" else 0)  # DoRA: one per targeted linear, trained too
+    on_base = adapter_on_base(run / "model")
+    q_proj = on_base.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(16 / R ** 0.5 if variant == "use_rslora" else 16 / R)
+    assert eval_loss(on_base, tmp_path) == pytest.approx(eval_losses(run)[-1], rel=1e-5)

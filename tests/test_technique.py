@@ -80,6 +80,10 @@ def test_label_smoothing_raises_the_training_loss_of_a_confident_model():
     plain, count, _ = token_loss_sums(logits, labels)
     smoothed, _, _ = token_loss_sums(logits, labels, label_smoothing=0.1)
     assert count.item() == 2 and smoothed.item() > plain.item() + 1
+    # Position t predicts token t+1: plain PyTorch on the shifted pair is the oracle.
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum",
+                                                 label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_lr_find_suggests_a_rate_in_the_range_writes_the_plot_and_leaves_no_checkpoint(ray_cluster, tmp_path, capsys):
@@ -94,3 +98,81 @@ def test_lr_find_suggests_a_rate_in_the_range_writes_the_plot_and_leaves_no_chec
     assert (run / "lr_find.png").stat().st_size > 10_000
     assert not list(tmp_path.rglob("checkpoint_step_*"))  # the sweep never reaches a checkpoint
     assert "suggested learning rate" in capsys.readouterr().out
+
+
+def train_lrs(run) -> list[float]:
+    return [e["lr"] for e in read_events(run) if "loss" in e]
+
+
+def transformers_lrs(name: str, steps: int, warmup: int, **kwargs) -> list[float]:
+    """transformers' own scheduler on a plain torch optimizer: the LR after each of `steps` steps."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps,
+                              scheduler_specific_kwargs=kwargs)
+    lrs = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs
+
+
+def test_cosine_follows_transformers_step_by_step_and_validates_at_each_epoch_end(tmp_path):
+    """1 worker x micro-batch 32 over 256 examples: 8 steps an epoch; 10 steps cross one epoch end."""
+    run = train_tiny(tmp_path, "train.max_steps=10", "train.micro_batch_size=32", "train.scheduler=cosine",
+                     "train.warmup_ratio=0", "train.warmup_steps=2", f"train.lr={LR}", "eval.at_start=false", "eval.at_epoch_end=true",
+                     "eval.generate=null", extra_args=("--no-ray",))
+    assert train_lrs(run) == pytest.approx(transformers_lrs("cosine", 10, 2), rel=1e-6)
+    evals = [e for e in read_events(run) if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [8, 10]  # the epoch's end, and the end
+    assert next(e["epoch"] for e in read_events(run) if e.get("step") == 8 and "loss" in e) == 1.0
+
+
+def test_warmup_stable_decay_follows_transformers_step_by_step(tmp_path):
+    run = train_tiny(tmp_path, "train.max_steps=8", "train.scheduler=warmup_stable_decay", "train.warmup_ratio=0", "train.warmup_steps=2",
+                     "train.scheduler_kwargs={num_decay_steps: 3}", f"train.lr={LR}", "eval.at_start=false",
+                     "eval.at_end=false", "eval.generate=null", extra_args=("--no-ray",))
+    expected = transformers_lrs("warmup_stable_decay", 8, 2, num_decay_steps=3)
+    assert train_lrs(run) == pytest.approx(expected, rel=1e-6)
+    assert expected[2] == expected[4] == LR and expected[-1] < LR / 10  # warmup, stable, decay: all three
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    """The plain in-process run the bf16 and gradient checkpointing runs are compared with."""
+    return train_tiny(tmp_path_factory.mktemp("fp32"), *PLAIN, extra_args=("--no-ray",))
+
+
+PLAIN = ("train.max_steps=3", "eval.at_start=false", "eval.at_end=false", "eval.generate=null")
+
+
+def test_gradient_checkpointing_changes_memory_not_the_trajectory(fp32_run, tmp_path):
+    run = train_tiny(tmp_path, *PLAIN, "model.gradient_checkpointing=true", extra_args=("--no-ray",))
+    events, plain = [e for e in read_events(run) if "loss" in e], [e for e in read_events(fp32_run) if "loss" in e]
+    assert [e["loss"] for e in events] == pytest.approx([e["loss"] for e in plain], rel=1e-5)
+    assert [e["grad_norm"] for e in events] == pytest.approx([e["grad_norm"] for e in plain], rel=1e-4)
+
+
+def test_bf16_training_follows_fp32_within_bf16_precision(fp32_run, tmp_path):
+    run = train_tiny(tmp_path, *PLAIN, "train.precision=bf16", "checkpoint.every_steps=3", extra_args=("--no-ray",))
+    bf16, fp32 = train_lrs(run), train_lrs(fp32_run)
+    assert bf16 == fp32
+    losses, reference = [e["loss"] for e in read_events(run) if "loss" in e], \
+        [e["loss"] for e in read_events(fp32_run) if "loss" in e]
+    assert losses == pytest.approx(reference, rel=2e-2) and losses != pytest.approx(reference, rel=1e-6)
+    # The engine trained a bf16 model: the checkpoint's module weights are bf16 (fp32 master copies aside).
+    from sft_dist import checkpoint
+
+    module = torch.load(next((run / checkpoint.folder_name(3) / checkpoint.TAG).glob("*model_states.pt")),
+                        map_location="cpu", weights_only=False)["module"]
+    assert {t.dtype for t in module.values()} == {torch.bfloat16}
+
+
+def test_model_dropout_acts_in_training(fp32_run, tmp_path):
+    """from_pretrained hands back a model in eval mode; training must switch dropout (and NEFTune) on."""
+    run = train_tiny(tmp_path, *PLAIN, "model.dropout=0.3", extra_args=("--no-ray",))
+    dropped, plain = [e["loss"] for e in read_events(run) if "loss" in e], \
+        [e["loss"] for e in read_events(fp32_run) if "loss" in e]
+    assert dropped[0] != pytest.approx(plain[0], rel=1e-4)  # the same weights and batch: only dropout differs

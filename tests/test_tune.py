@@ -19,6 +19,9 @@ from sft_dist.cli import main
 
 from conftest import TINY_CONFIG, read_events
 
+# A search runs several full trials, each a distributed run: the module's own limit.
+pytestmark = pytest.mark.timeout(900)
+
 RATES = (1.0e-2, 3.0e-3, 1.0e-5, 1.0e-6)
 
 
