@@ -160,6 +160,7 @@ def killed_and_resumed(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.timeout(900)  # two driver starts with their own Ray, under a shared CPU
 def test_a_killed_driver_loses_no_record_and_leaves_no_ray_process(killed_and_resumed):
     out, left_after_kill, left_after_resume = killed_and_resumed
     train_steps = [e["step"] for e in read_events(out / "run") if "loss" in e]
@@ -168,6 +169,7 @@ def test_a_killed_driver_loses_no_record_and_leaves_no_ray_process(killed_and_re
     assert left_after_kill == [] and left_after_resume == []
 
 
+@pytest.mark.timeout(900)
 def test_another_world_size_converts_into_the_resuming_runs_folder(killed_and_resumed):
     out, _, _ = killed_and_resumed
     source = out / "run" / "checkpoint_step_0000004"  # 2 workers' shards
@@ -179,6 +181,7 @@ def test_another_world_size_converts_into_the_resuming_runs_folder(killed_and_re
     assert [e["step"] for e in read_events(out / "other") if "loss" in e] == [5]
 
 
+@pytest.mark.timeout(600)
 def test_a_full_disk_is_one_line_and_leaves_no_torn_file(tmp_path):
     """The run folder on a 3 MB tmpfs: checkpoint 2 fits, checkpoint 4 does not."""
     mount, copy = tmp_path / "disk", tmp_path / "copy"

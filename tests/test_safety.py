@@ -134,6 +134,7 @@ def test_a_checkpoints_trust_remote_code_needs_the_users_word(clean_run, tmp_pat
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+@pytest.mark.timeout(600)
 def test_a_restarted_ray_worker_refuses_a_payload_planted_in_the_runs_own_checkpoint(ray_cluster, tmp_path, capsys):
     """Automatic recovery: rank 0 fails at step 3; before Ray's restarted workers load the run's
     checkpoint of step 2, the payload is planted in it. The run fails naming the file."""
