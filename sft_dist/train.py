@@ -163,12 +163,8 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
         metrics = session.validate(step) if validation_due(cfg, plan, step, steps) else {}
         tracker.update(metrics, step)
         diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
-        norm = engine.get_global_grad_norm()
-        # The range test ends on a divergence (above); a training run stops on a non-finite step. Under
-        # fp16 an infinite gradient norm is loss scaling at work (DeepSpeed skips the step, lowers the scale).
-        judged_norm = None if cfg.train.precision == "fp16" else norm
-        problem = None if divergence else health.non_finite(step, ctx.rank, loss_sum, judged_norm)
-        warn(ctx, step, health.dead_model(step, norm))
+        # The range test ends on a divergence (above); a training run stops on a non-finite step.
+        problem = None if divergence else judge_step(ctx, cfg, health, step, loss_sum, engine.get_global_grad_norm())
         stopping = "early_stopping" if tracker.should_stop() else "diverged" if diverged else None
         reason = agreed_stop(ctx, "non_finite" if problem else stopping)
         if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
@@ -200,9 +196,14 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
 ENDING = ("stop", "early_stopping", "diverged", "non_finite")  # reasons that end the loop (a preemption does not)
 
 
-def warn(ctx: RunContext, step: int, message: str | None) -> None:
-    if message:
-        ctx.emit({"step": step, "event": "warning", "message": message})
+def judge_step(ctx: RunContext, cfg: RunConfig, health: Health, step: int, loss_sum: float,
+               norm: float | None) -> str | None:
+    """Why this rank's step is not finite (None if it is); warns once of a dead model."""
+    dead = health.dead_model(step, norm)
+    if dead:
+        ctx.emit({"step": step, "event": "warning", "message": dead})
+    # Under fp16 an infinite gradient norm is loss scaling at work: DeepSpeed skips the step, lowers the scale.
+    return health.non_finite(step, ctx.rank, loss_sum, None if cfg.train.precision == "fp16" else norm)
 
 
 def non_finite_message(step: int, problem: str | None, saved_steps: list[int]) -> str:

@@ -40,7 +40,8 @@ def test_non_finite_numbers_are_refused_in_every_float_key(tmp_path):
 
     for override, key in (("train.lr=.inf", "train.lr"), ("train.adam_betas=[0.9, .nan]", "train.adam_betas.1"),
                           ("train.lr_overrides={lm_head: .inf}", "train.lr_overrides.lm_head"),
-                          ("deepspeed.extra={optimizer: {params: {eps: .nan}}}", "deepspeed.extra.optimizer.params.eps")):
+                          ("deepspeed.extra={optimizer: {params: {eps: .nan}}}",
+                           "deepspeed.extra.optimizer.params.eps")):
         with pytest.raises(UserError) as err:
             config.load(TINY_CONFIG, [override])
         assert err.value.key == key

@@ -163,7 +163,8 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
 def _content_keys(encoded: list[Encoded], heldout: bool | None, fraction: float | None) -> np.ndarray:
     """A number per kept row fixed by its content (the held-out split's own), before mixing weights
     repeat rows: equal numbers are duplicate rows."""
-    parts = [_kept(t, heldout, fraction).data.table.column("heldout_u").to_numpy() for s in encoded for _p, t in s.parts]
+    parts = [_kept(table, heldout, fraction).data.table.column("heldout_u").to_numpy()
+             for source in encoded for _part, table in source.parts]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
