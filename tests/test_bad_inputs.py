@@ -159,18 +159,22 @@ def test_a_failed_preparation_leaves_no_temporary_folder(tmp_path):
 
 
 def test_local_cluster_token_file_is_owner_only(tmp_path):
-    """start.sh generates the Ray token with `ray get-auth-token` (which writes 0644) and tightens an
-    existing one; a head node that looks alive (this process) makes it stop right after."""
+    """start.sh leaves the Ray token readable by its owner only: `ray get-auth-token --generate` writes it
+    0644 (a token from before is the same), so the script tightens it. A head node that looks alive (this
+    process) makes the script stop right after, starting nothing."""
     nodes = tmp_path / "ray" / "sft_dist_nodes"
     nodes.mkdir(parents=True)
     (nodes / "head.pid").write_text(str(os.getpid()))
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("0123456789abcdef" * 4)
+    token.chmod(0o644)  # as Ray writes it
     env = {**subprocess_env(), "HOME": str(tmp_path), "SFT_DIST_RAY_TEMP_DIR": str(tmp_path / "ray"),
            "RAY_BIN": str(Path(sys.executable).parent / "ray")}
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
-    token = tmp_path / ".ray" / "auth_token"
     done = subprocess.run(["bash", "cluster/local/start.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert done.returncode == 0 and "already running" in done.stderr, done.stderr
-    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) >= 32
-    assert token.read_text().strip() not in done.stdout + done.stderr  # never printed
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert token.read_text() not in done.stdout + done.stderr  # never printed

@@ -127,17 +127,18 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
-    """A Ray run (2 workers, embedded Ray of its own) whose driver is frozen after its first record, then
-    killed with SIGKILL once the workers saved step 4; then `--resume auto`. Yields (output_dir, the
-    processes of its Ray session left after the kill, those left after the resumed run)."""
+    """A Ray run (2 workers, an embedded Ray of its own) whose driver is frozen after its first record,
+    then killed with SIGKILL once the workers saved step 4. Then, without Ray (1 process, grad_accum 2:
+    the same global batch, another world size): a new run from that checkpoint (`--resume PATH`), and
+    the killed run continued (`--resume auto`). Yields what the tests look at."""
     out = tmp_path_factory.mktemp("sigkill")
     ray_tmp = tempfile.mkdtemp(prefix="sfthd-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**subprocess_env(), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), *sets(
-        f"output_dir={out}", "run_name=run", "train.max_steps=8", "checkpoint.every_steps=4", *QUIET)]
+    common = sets(f"output_dir={out}", "train.max_steps=8", "checkpoint.every_steps=4", *QUIET)
     run_dir, log = out / "run", open(out / "driver.log", "w")
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen([sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), *common,
+                               "--set", "run_name=run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and any(
             "loss" in e for e in read_events(run_dir)), 300, "the first training record")
@@ -148,11 +149,12 @@ def killed_and_resumed(tmp_path_factory):
         driver.wait(timeout=30)
         time.sleep(10)  # the watchdog's grace period is 5 s
         left_after_kill = session_processes(ray_tmp)
-        resumed = subprocess.run([*command, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True,
-                                 timeout=600)
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        time.sleep(8)
-        yield out, left_after_kill, session_processes(ray_tmp)
+        one_process = ["--no-ray", *common, "--set", "train.grad_accum=2"]
+        other = main(["train", str(TINY_CONFIG), *one_process, "--set", "run_name=other", "--resume", str(ready)])
+        source_written = (run_dir / ".universal").exists()
+        resumed = main(["train", str(TINY_CONFIG), *one_process, "--set", "run_name=run", "--resume", "auto"])
+        yield {"out": out, "left_after_kill": left_after_kill, "codes": (other, resumed),
+               "source_written": source_written}
     finally:
         driver.kill()
         log.close()
@@ -161,25 +163,23 @@ def killed_and_resumed(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.mark.timeout(900)  # two driver starts with their own Ray, under a shared CPU
+@pytest.mark.timeout(900)  # a driver with its own Ray and two runs after it, under a shared CPU
 def test_a_killed_driver_loses_no_record_and_leaves_no_ray_process(killed_and_resumed):
-    out, left_after_kill, left_after_resume = killed_and_resumed
+    out = killed_and_resumed["out"]
+    assert killed_and_resumed["codes"] == (0, 0)
     train_steps = [e["step"] for e in read_events(out / "run") if "loss" in e]
     assert train_steps == list(range(1, 9))  # steps 2-4 were only in checkpoint 4's records
     assert json.loads((out / "run" / "summary.json").read_text())["status"] == "completed"
-    assert left_after_kill == [] and left_after_resume == []
+    assert killed_and_resumed["left_after_kill"] == []
 
 
 @pytest.mark.timeout(900)
 def test_another_world_size_converts_into_the_resuming_runs_folder(killed_and_resumed):
-    out, _, _ = killed_and_resumed
-    source = out / "run" / "checkpoint_step_0000004"  # 2 workers' shards
-    code = main(["train", str(TINY_CONFIG), "--no-ray", "--resume", str(source), *sets(
-        f"output_dir={out}", "run_name=other", "train.max_steps=5", "train.grad_accum=2", *QUIET)])
-    assert code == 0
-    assert (out / "other" / ".universal" / source.name / checkpoint.MANIFEST).is_file()
-    assert not (out / "run" / ".universal").exists()  # the source run's folder is not written to
-    assert [e["step"] for e in read_events(out / "other") if "loss" in e] == [5]
+    out = killed_and_resumed["out"]
+    assert (out / "other" / ".universal" / "checkpoint_step_0000004" / checkpoint.MANIFEST).is_file()
+    assert not killed_and_resumed["source_written"]  # the source run's folder was not written to
+    # A new run from another's checkpoint: its records start after it (the source's are not its own).
+    assert [e["step"] for e in read_events(out / "other") if "loss" in e] == [5, 6, 7, 8]
 
 
 @pytest.mark.timeout(600)
