@@ -1,7 +1,10 @@
 """Sharded checkpoints: every rank saves its ZeRO shard and RNG state, rank 0 writes a manifest of
 every rank's files last, and the runtime hands the folder to its storage (Ray registers one checkpoint
 from all ranks' files). A folder counts as a checkpoint only if its manifest exists and every file it
-lists is there with the listed size, so a save torn by a crash is never resumed from.
+lists is there with the listed size, so a save torn by a crash is never resumed from. Before any
+rank loads a folder its pickles are checked (sft_dist.safe_loading): a checkpoint cannot run code.
+A checkpoint also carries rank 0's records of the run so far (`records.jsonl`), so a driver that died
+before writing them loses nothing: the resume puts them back into metrics.jsonl.
 
 Checkpoints are found by scanning the storage (a local folder or an object store alike), never by
 trusting Ray's registry alone: a worker that dies right after a save takes that save's registration
@@ -25,11 +28,15 @@ import numpy as np
 import torch
 from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+from sft_dist import safe_loading
+from sft_dist.atomic_files import out_of_space, write_text
+from sft_dist.config import RunConfig
 from sft_dist.errors import UserError
 from sft_dist.runtime import RunContext, all_gather
 from sft_dist.storage import Location, StorageError
 
 MANIFEST = "sft_dist_checkpoint.json"
+RECORDS = "records.jsonl"  # rank 0's training, validation and sample records up to the checkpoint's step
 TAG = "state"  # DeepSpeed's sub-folder for the engine's files
 NAME = re.compile(r"checkpoint_step_(\d+)$")
 # Files that belong to one data-parallel rank: DeepSpeed's ZeRO partitions and our RNG states.
@@ -44,8 +51,14 @@ def folder_name(step: int) -> str:
     return f"checkpoint_step_{step:07d}"
 
 
-def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Save the engine (all ranks' shards), loop state and RNG, then register the checkpoint.
+class CheckpointSaveError(RuntimeError):
+    """A save that could not finish (the disk is full): the message says which step and why."""
+
+
+def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any],
+         records: list[dict[str, Any]] = ()) -> None:
+    """Save the engine (all ranks' shards), loop state, RNG and (rank 0) the run's records, then register
+    the checkpoint.
 
     Collective: every rank calls it at the same step.
     """
@@ -54,16 +67,33 @@ def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict
         engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state},
                                exclude_frozen_parameters=has_frozen_parameters(engine))
         torch.save(rng_state(), staging / f"rng_rank{ctx.rank}.pt")
+        if ctx.rank == 0:
+            (staging / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records))
         files: dict[str, int] = {}
         for rank_files in all_gather(_file_sizes(staging)):
             files.update(rank_files)
         if ctx.rank == 0:
             manifest = {"step": loop_state["step"], "world_size": ctx.world_size, "files": files,
                         "metrics": metrics, **loop_state}
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
         ctx.report_checkpoint(staging, folder_name(loop_state["step"]), metrics)
+    except Exception as err:
+        if not out_of_space(err):
+            raise
+        raise CheckpointSaveError(f"no space left on device while saving checkpoint {loop_state['step']} "
+                                  f"(writing {_failed_path(err)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _failed_path(err: BaseException) -> str:
+    """The file a failed save was writing: shutil's copy lists (source, destination, why) per file."""
+    if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list) and err.args[0]:
+        return str(err.args[0][0][1])
+    if isinstance(err, OSError) and err.filename:
+        return str(err.filename2 or err.filename)
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def load(engine: Any, ctx: RunContext, folder: Location | Path) -> dict[str, Any]:
@@ -77,6 +107,7 @@ def load(engine: Any, ctx: RunContext, folder: Location | Path) -> dict[str, Any
         # A universal copy (see universal_copy) loads through the same call when the engine was built with
         # DeepSpeed's `checkpoint.load_universal`.
         # Frozen parameters are not in the checkpoint (see has_frozen_parameters): the module loads non-strictly.
+        safe_loading.refuse_unsafe(local)
         engine.load_checkpoint(str(local), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
                                load_module_strict=not has_frozen_parameters(engine))
         rng_file = local / f"rng_rank{ctx.rank}.pt"
@@ -116,18 +147,26 @@ def has_frozen_parameters(engine: Any) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-def universal_copy(folder: Location | Path, ctx: RunContext) -> Location:
+def read_records(folder: Location | Path) -> list[dict[str, Any]]:
+    """The records a checkpoint carries (none in a checkpoint saved before records were kept)."""
+    path = Location.of(folder).join(RECORDS)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def universal_copy(folder: Location | Path, ctx: RunContext, into: Location | Path) -> Location:
     """A copy of `folder` in DeepSpeed's universal format, which loads at any world size.
 
     Collective: rank 0 converts (once; the manifest copied last marks a finished conversion) into
-    `.universal/` beside the checkpoint, on the same storage, while the others wait. In an object store
-    rank 0 converts a local copy of every file and uploads the result; each rank then loads from it.
+    `into/.universal/`, the resuming run's folder (never another run's), on the storage every rank
+    reads, while the others wait. A copy made from another checkpoint of the same name is redone. In an
+    object store rank 0 converts a local copy of every file and uploads the result.
     """
     folder = Location.of(folder)
-    out = folder.parent.join(".universal", folder.name)
-    if ctx.rank == 0 and not out.join(MANIFEST).is_file():
+    out = Location.of(into).join(".universal", folder.name)
+    if ctx.rank == 0 and not _converted_from(out, folder):
         out.delete()
         with local_copy(folder) as source:
+            safe_loading.refuse_unsafe(source)
             converted = out.local_path() if not out.is_remote else Path(tempfile.mkdtemp(prefix="sft_dist_universal_"))
             convert_to_universal(source, converted)
             if out.is_remote:
@@ -146,9 +185,19 @@ def convert_to_universal(source: Path, out: Path) -> None:
         # Our checkpoints carry no tensor-parallel layout info; plain data parallelism needs none.
         inject_missing_state=True,
     ))
-    # The manifest, copied last, marks a finished conversion; it lists the universal files.
-    manifest = {**json.loads((source / MANIFEST).read_text()), "files": _file_sizes(out)}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if (source / RECORDS).is_file():
+        shutil.copy(source / RECORDS, out / RECORDS)
+    # The manifest, copied last, marks a finished conversion; it lists the universal files and, to tell
+    # one checkpoint of this name from another, the source's.
+    source_manifest = json.loads((source / MANIFEST).read_text())
+    manifest = {**source_manifest, "files": _file_sizes(out), "source_files": source_manifest["files"]}
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _converted_from(out: Location, folder: Location) -> bool:
+    if not out.join(MANIFEST).is_file():
+        return False
+    return read_manifest(out).get("source_files") == read_manifest(folder)["files"]
 
 
 def read_manifest(folder: Location | Path) -> dict[str, Any]:
@@ -202,14 +251,42 @@ def choose(source: Location | Path | str) -> Location:
             reason = problem(source)
             if reason:
                 raise UserError(f"not a complete checkpoint: {reason}", file=str(source))
-            return source
-        found = complete_checkpoints(source)
+            chosen = source
+        else:
+            found = complete_checkpoints(source)
+            if not found:
+                raise UserError("no complete checkpoint in this run folder; a run saves them with "
+                                "checkpoint.every_steps (e.g. --set checkpoint.every_steps=100; it also saves at "
+                                "the end)", file=str(source))
+            chosen = best(found) or found[-1]
     except StorageError as err:
         raise UserError(str(err), file=str(source)) from None
-    if not found:
-        raise UserError("no complete checkpoint in this run folder; a run saves them with checkpoint.every_steps "
-                        "(e.g. --set checkpoint.every_steps=100; it also saves at the end)", file=str(source))
-    return best(found) or found[-1]
+    if not chosen.is_remote:  # a checkpoint in an object store is checked in the local copy that loads it
+        safe_loading.refuse_unsafe(chosen.local_path())
+    return chosen
+
+
+def saved_config(folder: Location | Path, trust_remote_code: bool) -> RunConfig:
+    """The run config saved with a checkpoint, with model.trust_remote_code as this command says: a
+    checkpoint (perhaps someone else's) never switches remote code on by itself."""
+    cfg = RunConfig.model_validate(read_manifest(folder)["config"])
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        raise UserError("the checkpoint's config sets model.trust_remote_code, which runs the model folder's own "
+                        "Python code; pass --trust-remote-code if you trust that code",
+                        file=str(Location.of(folder).join(MANIFEST)))
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})})
+
+
+def prune(parent: Location | Path, keep: int) -> None:
+    """Delete the complete checkpoints under `parent` that Ray's CheckpointConfig(num_to_keep=keep, by
+    SCORE) would: all but the `keep` best-scored (ties: the newest) and the latest. Runs without Ray
+    have no checkpoint manager to do it."""
+    found = complete_checkpoints(parent, log=lambda _: None)
+    ranked = sorted(found, key=lambda f: (read_manifest(f).get("metrics", {}).get(SCORE, UNSCORED), f.name))
+    kept = set(ranked[-keep:]) | set(found[-1:])
+    for folder in found:
+        if folder not in kept:
+            folder.delete()
 
 
 def rng_state() -> dict[str, Any]:

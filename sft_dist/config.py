@@ -7,6 +7,7 @@ never a silent default downstream.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -23,7 +24,17 @@ from sft_dist.storage import is_uri
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` or `.nan` (YAML's spellings) in any float key is an error, not a run
+    # that diverges at step 1 and still ends "completed".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def first_non_finite(value: Any, key: str) -> str | None:
+    """The dotted key of the first inf/NaN inside a free-form mapping (passed to a library as given)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for k, v in items if (found := first_non_finite(v, f"{key}.{k}"))), None)
 
 
 class ModelConfig(Section):
@@ -475,6 +486,15 @@ class RunConfig(Section):
         if name is not None and (not name or "/" in name or name.startswith(".")):
             raise ValueError("must be a plain folder name (no '/', not starting with '.')")
         return name
+
+    @model_validator(mode="after")
+    def _free_form_numbers_finite(self) -> "RunConfig":
+        for key, value in (("train.scheduler_kwargs", self.train.scheduler_kwargs),
+                           ("deepspeed.extra", self.deepspeed.extra), ("peft.options", self.peft.options)):
+            found = first_non_finite(value, key)
+            if found:
+                raise ValueError(f"{found}: must be a finite number (inf and nan are refused)")
+        return self
 
     @model_validator(mode="after")
     def _global_batch_matches(self) -> "RunConfig":

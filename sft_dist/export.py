@@ -32,14 +32,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_SHARD_SIZE = "2GB"
 
 
-def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False, origin: str | None = None
-           ) -> tuple[Path, str]:
+def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = False, origin: str | None = None,
+           trust_remote_code: bool = False) -> tuple[Path, str]:
     """Write the checkpoint `source` names (a run folder: its best, else its latest) to `out`; returns the
     checkpoint folder and the lines that say how to load the result. `origin`: where the checkpoint came
-    from, when `source` is a local copy of one in an object store."""
-    folder = checkpoint.choose(source.resolve()).local_path()
+    from, when `source` is a local copy of one in an object store. The checkpoint's own config never
+    switches trust_remote_code on: only `trust_remote_code` (the command's flag, or the run's) does."""
+    folder = checkpoint.choose(source.resolve()).local_path()  # refuses a checkpoint whose pickles would run code
     manifest = checkpoint.read_manifest(folder)
-    cfg = RunConfig.model_validate(manifest["config"])
+    cfg = checkpoint.saved_config(folder, trust_remote_code)
     if merge_lora and not adapters.enabled(cfg.peft):
         raise UserError("--merge-lora: this checkpoint is a full fine-tune (peft.method: none), not an adapter one",
                         file=str(folder))

@@ -15,7 +15,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from sft_dist import quiet, shipping, storage
+from sft_dist import quiet, shipping, storage, watchdog
 from sft_dist.checkpoint import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
@@ -27,7 +27,8 @@ _connected_here = False  # this module called ray.init (not a caller that had in
 
 
 def connect(cfg: RunConfig) -> None:
-    """Join `ray.address` / RAY_ADDRESS, an already initialized Ray, or start an embedded local one."""
+    """Join `ray.address` / RAY_ADDRESS, an already initialized Ray, or start an embedded local one (which
+    a watchdog ends when this process ends)."""
     global _connected_here
     if ray.is_initialized():
         return
@@ -41,7 +42,9 @@ def connect(cfg: RunConfig) -> None:
     # Logical CPUs, not cores: workers pin their own thread counts (ray.threads_per_worker).
     num_cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * per_worker))
     # The dashboard serves the state API that Ray Train's own monitors use; it listens on localhost only.
-    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    # "local": always a new instance of our own; without it ray.init joins the last `ray start` cluster.
+    context = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    watchdog.watch(context.address_info["session_dir"])  # this Ray ends with this process, even on SIGKILL
 
 
 def refuse_node_local_storage(cfg: RunConfig) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 import torch.distributed as dist
 
-from sft_dist import quiet
+from sft_dist import quiet, safe_loading
 from sft_dist.storage import Location
 
 
@@ -95,6 +95,8 @@ class LocalRunContext:
     storage: Location
     sink: Callable[[dict[str, Any]], None]
     stop: threading.Event  # set by the process's SIGTERM handler
+    # Called on rank 0 after each checkpoint: what Ray's CheckpointConfig does (checkpoint.keep).
+    retain: Callable[[], None] | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -103,12 +105,18 @@ class LocalRunContext:
     def report_checkpoint(self, folder: Path, name: str, metrics: dict[str, Any]) -> None:
         # Each rank copies its own files; the manifest makes the folder count only once all are there.
         target = self.storage.join(name)
-        if target.is_remote:
-            target.upload(folder)
-        else:
-            shutil.copytree(folder, target.local_path(), dirs_exist_ok=True)
+        try:
+            if target.is_remote:
+                target.upload(folder)
+            else:
+                shutil.copytree(folder, target.local_path(), dirs_exist_ok=True)
+        except OSError:  # e.g. the disk is full: a torn copy is never resumed from, so free its space
+            target.delete()
+            raise
         if dist.is_initialized():
             dist.barrier()
+        if self.rank == 0 and self.retain is not None:
+            self.retain()
 
     def interruption(self) -> str | None:
         return "stop" if self.stop.is_set() else None
@@ -146,6 +154,8 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / env_key))
     quiet.worker()
+    # Last: it imports DeepSpeed's state types, and DeepSpeed reads DS_ACCELERATOR (set above) on import.
+    safe_loading.enforce()  # no checkpoint this process loads can run code
 
 
 def ray_worker_main(loop_config: dict[str, Any]) -> None:
@@ -197,7 +207,7 @@ def one_line(err: BaseException) -> str:
 
 def local_context(
     use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage: Location | Path,
-    stop: threading.Event,
+    stop: threading.Event, retain: Callable[[], None] | None = None,
 ) -> LocalRunContext:
     """A context for one process, or one of torchrun's (which sets RANK, WORLD_SIZE, MASTER_ADDR...);
     `storage`: where the run's checkpoints go."""
@@ -212,7 +222,7 @@ def local_context(
     if use_gpu:
         torch.cuda.set_device(device)
     return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, Location.of(storage), sink,
-                           stop)
+                           stop, retain)
 
 
 def _free_port() -> int:

@@ -87,9 +87,10 @@ def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, t
     assert learning_rates(resumed) == pytest.approx(learning_rates(longer), rel=1e-9)
 
 
-def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, capsys):
+def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, tmp_path, capsys):
+    # Its own output_dir: the saved config names the failed run, whose folder is taken (refused first).
     code = main(["train", str(failed_zero2_run / "config.yaml"), "--set", "train.micro_batch_size=2",
-                 "--resume", str(failed_zero2_run)])
+                 "--set", f"output_dir={tmp_path}", "--resume", str(failed_zero2_run)])
     assert code == 2
     assert "train.micro_batch_size*grad_accum*num_workers" in capsys.readouterr().err
 

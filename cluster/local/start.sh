@@ -17,7 +17,7 @@
 #                                   node runs in its own mount namespace with an empty tmpfs over each
 #                                   (needs root), as a node that shares no disk with the head would
 # Token authentication stays on: the token comes from RAY_AUTH_TOKEN if set, else ~/.ray/auth_token
-# (generated on first use). It is never written anywhere else nor printed.
+# (generated on first use, mode 0600). It is never written anywhere else nor printed.
 #
 # stdout carries only `export` lines (for eval); progress goes to stderr.
 set -euo pipefail
@@ -49,8 +49,14 @@ print_exports() {
   echo "export RAY_AUTH_MODE=token"
 }
 
-if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
-  "$ray_bin" get-auth-token --generate >/dev/null
+token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "$token_file" ]; then
+  # umask 077: the token is readable by its owner only (Ray writes it 0644 otherwise).
+  (umask 077 && "$ray_bin" get-auth-token --generate >/dev/null)
+fi
+# Also a token file from before (or from `ray get-auth-token` itself): only its owner may read it.
+if [ -f "$token_file" ]; then
+  chmod 600 "$token_file"
 fi
 
 # Running already: the head's `ray start --block` is alive (asking Ray instead takes ~40 s to fail).
