@@ -59,6 +59,7 @@ def convert(gguf: Path, dest: Path) -> None:
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
     model.save_pretrained(dest, safe_serialization=True)
+    (dest / "model.safetensors").chmod(0o644)  # safetensors >= 0.8 writes owner-only files (safetensors#782)
     # The GGUF tokenizer has no length limit set; use the model's context like the upstream repo.
     tok.model_max_length = config.max_position_embeddings
     tok.save_pretrained(dest)  # keeps the ChatML chat template from the GGUF metadata
@@ -78,21 +79,24 @@ def verify(out: Path) -> None:
         sys.exit("verification failed: answer does not mention Paris")
 
 
+def prepare(out: Path = DEFAULT_OUT) -> Path:
+    """The verified model folder at `out`, fetched and converted unless already there."""
+    out = out.resolve()
+    if (out / ".complete").exists():
+        return out
+    with tempfile.TemporaryDirectory() as dl_dir, staged_folder(out) as staging:
+        convert(fetch_gguf(Path(dl_dir)), staging)
+    verify(out)
+    (out / ".complete").write_text("ok\n")  # last: marks the folder as verified and usable
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    out = parser.parse_args().out.resolve()
-
-    if (out / ".complete").exists():
-        print(f"already prepared: {out}")
-        return
-
-    with tempfile.TemporaryDirectory() as dl_dir, staged_folder(out) as staging:
-        convert(fetch_gguf(Path(dl_dir)), staging)
-
-    verify(out)
-    (out / ".complete").write_text("ok\n")  # last: marks the folder as verified and usable
-    print(f"prepared: {out}")
+    out = parser.parse_args().out
+    already = (out / ".complete").exists()
+    print(f"{'already prepared' if already else 'prepared'}: {prepare(out)}")
 
 
 if __name__ == "__main__":

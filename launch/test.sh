@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 # The real pretrained encoder the task tests fine-tune (fetched once; later runs find it).
 .venv/bin/python launch/prepare_minilm.py
+# The real SmolLM2-135M-Instruct the export test fine-tunes and exports once (the demo's model).
+.venv/bin/python launch/prepare_demo_model.py
 exec .venv/bin/python -m pytest -q "$@"

@@ -141,7 +141,7 @@ def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, ca
         started = time.perf_counter()
         checkpoint.save(session.engine, ctx, state, {"step": state["step"]})
         saves.append(time.perf_counter() - started)
-        folder = ctx.storage_dir / checkpoint.folder_name(state["step"])
+        folder = ctx.storage.local_path() / checkpoint.folder_name(state["step"])
         size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
         started = time.perf_counter()
         checkpoint.load(session.engine, ctx, folder)

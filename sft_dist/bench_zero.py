@@ -68,6 +68,12 @@ def _worker(config: str | None, quick: bool, out: Path) -> None:
     gathered = runtime.all_gather(measure_here(ctx, config, quick, out.parent))
     if ctx.rank == 0:
         out.write_text(json.dumps(gathered))
+    # Both ranks leave the group together: a rank whose peer exits first with the group alive can abort
+    # in gloo's threads at interpreter exit ("terminate called without an active exception", seen on CI).
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

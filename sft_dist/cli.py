@@ -23,12 +23,14 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
-    export.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its best, else latest)")
+    export.add_argument("checkpoint", help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     export.add_argument("--merge-lora", action="store_true",
                         help="adapter checkpoints (LoRA, LoHa, IA3, ...): write the base with the adapter merged in, "
                              "not the adapter folder")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model folder's own Python code (a checkpoint's config never turns this on)")
     commands.choices["eval"].add_argument(
         "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best, else latest)")
     plan = commands.choices["plan"]
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return data_command(args.config, args.overrides)
         if args.command == "export":
-            return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora)
+            return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora, args.trust_remote_code)
         if args.command == "plan":
             from sft_dist import plan
 
@@ -105,16 +107,15 @@ def data_command(config_path: str, overrides: list[str]) -> int:
     """Prepare the data exactly as `train` would (and cache it); print its statistics and one example."""
     from pathlib import Path
 
-    from sft_dist import config as config_lib
     from sft_dist import driver
+
+    cfg = driver.load_checked(config_path, overrides, fresh_run=False, needs_weights=False)
+    data = driver.prepare_data(cfg)
     from sft_dist.data import stats
     from sft_dist.data.prepare import first_example
-    from sft_dist.model import load_tokenizer
 
-    cfg = driver.with_labels(config_lib.load(config_path, overrides))
-    data = driver.prepare_data(cfg)
     causal = cfg.model.task == "causal_lm"  # a classifier's labels are ids, not tokens to mark
-    example = stats.marked_example(load_tokenizer(cfg.model), *first_example(data.train_dir)) if causal else None
+    example = stats.marked_example(driver.text_tokenizer(cfg.model), *first_example(data.train_dir)) if causal else None
     print(stats.report(data.stats, example))
     if not causal:
         print(f"labels: {', '.join(cfg.model.labels)}")
@@ -122,10 +123,11 @@ def data_command(config_path: str, overrides: list[str]) -> int:
     return 0
 
 
-def export_command(source: str, out: str, dtype: str, merge_lora: bool = False) -> int:
+def export_command(source: str, out: str, dtype: str, merge_lora: bool = False, trust_remote_code: bool = False
+                   ) -> int:
     from pathlib import Path
 
     from sft_dist import driver
 
-    driver.export_checkpoint(Path(source), Path(out), dtype, merge_lora)
+    driver.export_checkpoint(source, Path(out), dtype, merge_lora, trust_remote_code)
     return 0

@@ -7,6 +7,7 @@ never a silent default downstream.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -18,11 +19,22 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from sft_dist.errors import UserError
-from sft_dist.local_paths import DATA_SUFFIXES, first_problem, is_local_source
+from sft_dist.local_paths import first_problem, is_local_source
+from sft_dist.storage import is_uri
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` or `.nan` (YAML's spellings) in any float key is an error, not a run
+    # that diverges at step 1 and still ends "completed".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def first_non_finite(value: Any, key: str) -> str | None:
+    """The dotted key of the first inf/NaN inside a free-form mapping (passed to a library as given)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for k, v in items if (found := first_non_finite(v, f"{key}.{k}"))), None)
 
 
 class ModelConfig(Section):
@@ -347,7 +359,7 @@ class GenerateConfig(Section):
     """Greedy answers to held-out prompts, scored by exact match and by `match`."""
 
     num_prompts: int = Field(4, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0)  # None: from the held-out answers' lengths, plus a margin
     # exact: answer == expected; contains: expected occurs in the answer; regex: `pattern`'s first group
     # (or whole match) in the answer equals expected, or without a pattern expected is a regex the answer
     # must match in full; json: both parse as JSON and are equal.
@@ -483,6 +495,15 @@ class RunConfig(Section):
         if name is not None and (not name or "/" in name or name.startswith(".")):
             raise ValueError("must be a plain folder name (no '/', not starting with '.')")
         return name
+
+    @model_validator(mode="after")
+    def _free_form_numbers_finite(self) -> "RunConfig":
+        for key, value in (("train.scheduler_kwargs", self.train.scheduler_kwargs),
+                           ("deepspeed.extra", self.deepspeed.extra), ("peft.options", self.peft.options)):
+            found = first_non_finite(value, key)
+            if found:
+                raise ValueError(f"{found}: must be a finite number (inf and nan are refused)")
+        return self
 
     @model_validator(mode="after")
     def _global_batch_matches(self) -> "RunConfig":
@@ -641,7 +662,7 @@ def resolve(config: RunConfig, config_path: Path, name_run: bool = True) -> RunC
     }
     if Path(config.model.name_or_path).expanduser().is_dir():
         updates["model"] = config.model.model_copy(update={"name_or_path": absolute(config.model.name_or_path)})
-    if config.ray.storage_path and "://" not in config.ray.storage_path:
+    if config.ray.storage_path and not is_uri(config.ray.storage_path):
         updates["ray"] = config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)})
     return config.model_copy(update=updates)
 

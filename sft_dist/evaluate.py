@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from sft_dist import model_folder
 from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import eval_batches, model_inputs
 from sft_dist.runtime import RunContext, all_reduce_sum
@@ -51,7 +52,8 @@ def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int,
 def generate_answers(
     engine: Any, ctx: RunContext, tokenizer: Any, prompts: list[dict], generate: GenerateConfig, zero3: bool
 ) -> list[dict[str, Any]]:
-    """Greedy answers to held-out prompts, scored by exact match and by the configured match rule.
+    """Greedy answers to held-out prompts, scored by exact match and by the configured match rule; each
+    sample says whether it stopped at the token limit without an end token (`hit_max_new_tokens`).
 
     Every rank generates every prompt: under ZeRO-3 each decoding step is a collective, and
     `synced_gpus` keeps ranks stepping together until all have finished.
@@ -59,6 +61,10 @@ def generate_answers(
     module = engine.module
     was_training = module.training
     module.eval()
+    limit = generate.max_new_tokens or answer_budget(tokenizer, prompts)
+    # Stop at the model's EOS and where the chat template ends a turn (the token the model was trained on).
+    ends = model_folder.with_end_ids(module.generation_config.eos_token_id, model_folder.turn_end_ids(tokenizer))
+    end_ids = {ends} if isinstance(ends, int) else set(ends or ())
     samples = []
     with torch.no_grad():
         for prompt in prompts:
@@ -66,15 +72,35 @@ def generate_answers(
                 prompt["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
             ).to(ctx.device)
             output = module.generate(
-                **inputs, max_new_tokens=generate.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                synced_gpus=zero3 and ctx.world_size > 1,
+                **inputs, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=ends, synced_gpus=zero3 and ctx.world_size > 1,
             )
-            answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
+            answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
             expected = prompt["expected"].strip()
             samples.append({"prompt": prompt["messages"][-1]["content"], "expected": expected, "answer": answer,
-                            "exact_match": answer == expected, "match": matches(answer, expected, generate)})
+                            "exact_match": answer == expected, "match": matches(answer, expected, generate),
+                            "max_new_tokens": limit,
+                            "hit_max_new_tokens": len(new_tokens) >= limit and not end_ids & set(new_tokens)})
     module.train(was_training)
     return samples
+
+
+MIN_ANSWER_MARGIN = 8  # tokens beyond the longest held-out answer, so a slightly longer answer is seen whole
+
+
+def answer_budget(tokenizer: Any, prompts: list[dict]) -> int:
+    """`eval.generate.max_new_tokens` when unset: the longest held-out answer as the chat template renders
+    it (its end-of-turn token included), plus a quarter and at least MIN_ANSWER_MARGIN tokens."""
+    longest = max(_answer_tokens(tokenizer, p) for p in prompts)
+    return longest + max(MIN_ANSWER_MARGIN, longest // 4)
+
+
+def _answer_tokens(tokenizer: Any, prompt: dict) -> int:
+    answered = [*prompt["messages"], {"role": "assistant", "content": prompt["expected"]}]
+    full = tokenizer.apply_chat_template(answered, return_dict=True)["input_ids"]
+    before = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, return_dict=True)
+    return len(full) - len(before["input_ids"])
 
 
 def generation_metrics(samples: list[dict[str, Any]]) -> dict[str, float]:

@@ -15,7 +15,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from sft_dist import quiet
+from sft_dist import quiet, shipping, storage, watchdog
 from sft_dist.checkpoint import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
@@ -27,7 +27,8 @@ _connected_here = False  # this module called ray.init (not a caller that had in
 
 
 def connect(cfg: RunConfig) -> None:
-    """Join `ray.address` / RAY_ADDRESS, an already initialized Ray, or start an embedded local one."""
+    """Join `ray.address` / RAY_ADDRESS, an already initialized Ray, or start an embedded local one (which
+    a watchdog ends when this process ends)."""
     global _connected_here
     if ray.is_initialized():
         return
@@ -41,20 +42,22 @@ def connect(cfg: RunConfig) -> None:
     # Logical CPUs, not cores: workers pin their own thread counts (ray.threads_per_worker).
     num_cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * per_worker))
     # The dashboard serves the state API that Ray Train's own monitors use; it listens on localhost only.
-    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    # "local": always a new instance of our own; without it ray.init joins the last `ray start` cluster.
+    context = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    watchdog.watch(context.address_info["session_dir"])  # this Ray ends with this process, even on SIGKILL
 
 
 def refuse_node_local_storage(cfg: RunConfig) -> None:
     """Every node's workers write their checkpoint shards to ray.storage_path, and any node may have to
     read them all back: on a multi-node cluster a plain path is each node's own disk unless it is a
     shared mount, which only the user can vouch for."""
-    storage = cfg.storage_path()
-    if "://" in storage or cfg.ray.shared_storage:
+    where = cfg.storage_path()
+    if storage.is_uri(where) or cfg.ray.shared_storage:
         return
     num_nodes = sum(1 for node in ray.nodes() if node["Alive"])
     if num_nodes > 1:
         raise UserError(
-            f"the Ray cluster has {num_nodes} nodes, but checkpoints would go to {storage}, a path on each "
+            f"the Ray cluster has {num_nodes} nodes, but checkpoints would go to {where}, a path on each "
             "node's own disk; set ray.storage_path to storage every node reaches: an object store URI "
             "(s3://bucket/runs, gs://...) or a shared filesystem mounted at the same path on every node "
             "(NFS, EFS), and for a mount also set ray.shared_storage: true", key="ray.storage_path")
@@ -67,13 +70,19 @@ def fit(
     """Run the job (training, validation of a checkpoint, a learning-rate range test) on Ray Train workers.
 
     Setting `stop` asks the workers to save and stop at the end of their current step. Returns None on
-    success, else the failure's message.
+    success, else the failure's message. With an object-store storage the data and model folder are
+    shipped there first (sft_dist.shipping), for nodes that do not see the driver's disk.
     """
+    root = storage.Location.of(cfg.storage_path())
+    data = shipping.ship(cfg, data, root)
+    # Ray Train writes the checkpoints through the same filesystem (endpoint, scheme, region) as ours;
+    # credentials are not part of it: each node resolves its own.
+    filesystem, root_path = root.filesystem()
     events, control = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker=ray_worker_main,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events,
-                           "control": control, "job": dataclasses.asdict(job)},
+                           "control": control, "job": dataclasses.asdict(job), "storage": str(root.join(cfg.run_name))},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
@@ -83,7 +92,8 @@ def fit(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=cfg.storage_path(),
+            storage_path=root_path,
+            storage_filesystem=filesystem if root.is_remote else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=quiet.RAY_TRAIN_LOG_LEVEL if quiet.enabled() else "INFO"),
             # Ray keeps the `keep` best-scored checkpoints and always the latest (what a restart resumes
@@ -141,11 +151,15 @@ def _drain(events: Queue, on_event: Callable) -> None:
 
 
 def _failure_message(failure: Exception) -> str:
-    """Each failed rank's own error (its last line), instead of Ray's nested wrapper text."""
+    """Each failed rank's own error, instead of Ray's nested wrapper text. A worker's own failure is one
+    line already naming its rank and host (runtime.ray_worker_main); a worker that died outright is
+    Ray's account of it (its first line); a controller failure, the last line of its traceback."""
     failures = getattr(failure, "worker_failures", None) or {None: failure}
     lines = []
     for rank, error in sorted(failures.items(), key=lambda item: -1 if item[0] is None else item[0]):
-        text = str(error).strip()
-        last = text.splitlines()[-1] if text else type(error).__name__
-        lines.append(last if rank is None else f"rank {rank}: {last}")
+        text = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+        if rank is None:
+            lines.append(text[-1])
+        else:
+            lines.append(text[0] if text[0].startswith(f"rank {rank} ") else f"rank {rank}: {text[0]}")
     return "; ".join(lines)

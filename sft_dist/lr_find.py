@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sft_dist.atomic_files import replacing
+
 SMOOTHING = 0.9  # exponential moving average of the loss, bias-corrected (as fastai's LR finder does)
 DIVERGED = 4.0  # the smoothed loss this many times its best: stop
 
@@ -65,6 +67,7 @@ def plot(lrs: list[float], losses: list[float], marks: dict[str, float], out: Pa
     axes.set_ylim(min(losses) * 0.9, losses[0] * 1.5)  # the divergence at the end would flatten the rest
     axes.legend()
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    with replacing(out) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
     return out

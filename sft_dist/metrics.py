@@ -1,6 +1,11 @@
 """The driver's record of a run: rank 0's events into `metrics.jsonl` (and generated samples into
 `samples.jsonl`), the configured sinks (sft_dist.sinks), the progress display (sft_dist.progress),
 and what `summary.json` needs at the end.
+
+One record per step, whatever happened to the driver: a resume brings the records its checkpoint
+carries (checkpoint.RECORDS) and fills in those this file lacks (a driver killed while the workers ran
+on), after dropping the records of steps trained again. A record that cannot be written (a full disk)
+is left out whole and reported at the end, never half-written and never a crash of the run.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sft_dist import progress
+from sft_dist.atomic_files import append_line, read_jsonl, write_text
 
 if TYPE_CHECKING:
     from sft_dist.sinks import Sink
@@ -35,12 +41,14 @@ class RunRecorder:
         self.samples: list[dict[str, Any]] = []
         self.end: dict[str, Any] = {}
         self.errors: list[str] = []  # what workers reported before failing (e.g. a validation timeout)
+        self.warnings: list[str] = []  # what the user should know of a run that went on (a dead model)
+        self.write_error: str | None = None  # the first record that could not be written, and why
 
     def record(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        target = "samples.jsonl" if kind == "samples" else "metrics.jsonl"
-        with open(self.run_dir / target, "a") as handle:
-            handle.write(json.dumps(event) + "\n")
+        if kind == "resume":
+            event = self._resumed(event)
+        self._append("samples.jsonl" if kind == "samples" else "metrics.jsonl", event)
         for sink in self.sinks:
             sink.write(event)
         if kind == "setup":
@@ -52,7 +60,6 @@ class RunRecorder:
         elif kind == "preflight":
             self._print(preflight.summary(event["workers"]))
         elif kind == "resume":
-            self._forget_after(event["step"])
             self.display.restart()
             for reason in event["skipped"]:
                 self._print(reason)
@@ -63,6 +70,9 @@ class RunRecorder:
             self.end = event
         elif kind == "error":
             self.errors.append(event["message"])
+        elif kind == "warning":
+            self.warnings.append(event["message"])
+            self._print(f"warning: {event['message']}")
         elif "eval_loss" in event:
             self.evals.append(event)
             shown = [f"{k.removeprefix('eval_')} {event[k]:.{2 if k == 'eval_ppl' else 3}f}" for k in EVAL_SHOWN
@@ -73,25 +83,42 @@ class RunRecorder:
             self.last_train = event
             self.display.train(event)
 
-    def _forget_after(self, step: int) -> None:
-        """Steps after the checkpoint are trained again: drop their earlier records (e.g. logged before
-        a worker failed), so metrics.jsonl reads as one uninterrupted run."""
-        path = self.run_dir / "metrics.jsonl"
-        events = [json.loads(line) for line in path.read_text().splitlines()]
-        kept = [e for e in events if e.get("event") or e["step"] <= step]
-        path.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        self.evals = [e for e in self.evals if e["step"] <= step]
+    def _append(self, name: str, event: dict[str, Any]) -> None:
+        try:
+            append_line(self.run_dir / name, json.dumps(event))
+        except OSError as err:
+            self.write_error = self.write_error or f"could not write {name} at step {event.get('step')}: {err}"
+
+    def _resumed(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The files as one uninterrupted run up to the resumed step: records of later steps (trained again)
+        dropped, those the checkpoint carries and the files lack filled in. Returns the event to write."""
+        carried = event.get("records", [])
+        step = event["step"]
+        for name, is_samples in (("metrics.jsonl", False), ("samples.jsonl", True)):
+            ours = [r for r in carried if (r.get("event") == "samples") == is_samples and r["step"] <= step]
+            merged = _merged(read_jsonl(self.run_dir / name), ours, step)
+            try:
+                if merged or (self.run_dir / name).is_file():
+                    write_text(self.run_dir / name, "".join(json.dumps(e) + "\n" for e in merged))
+            except OSError as err:
+                self.write_error = self.write_error or f"could not rewrite {name} on resume: {err}"
+            if is_samples:
+                self.samples = merged
+            else:
+                self.evals = [e for e in merged if not e.get("event") and "eval_loss" in e]
+        return {k: v for k, v in event.items() if k != "records"}
 
     def train_events(self) -> list[dict[str, Any]]:
-        path = self.run_dir / "metrics.jsonl"
-        return [e for e in map(json.loads, path.read_text().splitlines()) if "loss" in e] if path.is_file() else []
+        return [e for e in read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in e]
 
     def worker_error(self) -> str | None:
         return "; ".join(self.errors) or None
 
     def summary(self, data_stats: dict, error: str | None = None, best_checkpoint: dict | None = None
                 ) -> dict[str, Any]:
-        stop_reason = "error" if error else self.end.get("stop_reason")
+        ended = self.end.get("stop_reason")
+        # A non-finite step ends the loop as agreed (with an error); other failures end it with "error".
+        stop_reason = ended if ended == "non_finite" else "error" if error else ended
         best = {k: self.end.get(k) for k in ("metric", "best", "best_step")}
         return {
             "status": "failed" if error else "stopped" if stop_reason == "stop" else "completed",
@@ -109,6 +136,7 @@ class RunRecorder:
             "best_checkpoint": best_checkpoint,
             "data": data_stats,
             "duration_s": round(time.time() - self.started_s, 1),
+            "warnings": self.warnings,
             "error": error,
         }
 
@@ -129,7 +157,7 @@ class RunRecorder:
             lines.append(f"held-out answers, exact match {hits[0]}/{len(before)} -> {hits[1]}/{len(after)}:")
             for b, a in zip(before, after):
                 lines.append(f"  prompt:   {b['prompt']}\n  expected: {b['expected']}\n"
-                             f"  before:   {b['answer']!r}\n  after:    {a['answer']!r}")
+                             f"  before:   {b['answer']!r}{_cut_note(b)}\n  after:    {a['answer']!r}{_cut_note(a)}")
         return "\n".join(lines)
 
     def close(self, status: str) -> None:
@@ -140,3 +168,23 @@ class RunRecorder:
 
     def _print(self, line: str) -> None:
         self.display.message(line)
+
+
+def _cut_note(sample: dict[str, Any]) -> str:
+    """Said of an answer that stopped at the token limit without its end token: it may be cut short."""
+    if not sample.get("hit_max_new_tokens"):
+        return ""
+    return f" (stopped at max_new_tokens={sample['max_new_tokens']} without an end token)"
+def _kind(record: dict[str, Any]) -> tuple[str, int]:
+    """What identifies a record: one training record, one validation and one samples record per step."""
+    return (record.get("event") or ("train" if "loss" in record else "eval"), record["step"])
+
+
+def _merged(written: list[dict[str, Any]], carried: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """`written` without the step records after `step`, with the `carried` ones it lacks put after its
+    last step record (before the events of the attempt now starting: its setup, preflight)."""
+    kept = [e for e in written if (e.get("event") not in (None, "samples")) or e["step"] <= step]
+    have = {_kind(e) for e in kept if e.get("event") in (None, "samples")}
+    missing = [r for r in carried if _kind(r) not in have]
+    last = max((i for i, e in enumerate(kept) if e.get("event") in (None, "samples")), default=-1)
+    return kept[: last + 1] + missing + kept[last + 1:]

@@ -6,17 +6,17 @@ and the learning rate below. Matplotlib's Agg backend: no display needed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from sft_dist.atomic_files import read_jsonl, replacing
 
 PLOT_NAME = "loss.png"
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training records, validation records) of metrics.jsonl, in step order."""
-    path = run_dir / "metrics.jsonl"
-    events = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    events = read_jsonl(run_dir / "metrics.jsonl")
     records = [e for e in events if not e.get("event")]
     train = sorted((e for e in records if "loss" in e), key=lambda e: e["step"])
     evals = sorted((e for e in records if "eval_loss" in e), key=lambda e: e["step"])
@@ -65,6 +65,7 @@ def write_loss_plot(run_dir: Path, title: str | None = None) -> Path | None:
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
     out = run_dir / PLOT_NAME
-    fig.savefig(out, dpi=110)
+    with replacing(out) as tmp:  # a full disk leaves the previous plot, never a torn one
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out

@@ -14,11 +14,11 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import psutil
-import pyarrow.fs
 import torch
 
 from sft_dist.config import RunConfig
 from sft_dist.runtime import RunContext, all_gather, all_reduce_sum
+from sft_dist.storage import Location, StorageError
 
 # What must be identical on every worker: a different DeepSpeed or torch on one node can change
 # checkpoint formats or collectives in ways that fail late and obscurely.
@@ -35,16 +35,15 @@ def check(ctx: RunContext, cfg: RunConfig) -> None:
 
     Collective: every rank calls it once, at the same point (all_gather twice, all_reduce once).
     """
-    storage, probe_dir = pyarrow.fs.FileSystem.from_uri(f"{cfg.storage_path().rstrip('/')}/{cfg.run_name}")
-    probe_dir = f"{probe_dir}/{PROBE_DIR}"
-    report = {**worker_report(ctx), "probe": f"{probe_dir}/rank{ctx.rank}-{uuid.uuid4().hex}"}
-    report["storage_error"] = write_probe(storage, report["probe"])
+    probe_dir = ctx.storage.join(PROBE_DIR)
+    report = {**worker_report(ctx), "probe": f"rank{ctx.rank}-{uuid.uuid4().hex}"}
+    report["storage_error"] = write_probe(probe_dir.join(report["probe"]))
     reports = all_gather(report)  # also the barrier: every probe is written before anyone reads
-    read_errors = all_gather(read_probes(storage, reports))
+    read_errors = all_gather(read_probes(probe_dir, reports))
     collective_ok = all_reduce_sum(torch.ones(1, device=ctx.device)).item() == ctx.world_size
     if ctx.rank == 0:  # after the second gather: nobody reads the probes any more
-        remove_probes(storage, probe_dir)
-    problems = find_problems(reports, read_errors, cfg.storage_path())
+        remove_probes(probe_dir)
+    problems = find_problems(reports, read_errors, str(ctx.storage.parent))
     if not collective_ok:
         problems.append(f"the test all-reduce over {ctx.world_size} workers returned a wrong sum")
     if problems:
@@ -73,38 +72,35 @@ def package_version(package: str) -> str | None:
         return None
 
 
-def write_probe(storage: pyarrow.fs.FileSystem, path: str) -> str | None:
-    """Write this worker's probe file (its own path as content); the error, if any, as text."""
+def write_probe(probe: Location) -> str | None:
+    """Write this worker's probe file (its own name as content); the error, if any, as text."""
     try:
-        storage.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with storage.open_output_stream(path) as out:
-            out.write(path.encode())
-    except OSError as err:
-        return f"{type(err).__name__}: {err}"
+        probe.write_text(probe.name)
+    except StorageError as err:
+        return str(err)
     return None
 
 
-def read_probes(storage: pyarrow.fs.FileSystem, reports: list[dict[str, Any]]) -> list[str]:
+def read_probes(probe_dir: Location, reports: list[dict[str, Any]]) -> list[str]:
     """Read back every worker's probe: a path that is each node's own disk fails here, not at resume."""
     errors = []
     for report in reports:
         if report["storage_error"]:
             continue  # the writer reports its own failure
         try:
-            with storage.open_input_stream(report["probe"]) as source:
-                ok = source.read() == report["probe"].encode()
-        except OSError:
+            ok = probe_dir.join(report["probe"]).read_text() == report["probe"]
+        except StorageError:
             ok = False
         if not ok:
             errors.append(f"cannot read back rank {report['rank']}'s probe")
     return errors
 
 
-def remove_probes(storage: pyarrow.fs.FileSystem, probe_dir: str) -> None:
+def remove_probes(probe_dir: Location) -> None:
     try:
-        storage.delete_dir(probe_dir)
-    except OSError:
-        pass  # never created (a write failed, reported as such) or already gone
+        probe_dir.delete()
+    except StorageError:
+        pass  # already gone: the probes only ever served this check
 
 
 def find_problems(reports: list[dict[str, Any]], read_errors: list[list[str]], storage: str) -> list[str]:

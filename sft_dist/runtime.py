@@ -1,4 +1,5 @@
-"""The worker's view of the world: rank, world size, device, and where its events go.
+"""The worker's view of the world: rank, world size, device, where its events go and where the run's
+checkpoints are stored.
 
 Two implementations of one small protocol: on Ray Train (events travel to the driver through a Ray
 queue) and without Ray (single process or torchrun; events go to a function in the same process), so
@@ -20,7 +21,8 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 import torch.distributed as dist
 
-from sft_dist import quiet
+from sft_dist import quiet, safe_loading
+from sft_dist.storage import Location
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,13 @@ class RunContext(Protocol):
     world_size: int
     local_rank: int
     device: torch.device
+    storage: Location  # the run's checkpoint storage: ray.storage_path / run_name
 
     def emit(self, event: dict[str, Any]) -> None:
         """Send a metrics event to the driver. Called on every rank; only rank 0's is sent."""
 
     def report_checkpoint(self, folder: Path, name: str, metrics: dict[str, Any]) -> None:
         """Hand this rank's checkpoint files to storage as checkpoint `name` (a collective)."""
-
-    def restored_checkpoint(self) -> str | None:
-        """The latest checkpoint the runtime registered for this run (e.g. before a worker failed)."""
 
     def interruption(self) -> str | None:
         """"stop" when the driver was asked to stop (SIGTERM), "preempted" when a node of the run is
@@ -61,6 +61,7 @@ class RayRunContext:
     world_size: int
     local_rank: int
     device: torch.device
+    storage: Location
     events: Any  # ray.util.queue.Queue owned by the driver
     control: Any  # ray.util.queue.Queue: the driver puts "stop" into it on SIGTERM
 
@@ -74,16 +75,6 @@ class RayRunContext:
         # Every rank reports its own files; Ray merges them into one checkpoint folder in storage.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                          checkpoint_dir_name=name)
-
-    def restored_checkpoint(self) -> str | None:
-        import ray.train
-
-        restored = ray.train.get_checkpoint()
-        if restored is None:
-            return None
-        if type(restored.filesystem).__name__ == "LocalFileSystem":
-            return restored.path
-        return restored.to_directory()  # object-store storage: fetch a local copy
 
     def interruption(self) -> str | None:
         import ray.train
@@ -101,9 +92,11 @@ class LocalRunContext:
     world_size: int
     local_rank: int
     device: torch.device
+    storage: Location
     sink: Callable[[dict[str, Any]], None]
-    storage_dir: Path  # where checkpoints go: the run folder
     stop: threading.Event  # set by the process's SIGTERM handler
+    # Called on rank 0 after each checkpoint: what Ray's CheckpointConfig does (checkpoint.keep).
+    retain: Callable[[], None] | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -111,12 +104,19 @@ class LocalRunContext:
 
     def report_checkpoint(self, folder: Path, name: str, metrics: dict[str, Any]) -> None:
         # Each rank copies its own files; the manifest makes the folder count only once all are there.
-        shutil.copytree(folder, self.storage_dir / name, dirs_exist_ok=True)
+        target = self.storage.join(name)
+        try:
+            if target.is_remote:
+                target.upload(folder)
+            else:
+                shutil.copytree(folder, target.local_path(), dirs_exist_ok=True)
+        except OSError:  # e.g. the disk is full: a torn copy is never resumed from, so free its space
+            target.delete()
+            raise
         if dist.is_initialized():
             dist.barrier()
-
-    def restored_checkpoint(self) -> str | None:
-        return None  # without Ray nothing restarts the run; --resume names the checkpoint
+        if self.rank == 0 and self.retain is not None:
+            self.retain()
 
     def interruption(self) -> str | None:
         return "stop" if self.stop.is_set() else None
@@ -154,10 +154,23 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / env_key))
     quiet.worker()
+    # Last: it imports DeepSpeed's state types, and DeepSpeed reads DS_ACCELERATOR (set above) on import.
+    safe_loading.enforce()  # no checkpoint this process loads can run code
 
 
 def ray_worker_main(loop_config: dict[str, Any]) -> None:
-    """The function Ray Train runs on every worker."""
+    """The function Ray Train runs on every worker. Any failure leaves it as one line naming the rank and
+    host (the driver prints it as is), instead of a traceback whose last line says little."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        _run_on_ray_worker(loop_config)
+    except Exception as err:
+        raise RuntimeError(f"rank {rank} on {socket.gethostname()}: {one_line(err)}") from err
+
+
+def _run_on_ray_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -172,6 +185,7 @@ def ray_worker_main(loop_config: dict[str, Any]) -> None:
         world_size=context.get_world_size(),
         local_rank=context.get_local_rank(),
         device=ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu"),
+        storage=Location.of(loop_config["storage"]),
         events=loop_config["events"],
         control=loop_config["control"],
     )
@@ -180,10 +194,23 @@ def ray_worker_main(loop_config: dict[str, Any]) -> None:
     train.run_job(ctx, cfg, PreparedData(**loop_config["data"]), Job(**loop_config["job"]))
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as one line: pydantic's errors as `key: message` pairs, others as their type and
+    the first line of their message (the rest is a traceback or a hint the worker's log keeps)."""
+    errors = getattr(err, "errors", None)
+    if type(err).__name__ == "ValidationError" and callable(errors):
+        return "invalid config: " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def local_context(
-    use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage_dir: Path, stop: threading.Event
+    use_gpu: bool, threads: int, sink: Callable[[dict[str, Any]], None], storage: Location | Path,
+    stop: threading.Event, retain: Callable[[], None] | None = None,
 ) -> LocalRunContext:
-    """A context for one process, or one of torchrun's (which sets RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    """A context for one process, or one of torchrun's (which sets RANK, WORLD_SIZE, MASTER_ADDR...);
+    `storage`: where the run's checkpoints go."""
     configure_worker(use_gpu, threads)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -194,7 +221,8 @@ def local_context(
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
-    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, sink, storage_dir, stop)
+    return LocalRunContext(dist.get_rank(), dist.get_world_size(), local_rank, device, Location.of(storage), sink,
+                           stop, retain)
 
 
 def _free_port() -> int:

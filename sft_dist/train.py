@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight, quiet, tasks
+from sft_dist import adapters, checkpoint, faults, preflight, quiet, shipping, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
@@ -23,9 +22,11 @@ from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
 from sft_dist.evaluate import BestTracker, deadline, generate_answers, generation_metrics, validate
+from sft_dist.health import Health
 from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
+from sft_dist.storage import Location
 from sft_dist.timing import OFF, StepTimer
 
 
@@ -46,6 +47,15 @@ class Session:
     prompts: list[dict]
     plan: BatchPlan
     batches: TextBatches | ImageBatches  # saved rows -> model inputs
+    # Rank 0's records of the run so far (those of a restored checkpoint first): every checkpoint
+    # carries them, so records the driver never wrote (it died) come back with a resume.
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """A training, validation or samples record: to the driver, and kept for the next checkpoint."""
+        self.ctx.emit(record)
+        if self.ctx.rank == 0:
+            self.history.append(record)
 
     def validate(self, step: int) -> dict[str, Any]:
         """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
@@ -65,29 +75,45 @@ class Session:
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
                                            cfg.deepspeed.stage == 3)
             metrics.update(generation_metrics(samples))
-            ctx.emit({"step": step, "event": "samples", "samples": samples})
+            self.emit({"step": step, "event": "samples", "samples": samples})
         if metrics:
-            ctx.emit({"step": step, **metrics})
+            self.emit({"step": step, **metrics})
         return metrics
 
 
-def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Path | None, skipped: list[str] = ()
-           ) -> tuple[Session, dict[str, Any]]:
-    """Build the session, restored from `restart` when given; returns it with the saved loop state."""
+def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Location | None, skipped: list[str] = (),
+           own_checkpoint: bool = False) -> tuple[Session, dict[str, Any]]:
+    """Build the session, restored from `restart` when given; returns it with the saved loop state.
+    `own_checkpoint`: `restart` is this run's, so its records are this run's history too."""
     set_seed(cfg.seed)
     quiet.deepspeed_op_builds(cfg.ray.use_gpu, cfg.deepspeed.offload_optimizer, ctx.local_rank)
     engine_lib.init_distributed()
     preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
-    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(cfg.model)
+    # Loading uses the shipped folders as this node has them; the session (and so every checkpoint)
+    # keeps the driver's config.
+    here, data = fetch_shipment(ctx, cfg, data)
+    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(here.model)
     if cfg.data.chat_template:  # generation prompts render as the training data did
-        tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
+        tokenizer.chat_template = chat_template(tokenizer, here.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
     plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
-    engine, loop_state = build_and_restore(ctx, cfg, total_steps(cfg, plan), restart, skipped)
-    batches = batch_maker(cfg, tokenizer, engine.module)
-    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches), loop_state
+    engine, loop_state, history = build_and_restore(ctx, here, total_steps(cfg, plan), restart, skipped,
+                                                    own_checkpoint)
+    batches = batch_maker(here, tokenizer, engine.module)
+    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches, history), loop_state
+
+
+def fetch_shipment(ctx: RunContext, cfg: RunConfig, data: PreparedData) -> tuple[RunConfig, PreparedData]:
+    """The config and data as this node has them (sft_dist.shipping); rank 0 records how each rank found them.
+
+    Collective when the data was shipped (one all_gather; every rank has the same shipment).
+    """
+    here, data, found = shipping.on_this_node(cfg, data)
+    if data.shipment:
+        ctx.emit({"step": 0, "event": "shipping", "ranks": all_gather({"rank": ctx.rank, **found})})
+    return here, data
 
 
 def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> TextBatches | ImageBatches:
@@ -113,13 +139,14 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     """Train to the end (or an early stop, or a requested stop). Every rank runs every line, so
     collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
     restart, skipped = resume_point(ctx, cfg, resume_from)
-    session, loop_state = set_up(ctx, cfg, data, restart, skipped)
+    session, loop_state = set_up(ctx, cfg, data, restart, skipped, is_own(ctx, restart))
     engine, plan = session.engine, session.plan
     steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
     tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
     loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
+    saved_steps = [start] if start else []  # a resumed run's checkpoint is a saved state too
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
@@ -127,7 +154,9 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
                  "fingerprint": data.fingerprint, "config": cfg.model_dump(mode="json")}
         score = tracker.score(metrics)
         checkpoint.save(engine, ctx, state,
-                        {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score})
+                        {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score},
+                        session.history)
+        saved_steps.append(step)
 
     def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
         return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
@@ -137,28 +166,36 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
         tracker.update(session.validate(0), 0)
     window, reason, step, preemption_saved = Window(), None, start, False
     divergence = Divergence() if stop_on_divergence else None
+    health = Health()
     for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
-        faults.maybe_fail(cfg.debug, cfg.run_dir(), ctx.rank, step)
-        window.add(*train_step(engine, ctx, session.train_set, plan, step - 1, supervised_per_example,
-                               session.batches, loss_fn, timer))
+        faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
+        loss_sum, tokens, supervised = train_step(engine, ctx, session.train_set, plan, step - 1,
+                                                  supervised_per_example, session.batches, loss_fn, timer)
+        window.add(loss_sum, tokens, supervised)
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
         if train_log:
-            ctx.emit(train_log)
+            session.emit(train_log)
         metrics = session.validate(step) if validation_due(cfg, plan, step, steps) else {}
         tracker.update(metrics, step)
         diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
-        reason = agreed_stop(ctx, "early_stopping" if tracker.should_stop() else "diverged" if diverged else None)
+        # The range test ends on a divergence (above); a training run stops on a non-finite step.
+        problem = None if divergence else judge_step(ctx, cfg, health, step, loss_sum, engine.get_global_grad_norm())
+        stopping = "early_stopping" if tracker.should_stop() else "diverged" if diverged else None
+        reason = agreed_stop(ctx, "non_finite" if problem else stopping)
         if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
-            ctx.emit(train_metrics(step))
+            session.emit(train_metrics(step))
         # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
         # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
-        # way the run can be continued.
+        # way the run can be continued. A non-finite step saves nothing: the newest checkpoint stays
+        # the last finite state.
         just_in_time = reason == "preempted" and not preemption_saved and step != steps
         periodic = cfg.checkpoint.every_steps and step != steps and (
             step % cfg.checkpoint.every_steps == 0 or reason == "early_stopping")
-        if just_in_time or periodic or reason == "stop":
+        if reason != "non_finite" and (just_in_time or periodic or reason == "stop"):
             save(step, metrics)
         preemption_saved |= just_in_time
+        if reason == "non_finite":
+            ctx.emit({"step": step, "event": "error", "message": non_finite_message(step, problem, saved_steps)})
         if reason in ENDING:
             break
     else:
@@ -171,7 +208,25 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": tracker.metric, **tracker.state()})
 
 
-ENDING = ("stop", "early_stopping", "diverged")  # reasons that end the loop (a preemption does not)
+ENDING = ("stop", "early_stopping", "diverged", "non_finite")  # reasons that end the loop (a preemption does not)
+
+
+def judge_step(ctx: RunContext, cfg: RunConfig, health: Health, step: int, loss_sum: float,
+               norm: float | None) -> str | None:
+    """Why this rank's step is not finite (None if it is); warns once of a dead model."""
+    dead = health.dead_model(step, norm)
+    if dead:
+        ctx.emit({"step": step, "event": "warning", "message": dead})
+    # Under fp16 an infinite gradient norm is loss scaling at work: DeepSpeed skips the step, lowers the scale.
+    return health.non_finite(step, ctx.rank, loss_sum, None if cfg.train.precision == "fp16" else norm)
+
+
+def non_finite_message(step: int, problem: str | None, saved_steps: list[int]) -> str:
+    """What rank 0 reports of a non-finite step (another rank may have seen it first)."""
+    what = problem or f"another rank's training loss was not finite at step {step}"
+    kept = f"its newest checkpoint, step {saved_steps[-1]}, is the last finite state" if saved_steps \
+        else "no checkpoint of it was saved"
+    return f"{what}; the run stopped without saving this state ({kept}); lower train.lr or check the data"
 
 
 def validation_due(cfg: RunConfig, plan: BatchPlan, step: int, steps: int) -> bool:
@@ -182,12 +237,13 @@ def validation_due(cfg: RunConfig, plan: BatchPlan, step: int, steps: int) -> bo
 
 
 def agreed_stop(ctx: RunContext, local_reason: str | None) -> str | None:
-    """Collective: why the run stops now, as every rank agrees (in ENDING's order, "preempted" between).
+    """Collective: why the run stops now, as every rank agrees (the last of `reasons` any rank has wins:
+    a non-finite step on one rank stops them all, before a stop request could save that state).
 
     A SIGTERM or preemption notice may reach one rank before another; the all-reduce makes all ranks
     act at the same step, so no rank is left alone in the next collective.
     """
-    reasons = ("diverged", "early_stopping", "preempted", "stop")
+    reasons = ("diverged", "early_stopping", "preempted", "stop", "non_finite")
     local = [local_reason, ctx.interruption()]
     flags = torch.tensor([float(any(r == reason for r in local)) for reason in reasons], dtype=torch.float64)
     agreed = all_reduce_sum(flags)
@@ -196,42 +252,50 @@ def agreed_stop(ctx: RunContext, local_reason: str | None) -> str | None:
 
 def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, folder: str) -> None:
     """`sft-dist eval`: the run's validation on a saved checkpoint, distributed like training."""
-    session, loop_state = set_up(ctx, cfg, data, Path(folder))
+    session, loop_state = set_up(ctx, cfg, data, Location.of(folder))
     session.validate(loop_state["step"])
     ctx.emit({"step": loop_state["step"], "event": "end", "stop_reason": "evaluated"})
 
 
+def is_own(ctx: RunContext, restart: Location | None) -> bool:
+    """Whether `restart` is a checkpoint of this run (a recovery, --resume auto), not of the run that
+    --resume PATH named: a new run's records start after the checkpoint, as they always have."""
+    return restart is not None and restart.parent == ctx.storage
+
+
 def build_and_restore(
-    ctx: RunContext, cfg: RunConfig, steps: int, restart: Path | None, skipped: list[str] = ()
-) -> tuple[Any, dict[str, Any]]:
-    """The engine, restored from `restart` when given; and the loop state saved with it."""
+    ctx: RunContext, cfg: RunConfig, steps: int, restart: Location | None, skipped: list[str] = (),
+    own_checkpoint: bool = False,
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
+    """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0, for
+    the run's own checkpoint) the records it carries, which the resume event hands to the driver to fill
+    in what metrics.jsonl lacks."""
     other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
     if other_world_size:
-        restart = checkpoint.universal_copy(restart, ctx)
+        # Into this run's own folder: the source may be another run's, which is not ours to write to.
+        restart = checkpoint.universal_copy(restart, ctx, ctx.storage)
     engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
     if restart is None:
-        return engine, {}
+        return engine, {}, []
     loop_state = checkpoint.load(engine, ctx, restart)
-    ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped)})
-    return engine, loop_state
+    records = checkpoint.read_records(restart) if ctx.rank == 0 and own_checkpoint else []
+    ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
+              "records": records})
+    return engine, loop_state, records
 
 
-def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Path | None, list[str]]:
+def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Location | None, list[str]]:
     """The checkpoint to continue from (None: a fresh start), and the torn ones skipped on the way.
 
     The run's own newest complete checkpoint (there after a worker failure, or with --resume auto)
-    wins over a checkpoint of another run named by --resume PATH. The run folder is scanned rather
-    than trusting Ray's registry alone: a worker that dies hard can take a checkpoint's registration
-    with it while its files are complete on disk.
+    wins over a checkpoint of another run named by --resume PATH. The run's storage (a folder or an
+    object store) is scanned rather than trusting Ray's registry: a worker that dies hard can take a
+    checkpoint's registration with it while its files are complete in storage.
     """
     skipped: list[str] = []
-    if "://" in cfg.storage_path():  # object storage: only Ray knows the run's checkpoints
-        latest = ctx.restored_checkpoint()
-        own = [latest] if latest else []
-    else:
-        own = checkpoint.complete_checkpoints(Path(cfg.storage_path()) / cfg.run_name, log=skipped.append)
-    chosen = own[-1] if own else requested
-    return (Path(chosen) if chosen else None), skipped
+    own = checkpoint.complete_checkpoints(ctx.storage, log=skipped.append)
+    chosen = own[-1] if own else Location.of(requested) if requested else None
+    return chosen, skipped
 
 
 def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> Any:

@@ -166,15 +166,60 @@ def model_loss_sum(model, input_ids: list[int], labels: list[int]) -> tuple[floa
 
 
 def eval_set_loss(model, output_dir: Path) -> float:
-    """Token-weighted loss of `model` on a run's tokenized eval set, one example at a time (no padding,
-    nothing for a mask to hide), by the model's own loss."""
+    """Token-weighted loss of `model` on a run's tokenized eval set, one example at a time, by the model's
+    own loss (fixtures.exported.hf_eval_loss)."""
     import glob
 
     import datasets
 
+    from fixtures.exported import hf_eval_loss
+
     (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    loss_sum = tokens = 0.0
-    for row in datasets.load_from_disk(eval_dir):
-        loss, count = model_loss_sum(model, row["input_ids"], row["labels"])
-        loss_sum, tokens = loss_sum + loss, tokens + count
-    return loss_sum / tokens
+    return hf_eval_loss(model, datasets.load_from_disk(eval_dir))
+
+
+# Fake credentials for the S3 API server: moto accepts any; the secrets tests look for this one.
+FAKE_SECRET = "sft-dist-fake-secret-5b0e7c41"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIASFTDISTFAKE00001", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+BUCKET = "sft-dist"
+
+
+def start_s3_server(log_dir: Path, **env: str):
+    """A real S3 API server (moto's server mode) on a free port of 127.0.0.1; returns (process, "host:port")."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **env}, stdout=(log_dir / "moto.log").open("w"),
+                              stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+            return server, f"127.0.0.1:{port}"
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, (log_dir / "moto.log").read_text()
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """The server with the bucket BUCKET; yields its endpoint ("127.0.0.1:PORT")."""
+    import pyarrow.fs
+
+    server, endpoint = start_s3_server(tmp_path_factory.mktemp("s3"))
+    try:
+        os.environ.update(S3_CREDENTIALS)  # this process's own store clients (exports, checks) use them too
+        store = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
+        store.create_dir(BUCKET)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -3,7 +3,6 @@ Real Ray workers and DeepSpeed engines; losses compared with uninterrupted runs 
 
 from __future__ import annotations
 
-import glob
 import json
 import shutil
 import signal
@@ -12,15 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import pytest
 from transformers import AutoModelForCausalLM
 
 from sft_dist import checkpoint
 from sft_dist.cli import main
 
-from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, subprocess_env,
+from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env,
                       train_losses, train_tiny)
+from fixtures.exported import hf_eval_loss, saved_rows
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
 
@@ -88,9 +87,10 @@ def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, t
     assert learning_rates(resumed) == pytest.approx(learning_rates(longer), rel=1e-9)
 
 
-def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, capsys):
+def test_resume_refuses_a_config_that_changes_the_batch(failed_zero2_run, tmp_path, capsys):
+    # Its own output_dir: the saved config names the failed run, whose folder is taken (refused first).
     code = main(["train", str(failed_zero2_run / "config.yaml"), "--set", "train.micro_batch_size=2",
-                 "--resume", str(failed_zero2_run)])
+                 "--set", f"output_dir={tmp_path}", "--resume", str(failed_zero2_run)])
     assert code == 2
     assert "train.micro_batch_size*grad_accum*num_workers" in capsys.readouterr().err
 
@@ -137,7 +137,9 @@ def test_export_picks_the_best_checkpoint_and_a_torn_one_is_skipped_for_the_prev
     assert summary["best_checkpoint"]["step"] == 2 and summary["best_checkpoint"]["path"].endswith("0000002")
     assert summary["best"] == {"metric": "eval_loss", "value": evals[0], "step": 0}  # before any checkpoint
     # export_at_end wrote the best checkpoint's weights: the model's own loss on the eval set is step 2's.
-    assert exported_eval_loss(run / "model", tmp_path) == pytest.approx(evals[2], rel=1e-5)
+    rows = saved_rows(run, "eval")
+    model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    assert hf_eval_loss(model, rows) == pytest.approx(evals[2], rel=1e-5)
     latest = run / checkpoint.folder_name(4)
     tear(latest)
     resumed = train_tiny(tmp_path, "train.max_steps=4", "checkpoint.every_steps=2", "eval.generate=null",
@@ -147,13 +149,6 @@ def test_export_picks_the_best_checkpoint_and_a_torn_one_is_skipped_for_the_prev
     assert train_losses(resumed) == pytest.approx(train_losses(run)[2:], rel=RTOL)
 
 
-def exported_eval_loss(model_dir: Path, output_dir: Path) -> float:
-    """Token-weighted eval loss of an exported model, in one process, by the model's own loss."""
-    (eval_dir,) = glob.glob(str(output_dir / ".cache" / "data" / "*" / "eval"))
-    assert len(datasets.load_from_disk(eval_dir)) % 2 == 1  # not divisible by the world size
-    return eval_set_loss(AutoModelForCausalLM.from_pretrained(model_dir).eval(), output_dir)
-
-
 @pytest.mark.parametrize("run", ["failed_zero2_run", "failed_zero3_run"])
 def test_export_gives_the_model_the_engine_evaluated(run, request, tmp_path):
     run_dir = request.getfixturevalue(run)
@@ -161,7 +156,10 @@ def test_export_gives_the_model_the_engine_evaluated(run, request, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "chat_template.jinja").is_file()
     # 63 validation examples on 2 ranks: the odd one out is counted once, and the all-reduced, token-weighted
     # eval_loss equals this single-process computation.
-    assert exported_eval_loss(tmp_path / "hf", run_dir.parent) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
+    rows = saved_rows(run_dir, "eval")
+    assert len(rows) % 2 == 1  # not divisible by the world size
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf_eval_loss(model, rows) == pytest.approx(eval_losses(run_dir)[-1], rel=1e-5)
 
 
 @pytest.mark.parametrize("stage, run, baseline",

@@ -112,9 +112,11 @@ def test_truncation_right_cuts_and_counts_and_drop_drops():
     assert (dropped["reason"], dropped["bad"], dropped["input_ids"]) == ("too_long", False, [])
 
 
-def test_an_example_truncated_before_its_answer_is_dropped_as_unsupervised():
+def test_an_example_truncated_before_its_answer_is_dropped_as_too_long():
+    # Counted as too long (it is), not as an example without supervision, which it was not before the cut.
     row = encode([{"role": "user", "content": "x " * 80}, {"role": "assistant", "content": "y"}], max_seq_len=64)
-    assert (row["reason"], row["bad"]) == ("no_supervised_tokens", False)
+    assert (row["reason"], row["bad"]) == ("too_long", False)
+    assert "leaves no supervised token" in row["detail"] and row["length"] > 64
 
 
 def test_template_choice_config_then_tokenizer_else_a_clear_error():

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "sft_dist"
 MAY_IMPORT = {
     "ray": {"launcher.py", "tuning.py", "runtime.py"},
-    "deepspeed": {"engine.py", "checkpoint.py", "export.py"},
+    "deepspeed": {"engine.py", "checkpoint.py", "export.py", "safe_loading.py"},
 }
 NO_DISTRIBUTED = ["config.py", "model.py", "adapters.py", "data"]
 

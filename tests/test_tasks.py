@@ -4,7 +4,6 @@ BERT-style encoder, trained by real Ray workers with DeepSpeed; labels, metrics 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -17,7 +16,9 @@ import torch
 from sft_dist import config as config_lib
 from sft_dist import driver, tasks
 from sft_dist.data.labels import with_labels
+from sft_dist.data.prepare import prepare as prepare_rows
 from sft_dist.errors import UserError
+from sft_dist.model import load_tokenizer
 
 from conftest import REPO, read_events
 
@@ -90,8 +91,8 @@ def test_ner_labels_go_to_the_first_sub_token_of_each_word(minilm, tmp_path):
         cfg = load(NER_CONFIG, f"data.train={data}", "data.eval=null", "eval.every_steps=null",
                    f"output_dir={tmp_path}", "train.micro_batch_size=1", "ray.num_workers=1",
                    f"data.label_all_subtokens={all_subtokens}", "model.labels=[O, B-PER, B-LOC]")
-        tokenizer = driver.load_tokenizer(cfg.model)
-        prepared = driver.prepare(cfg.data, cfg.eval, tokenizer, tmp_path / "cache", cfg.model.labels)
+        tokenizer = load_tokenizer(cfg.model)
+        prepared = prepare_rows(cfg.data, cfg.eval, tokenizer, tmp_path / "cache", cfg.model.labels)
         row = datasets.load_from_disk(prepared.train_dir)[0]
         # Both names split into several word pieces: the point of the test.
         assert tokenizer.convert_ids_to_tokens(row["input_ids"]) == [
@@ -113,8 +114,8 @@ def test_text_pairs_reach_the_model_with_their_token_type_ids(tiny_bert, tmp_pat
     pairs = write_rows(tmp_path / "pairs.jsonl", rows)
     cfg = load(SENTIMENT_CONFIG, f"model.name_or_path={tiny_bert}", f"data.train={pairs}", "data.eval=null",
                "eval.every_steps=null", f"output_dir={tmp_path}", "train.micro_batch_size=1", "ray.num_workers=1")
-    tokenizer = driver.load_tokenizer(cfg.model)
-    prepared = driver.prepare(cfg.data, cfg.eval, tokenizer, tmp_path / "cache", cfg.model.labels)
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare_rows(cfg.data, cfg.eval, tokenizer, tmp_path / "cache", cfg.model.labels)
     batch = TextBatches(tokenizer.pad_token_id)(datasets.load_from_disk(prepared.train_dir)[:])
     expected = tokenizer([r["text"] for r in rows], [r["text_pair"] for r in rows], padding=True, return_tensors="pt")
     assert batch["token_type_ids"].tolist() == expected["token_type_ids"].tolist()

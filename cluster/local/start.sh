@@ -13,8 +13,11 @@
 #   SFT_DIST_RAY_PORT (6390)        GCS port; SFT_DIST_RAY_DASHBOARD_PORT (8275); SFT_DIST_RAY_CLIENT_PORT (6391)
 #   SFT_DIST_RAY_TEMP_DIR (/tmp/sft_dist_ray)  sessions, logs and the node process ids
 #   RAY_BIN (ray on PATH)           the `ray` of the environment the cluster runs in (and its sft-dist)
+#   SFT_DIST_RAY_ISOLATE (unset)    folders (colon-separated) the worker nodes must not see: each worker
+#                                   node runs in its own mount namespace with an empty tmpfs over each
+#                                   (needs root), as a node that shares no disk with the head would
 # Token authentication stays on: the token comes from RAY_AUTH_TOKEN if set, else ~/.ray/auth_token
-# (generated on first use). It is never written anywhere else nor printed.
+# (generated on first use, mode 0600). It is never written anywhere else nor printed.
 #
 # stdout carries only `export` lines (for eval); progress goes to stderr.
 set -euo pipefail
@@ -26,6 +29,7 @@ dashboard_port=${SFT_DIST_RAY_DASHBOARD_PORT:-8275}
 # Below Ray's worker port range (10002-19999).
 client_port=${SFT_DIST_RAY_CLIENT_PORT:-6391}
 temp_dir=${SFT_DIST_RAY_TEMP_DIR:-/tmp/sft_dist_ray}
+isolate=${SFT_DIST_RAY_ISOLATE:-}
 ray_bin=${RAY_BIN:-$(command -v ray || true)}
 pids_dir="$temp_dir/sft_dist_nodes"
 
@@ -45,8 +49,14 @@ print_exports() {
   echo "export RAY_AUTH_MODE=token"
 }
 
-if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
-  "$ray_bin" get-auth-token --generate >/dev/null
+token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "$token_file" ]; then
+  # umask 077: the token is readable by its owner only (Ray writes it 0644 otherwise).
+  (umask 077 && "$ray_bin" get-auth-token --generate >/dev/null)
+fi
+# Also a token file from before (or from `ray get-auth-token` itself): only its owner may read it.
+if [ -f "$token_file" ]; then
+  chmod 600 "$token_file"
 fi
 
 # Running already: the head's `ray start --block` is alive (asking Ray instead takes ~40 s to fail).
@@ -57,12 +67,18 @@ if [ -s "$pids_dir/head.pid" ] && kill -0 "$(cat "$pids_dir/head.pid")" 2>/dev/n
 fi
 
 # One node: `ray start --block` in its own session, so stop.sh ends exactly this node's process group
-# (--block also makes the node's processes die with it).
+# (--block also makes the node's processes die with it). A worker node with SFT_DIST_RAY_ISOLATE set
+# starts in a private mount namespace (unshare and bash exec into `ray start`, which keeps the pid).
 start_node() {
-  local name=$1
+  local name=$1 hide=()
   shift
   mkdir -p "$pids_dir"
-  setsid "$ray_bin" start --block --num-cpus "$cpus" --node-ip-address 127.0.0.1 --temp-dir "$temp_dir" \
+  if [ "$name" != head ] && [ -n "$isolate" ]; then
+    # shellcheck disable=SC2016  # $0 and $@ belong to the inner bash
+    hide=(unshare --mount --propagation private bash -c \
+      'IFS=:; for folder in $0; do mount -t tmpfs sft-dist-hidden "$folder"; done; exec "$@"' "$isolate")
+  fi
+  setsid "${hide[@]}" "$ray_bin" start --block --num-cpus "$cpus" --node-ip-address 127.0.0.1 --temp-dir "$temp_dir" \
     --dashboard-agent-listen-port 0 --disable-usage-stats --labels "sft-dist/node=$name" "$@" \
     >"$pids_dir/$name.log" 2>&1 &
   echo $! >"$pids_dir/$name.pid"

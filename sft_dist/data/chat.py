@@ -51,10 +51,17 @@ def _turn_span(tokenizer: Any, template: str, messages: list[dict[str, str]], i:
         return len(before), len(through)
     # A leading assistant turn (nothing to render before it), or a template that adds a default system
     # prompt only to non-empty conversations: find the turn's content just before its end marker.
-    start = text.rfind(messages[i]["content"].strip(), 0, len(through))
+    start = text.rfind(content_text(messages[i]["content"]).strip(), 0, len(through))
     if start < 0:
         raise BadRow("template_not_prefix_stable", f"cannot find assistant turn {i} in the rendered text")
     return start, len(through)
+
+
+def content_text(content: str | list[dict]) -> str:
+    """A turn's text: its string, or its text parts joined (a VLM turn's content parts)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part.get("type") == "text")
 
 
 def generation_prompt(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:

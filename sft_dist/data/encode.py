@@ -91,7 +91,12 @@ class Encoder:
         ids, labels = ids[: self.data.max_seq_len], labels[: self.data.max_seq_len]
         num_supervised = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 predicts nothing
         if num_supervised == 0:
-            self._drop(out, j, "no_supervised_tokens", "no supervised token left (after truncation)")
+            if full_length > len(ids):  # the cut took every supervised token (e.g. a long prompt): say so
+                self._drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}, "
+                           "and cutting on the right leaves no supervised token")
+                out["length"][j] = full_length
+            else:
+                self._drop(out, j, "no_supervised_tokens", "no supervised token in the example")
             return
         out["input_ids"][j], out["labels"][j], out["num_supervised"][j] = ids, labels, num_supervised
         out["length"][j], out["truncated"][j], out["bad"][j] = len(ids), full_length > len(ids), False

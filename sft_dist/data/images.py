@@ -47,9 +47,7 @@ class ImageEncoder:
 
     def for_part(self, part_name: str) -> "ImageEncoder":
         """The encoder of one source part: a data file (paths relative to its folder), or a saved folder."""
-        where = Path(part_name)
-        folder = where if where.is_dir() else where.parent if where.exists() else Path.cwd()
-        return ImageEncoder(self.data, self.names, folder)
+        return ImageEncoder(self.data, self.names, part_folder(part_name))
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out = {name: [None] * len(indices) for name in IMAGE_FEATURES}
@@ -68,25 +66,9 @@ class ImageEncoder:
         if row.get(self.label_key) is None:
             raise BadRow("missing_field", f"no '{self.label_key}' field")
         label = self.labels.label_id(row[self.label_key], f"'{self.label_key}'")
-        data = self._image_bytes(row.get(self.image_key))
+        data = file_bytes(row.get(self.image_key), self.image_key, self.folder)
         check_decodes(data, f"'{self.image_key}'")
         return data, label
-
-    def _image_bytes(self, value: Any) -> bytes:
-        """A path, raw bytes, or a `datasets` Image value ({bytes, path}: bytes when present, else the path)."""
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, bytes):
-            return value
-        if not isinstance(value, str) or not value:
-            kind = "missing_field" if value is None else "wrong_type"
-            raise BadRow(kind, f"'{self.image_key}' must be an image path or image bytes, got {type(value).__name__}")
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() or self.folder is None else self.folder / path
-        try:
-            return path.read_bytes()
-        except OSError as err:
-            raise BadRow("missing_image", f"'{self.image_key}': cannot read {path} ({err.strerror})") from None
 
     @staticmethod
     def _store(out: dict, j: int, data: bytes, label: int) -> None:
@@ -97,11 +79,37 @@ class ImageEncoder:
         out["heldout_u"][j] = int.from_bytes(digest, "big") / 2**64
 
 
-def check_decodes(data: bytes, where: str) -> None:
-    """A bad row unless the bytes decode as an image, whole (a truncated file fails in `load`, not `open`)."""
+def part_folder(part_name: str) -> Path:
+    """Where a source part's relative image paths start: its file's folder, or a saved dataset's own."""
+    where = Path(part_name)
+    return where if where.is_dir() else where.parent if where.exists() else Path.cwd()
+
+
+def file_bytes(value: Any, key: str, folder: Path | None) -> bytes:
+    """An image (or mask) field's file content: a path (relative to `folder`), raw bytes, or a `datasets`
+    Image value ({bytes, path}: bytes when present, else the path)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str) or not value:
+        kind = "missing_field" if value is None else "wrong_type"
+        raise BadRow(kind, f"'{key}' must be an image path or image bytes, got {type(value).__name__}")
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() or folder is None else folder / path
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise BadRow("missing_image", f"'{key}': cannot read {path} ({err.strerror})") from None
+
+
+def check_decodes(data: bytes, where: str) -> tuple[int, int]:
+    """The image's (width, height); a bad row unless the bytes decode as an image, whole (a truncated
+    file fails in `load`, not `open`)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            return image.size
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... depending on the format
         raise BadRow("unreadable_image", f"{where}: not a readable image ({type(err).__name__}: {err})") from None
 

@@ -35,7 +35,7 @@ from sft_dist.errors import UserError
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
 
-CACHE_FORMAT_VERSION = "4"  # bump when the saved layout, masking or packing rules change
+CACHE_FORMAT_VERSION = "5"  # bump when the saved layout, masking, packing rules or statistics change
 COMPLETE = "prepared.json"  # written last: a cache folder without it is incomplete
 ROWS_PER_PROCESS = 20_000  # below this, starting tokenizer processes costs more than it saves
 
@@ -50,6 +50,8 @@ class PreparedData:
     source_digests: list[Any] = field(default_factory=list)
     # What a checkpoint of this run depends on (sft_dist.fingerprint), set by the driver.
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    # Where nodes that do not share the driver's disk find this data and the model (sft_dist.shipping).
+    shipment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +85,9 @@ def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: 
             summary = _build(data, encoder, num_prompts, tmp)
             summary["source_digests"] = [content_digest(s) for s in data.train_sources() + data.eval_sources()]
             (tmp / COMPLETE).write_text(json.dumps(summary, indent=1))
+        except BaseException:  # a bad row, a full disk, Ctrl+C: nothing half-prepared stays in the cache
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         finally:
             shutil.rmtree(tmp / "work", ignore_errors=True)  # intermediate tables; the saved rows are copies
         if (out / COMPLETE).is_file():  # another run prepared the same data meanwhile
@@ -118,9 +123,13 @@ def _build(data: DataConfig, encoder: Encoder, num_prompts: int, out: Path) -> d
     splits = {"train": (train, False)}
     if evals or fraction:
         splits["eval"] = (evals or train, True)
-    stats = {}
+    stats, keys = {}, {}
     for split, (encoded, heldout) in splits.items():
         stats[split] = _save_split(split, encoded, heldout, data, out)
+        keys[split] = _content_keys(encoded, heldout if fraction else None, fraction)
+        stats[split]["duplicate_rows"] = int(len(keys[split]) - len(np.unique(keys[split])))
+    if "eval" in splits:
+        stats["eval"]["rows_in_train"] = int(np.isin(keys["eval"], keys["train"]).sum())
     prompts = _prompts(splits["eval"][0], fraction, num_prompts, data) if "eval" in splits else []
     return {"stats": stats, "prompts": prompts}
 
@@ -151,6 +160,14 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
     if split == "train" and fraction:
         stats["held_out"] = sum(len(_kept(t, True, fraction)) for s in encoded for _p, t in s.parts)
     return stats
+
+
+def _content_keys(encoded: list[Encoded], heldout: bool | None, fraction: float | None) -> np.ndarray:
+    """A number per kept row fixed by its content (the held-out split's own), before mixing weights
+    repeat rows: equal numbers are duplicate rows."""
+    parts = [_kept(table, heldout, fraction).data.table.column("heldout_u").to_numpy()
+             for source in encoded for _part, table in source.parts]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: DataConfig, work: Path) -> Encoded:

@@ -49,12 +49,22 @@ def open_source(
         return [_open_saved(path, source.split, streaming)], []
     parts, problems = [], []
     for file in data_files(source.path):
-        part = None if os.path.getsize(file) == 0 else _open_file(file, streaming, work_dir)
+        part = None if _blank(file) else _open_file(file, streaming, work_dir)
         if part is None or (isinstance(part.dataset, datasets.Dataset) and len(part.dataset) == 0):
             problems.append((BadRow("empty_file", "the file has no rows"), Origin(file)))
         else:
             parts.append(part)
     return parts, problems
+
+
+def _blank(file: str) -> bool:
+    """Nothing but whitespace (an empty file, or blank lines only): no rows. (Arrow's readers would fail
+    on it with an error that names neither the file nor the problem.)"""
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            if block.strip():
+                return False
+    return True
 
 
 def data_files(path: str) -> list[str]:

@@ -1,6 +1,7 @@
 """What the data looks like, for `sft-dist data`, the run's summary.json and the driver's checks:
-rows read / kept / dropped by reason, token length percentiles, the supervised fraction, and how well
-batches use their tokens (real tokens / tokens in padded batches) under the configured batch plan.
+rows read / kept / dropped by reason, token length percentiles, the supervised fraction, duplicate rows
+and validation rows that are also training rows, and how well batches use their tokens (real tokens /
+tokens in padded batches) under the configured batch plan.
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ def _piece(tokenizer: Any, tokens: list[int], supervised: bool) -> str:
     return f"[[{text}]]" if supervised else text
 
 
+def warnings(stats: dict[str, Any]) -> list[str]:
+    """What the user should know before training on this data: repeated rows, validation rows that
+    are training rows (a validation loss that measures memorisation)."""
+    found = []
+    for split, s in stats.items():
+        if s.get("duplicate_rows"):
+            found.append(f"{s['duplicate_rows']} of the {s['rows_kept']} kept {split} rows repeat an earlier row "
+                         f"(data.{split})")
+    overlap = stats.get("eval", {}).get("rows_in_train")
+    if overlap:
+        found.append(f"{overlap} of the {stats['eval']['rows_kept']} eval rows are also training rows "
+                     "(data.eval overlaps data.train): the validation metrics partly measure memorisation")
+    return found
+
+
 def report(stats: dict[str, Any], example: str | None) -> str:
     """The human-readable statistics `sft-dist data` prints."""
     lines = []
@@ -104,6 +120,8 @@ def report(stats: dict[str, Any], example: str | None) -> str:
             f"  supervised tokens: {s['supervised_tokens']:,} of {s['tokens']:,} "
             f"({100 * s['supervised_fraction']:.1f}%)",
             f"  rows: {s['saved_rows']} ({s['examples_per_row']} examples per row)",
+            f"  duplicate rows: {s.get('duplicate_rows', 0)}"
+            + (f"; also in train: {s['rows_in_train']}" if "rows_in_train" in s else ""),
         ]
         if "batching" in s:
             b = s["batching"]

@@ -1,0 +1,75 @@
+"""Speech recognition's validation counts: the teacher-forced loss over the transcript tokens and the
+word error rate of the generated transcripts. Imports neither Ray nor DeepSpeed.
+
+As for every task's metrics (tasks.py), WER is made from counts summed over ranks, never from per-rank
+rates: word edits (substitutions + deletions + insertions, the Levenshtein distance between word
+sequences) summed over clips, over the reference words summed over clips. So `eval_wer` equals the
+corpus WER of a single process over the whole validation set (jiwer's `wer` of the two lists), not a
+mean of per-clip or per-rank rates.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from sft_dist.tasks import tag_loss_sums
+
+# Word characters and apostrophes ("don't" is one word); everything else separates words.
+_NOT_WORD = re.compile(r"[^\w']+")
+
+
+def transcript_words(text: str) -> list[str]:
+    """The words WER compares: lowercased, punctuation dropped (`"Turn left."` and `" turn left"`, as
+    Whisper writes it with its leading space, are the same two words). No spelling normalisation beyond
+    that: Whisper's English normaliser would turn "three five" into "35", one word instead of two."""
+    return [word for word in _NOT_WORD.split(text.lower()) if word.strip("'")]
+
+
+def word_edits(hypothesis: list[str], reference: list[str]) -> int:
+    """The fewest substitutions, deletions and insertions that turn `hypothesis` into `reference`.
+
+    Written out (one row of the O(n*m) table at a time) rather than a dependency for these few lines:
+    transcripts are a few dozen words. The tests check it against jiwer."""
+    previous = list(range(len(hypothesis) + 1))  # edits of the empty reference prefix
+    for i, ref_word in enumerate(reference, start=1):
+        current = [i]
+        for j, hyp_word in enumerate(hypothesis, start=1):
+            current.append(min(previous[j] + 1,  # reference word deleted
+                               current[j - 1] + 1,  # hypothesis word inserted
+                               previous[j - 1] + (ref_word != hyp_word)))  # matched or substituted
+        previous = current
+    return previous[-1]
+
+
+class SpeechCounts:
+    """Speech recognition: loss sum, transcript tokens, correct tokens (teacher-forced, from the logits of
+    the decoder's aligned targets), then word edits, reference words and clips (from generated text)."""
+
+    size = 6
+
+    def counts(self, logits: torch.Tensor, labels: torch.Tensor, hypotheses: list[str],
+               references: list[str]) -> torch.Tensor:
+        """One micro-batch's counts; `hypotheses[i]` is the generated transcript of reference `i`."""
+        assert len(hypotheses) == len(references), "one generated transcript per reference"
+        loss_sum, tokens, correct = tag_loss_sums(logits, labels)  # logits line up with labels: no shift
+        edits = reference_words = 0
+        for hypothesis, reference in zip(hypotheses, references):
+            ref = transcript_words(reference)
+            edits += word_edits(transcript_words(hypothesis), ref)
+            reference_words += len(ref)
+        head = torch.stack([loss_sum.double().cpu(), tokens.double().cpu(), correct.double().cpu()])
+        return torch.cat([head, torch.tensor([edits, reference_words, len(references)], dtype=torch.float64)])
+
+    def metrics(self, totals: list[float]) -> dict[str, float]:
+        loss_sum, tokens, correct, edits, reference_words, clips = totals
+        return {"eval_loss": loss_sum / tokens, "eval_token_acc": correct / tokens,
+                "eval_wer": word_error_rate(edits, reference_words), "eval_words": int(reference_words),
+                "eval_clips": int(clips)}
+
+
+def word_error_rate(edits: float, reference_words: float) -> float:
+    """Edits per reference word. With no reference word at all (only silent clips) each inserted word
+    counts as one error: finite, so metrics.jsonl stays JSON (jiwer refuses empty references)."""
+    return edits / max(reference_words, 1)
