@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-
 from sft_dist import checkpoint
 
 from conftest import read_events
@@ -18,10 +17,11 @@ CASES = {
     "divergence seen by rank 0 alone": ((("diverged", None), (None, None)), "diverged"),
     "SIGTERM seen by rank 0 alone": (((None, "stop"), (None, None)), "stop"),
     "preemption notice on rank 1 first": (((None, None), (None, "preempted")), "preempted"),
-    # One reason each: the order of train.agreed_stop's docstring (stop, preempted, early_stopping, diverged).
+    # One reason each: the order of train.agreed_stop (non_finite, stop, preempted, early_stopping, diverged).
     "a stop outranks early stopping": (((None, "stop"), ("early_stopping", None)), "stop"),
     "a preemption outranks divergence": ((("diverged", None), (None, "preempted")), "preempted"),
     "early stopping outranks divergence": ((("diverged", None), ("early_stopping", None)), "early_stopping"),
+    "a non-finite step outranks a stop": ((("non_finite", None), (None, "stop")), "non_finite"),
     "nothing": (((None, None), (None, None)), None),
 }
 
