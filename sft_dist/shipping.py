@@ -5,7 +5,7 @@ With an object-store `ray.storage_path` (or a shared mount, `ray.shared_storage:
 copies each folder once per store to `{storage_path}/.cache/{data,model}/<content key>` (a folder already
 there under its key is reused), and every worker finds it on its own node: the driver's own folder when
 the node sees it with the same content; on a shared mount, the copy on the mount; else the node's cached
-copy under `$SFT_DIST_CACHE_DIR` (default `~/.cache/sft_dist`), downloaded once per node and key while
+copy under `$SFT_DIST_CACHE_DIR/shipped` (default `~/.cache/sft_dist/shipped`), downloaded once per node and key while
 the node's other workers wait. A hub name is not shipped: every node loads it from the hub, as before.
 With a plain local storage path nothing is shipped: the run is on one machine.
 
