@@ -25,6 +25,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+from sft_dist import atomic_files
 from sft_dist import config as config_lib
 from sft_dist.errors import UserError
 
@@ -85,9 +86,12 @@ def load_space(path: str) -> SearchSpace:
 
 
 def tune_command(config_path: str, overrides: list[str], space_path: str, resume: bool) -> int:
+    from sft_dist import driver, launcher
+
     space = load_space(space_path)
-    # Resolved once here (absolute paths): trials start in Tune's trial folders, not in this one.
-    base = config_lib.load(config_path, [*overrides, *as_overrides(space.fixed)])
+    # Resolved and checked once here, as `train` does (absolute paths, inputs, storage, label names):
+    # trials start in Tune's trial folders, from the base config this writes.
+    base = driver.load_checked(config_path, [*overrides, *as_overrides(space.fixed)], fresh_run=False)
     for key in space.params:  # each searched key must be a key of the config
         _check_key(base, key)
     experiment = Path(base.output_dir) / f"tune-{Path(config_path).stem}-{Path(space_path).stem}"
@@ -95,8 +99,6 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
     mode = space.mode or (base.eval.direction() if metric == base.eval.metric else "min")
     _check_installed(space, space_path)
     _check_resume(experiment, resume)
-    from sft_dist import driver, launcher
-
     driver.prepare_data(base)  # tokenize once, before any trial: trials find the cache
     # An embedded Ray is sized by the worker count: room for the wanted number of concurrent runs.
     wanted = base.ray.num_workers * (space.max_concurrent_trials or 1) + 1
@@ -253,7 +255,7 @@ def run_trial(trial: dict[str, Any]) -> None:
             else:
                 tune.report(result)
     error = outcome[0] if outcome else "the run ended without a result"
-    (run_dir / "summary.json").write_text(json.dumps(recorder.summary(data.stats, error), indent=2))
+    atomic_files.write_text(run_dir / "summary.json", json.dumps(recorder.summary(data.stats, error), indent=2))
     # Tune stops a trial (kills its actor) as soon as it reports its last rung (ASHA's max_t): the final
     # validation goes after the run has ended, so its final checkpoint, export and summary are complete
     for result in last:
