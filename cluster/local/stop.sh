@@ -20,11 +20,16 @@ done
 for (( i=${#pids[@]}-1; i>=0; i-- )); do
   alive "${pids[i]}" && kill -TERM -- "-${pids[i]}"
 done
-for pid in "${pids[@]}"; do
-  for _ in $(seq 20); do
-    alive "$pid" || break
-    sleep 0.5
+# All nodes get the same 10 s to end by themselves (waited for together, not one after another).
+for _ in $(seq 20); do
+  running=0
+  for pid in "${pids[@]}"; do
+    alive "$pid" && running=1
   done
+  [ "$running" = 0 ] && break
+  sleep 0.5
+done
+for pid in "${pids[@]}"; do
   if alive "$pid"; then
     kill -KILL -- "-$pid"
   fi
