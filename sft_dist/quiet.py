@@ -39,6 +39,7 @@ def driver() -> None:
         return
     ray_log_colours()
     ray_preemption_watcher_restart_warning()
+    ray_train_report_line()
     ray_token_authentication_notice()
     deepspeed_cpu_fallback_warning()
 
@@ -102,6 +103,18 @@ def ray_preemption_watcher_restart_warning() -> None:
     every run: the line is about Ray Train's internals, and nothing in sft_dist's hands changes it."""
     if _version("ray")[:2] == (2, 60):
         _skip_forwarded_lines(RAY_PREEMPTION_WATCHER)
+
+
+RAY_TRAIN_REPORT = r"Reporting training result \d+: TrainingReport\("
+
+
+def ray_train_report_line() -> None:
+    """Ray Train 2.60 logs every `ray.train.report` with a checkpoint, with the checkpoint and all its
+    metrics (ray/train/v2/_internal/execution/context.py), through a logger named by that file's path,
+    which `LoggingConfig(log_level=...)` does not govern: on the worker's stderr it is forwarded to the
+    driver, two lines per checkpoint. sft_dist's own progress lines already say all of it."""
+    if _version("ray")[:2] == (2, 60):
+        _skip_forwarded_lines(RAY_TRAIN_REPORT)
 
 
 RAY_TOKEN_NOTICE = r"^Token authentication is enabled for this Ray cluster"

@@ -21,6 +21,7 @@ NOISE = {
     "ray_train_info_lines": "Started training worker group",
     "ray_train_process_group_line": "Setting up process group for",
     "ray_token_authentication_notice": "Token authentication is enabled for this Ray cluster",
+    "ray_train_report_line": "Reporting training result",
     "deepspeed_cpu_fallback_warning": "Setting accelerator to CPU",
     "deepspeed_shm_comm_built": "deepspeed_shm_comm_op built successfully",
     "torch_all_gather_into_tensor_deprecation": "all_gather_into_tensor` is deprecated",
@@ -71,6 +72,7 @@ def test_a_ray_run_prints_its_own_lines_and_none_of_the_known_noise(ray_cluster,
     # Upstream still emits what the driver skips: when one of these fails, remove that filter.
     assert "Actor with class name: 'PreemptionWatcher'" in raw_logs(ray_cluster, "*.err")  # Ray's core worker
     assert "Started training worker group" in raw_logs(ray_cluster, "ray-train-sys-controller-*.log")  # all levels
+    assert "Reporting training result" in raw_logs(ray_cluster, "ray-train-app-worker-*.log")  # the stop's checkpoint
 
 
 def test_the_first_start_says_it_builds_deepspeeds_ops_once(tmp_path, monkeypatch, capsys):
