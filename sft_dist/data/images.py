@@ -26,7 +26,7 @@ from PIL import Image
 
 from sft_dist.config import DataConfig, ImageAugmentConfig
 from sft_dist.data.badrows import BadRow
-from sft_dist.data.encode import FEATURES, Encoder, raw_row
+from sft_dist.data.encode import FEATURES, encode_rows
 from sft_dist.data.labels import LabelEncoder
 
 IMAGE_FEATURES = datasets.Features({**FEATURES, "image": datasets.Value("binary")})
@@ -50,17 +50,7 @@ class ImageEncoder:
         return ImageEncoder(self.data, self.names, part_folder(part_name))
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = {name: [None] * len(indices) for name in IMAGE_FEATURES}
-        for j in range(len(indices)):
-            out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
-            try:
-                row = raw_row(batch, j)
-                if not isinstance(row, dict):
-                    raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
-                self._store(out, j, *self._row(row))
-            except BadRow as bad:
-                Encoder._drop(out, j, bad.reason, bad.detail, bad=True)
-        return out
+        return encode_rows(batch, indices, IMAGE_FEATURES, lambda out, j, row: self._store(out, j, *self._row(row)))
 
     def _row(self, row: dict) -> tuple[bytes, int]:
         if row.get(self.label_key) is None:
