@@ -27,7 +27,8 @@ from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
 from sft_dist.storage import Location
-from sft_dist.tasks import LossFn, task_of
+from sft_dist.tasks import task_of
+from sft_dist.tasks.heads import LossFn
 from sft_dist.timing import OFF, StepTimer
 
 

@@ -9,6 +9,7 @@ instead of branching on its name, and a new task is one module plus one line in 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -64,13 +65,13 @@ class Task:
         return self.auto_model()._model_mapping[type(config)].__name__
 
 
-def _registry() -> dict[str, Task]:
-    from sft_dist.tasks import (causal_lm, image_classification, regression, sequence_classification,
-                                token_classification)
+# The task modules (sft_dist/tasks/NAME.py, each with its `TASK`), in the order errors list them.
+TASK_MODULES = ("causal_lm", "sequence_classification", "token_classification", "image_classification", "regression")
 
-    tasks = [causal_lm.TASK, sequence_classification.TASK, token_classification.TASK, image_classification.TASK,
-             regression.TASK]
-    return {task.name: task for task in tasks}
+
+def _registry() -> dict[str, Task]:
+    modules = [importlib.import_module(f"sft_dist.tasks.{name}") for name in TASK_MODULES]
+    return {module.TASK.name: module.TASK for module in modules}
 
 
 TASKS = _registry()
