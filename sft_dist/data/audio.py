@@ -38,7 +38,7 @@ from sft_dist.config import DataConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.data.encode import FEATURES, drop, encode_rows
-from sft_dist.data.images import part_folder
+from sft_dist.data.images import file_bytes, part_folder
 from sft_dist.data.labels import LabelEncoder
 
 AUDIO_FEATURES = datasets.Features({**FEATURES, "audio": datasets.Value("binary"),
@@ -120,19 +120,7 @@ def audio_bytes(value: Any, key: str, folder: Path | None) -> bytes:
     decoded samples ({array, sampling_rate}, kept losslessly as a 32-bit float WAV)."""
     if isinstance(value, dict) and value.get("array") is not None:
         return samples_as_wav(value["array"], value.get("sampling_rate"), key)
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if not isinstance(value, str) or not value:
-        kind = "missing_field" if value is None else "wrong_type"
-        raise BadRow(kind, f"'{key}' must be an audio file's path or bytes, got {type(value).__name__}")
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() or folder is None else folder / path
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise BadRow("missing_audio", f"'{key}': cannot read {path} ({err.strerror})") from None
+    return file_bytes(value, key, folder, "an audio file's path or bytes", "missing_audio")
 
 
 def samples_as_wav(array: Any, rate: Any, key: str) -> bytes:
