@@ -240,7 +240,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _augment_needs_images(self) -> "DataConfig":
-        if self.image_augment is not None and self.format != "image_classification":
+        if self.image_augment is not None and TASKS[FORMAT_TASKS[self.format]].preprocessor != "image_processor":
             raise ValueError(f"data.image_augment: augments images; data.format {self.format} has none")
         return self
 
