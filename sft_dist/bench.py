@@ -96,7 +96,7 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
     from transformers import get_scheduler
 
     from sft_dist import checkpoint
-    from sft_dist import engine as engine_lib  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
+    from sft_dist import engine as engine_lib
     from sft_dist import model as model_lib
     from sft_dist import train
 

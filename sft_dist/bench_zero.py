@@ -44,7 +44,7 @@ def measure_here(ctx: Any, config: str | None, quick: bool, out_dir: Path) -> di
     import torch
 
     from sft_dist import bench
-    from sft_dist import engine as engine_lib  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
+    from sft_dist import engine as engine_lib
     from sft_dist import train
 
     measured = {}

@@ -31,7 +31,7 @@ from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 from sft_dist import safe_loading
 from sft_dist.atomic_files import out_of_space, write_text
 from sft_dist.config import RunConfig
-from sft_dist.errors import UserError
+from sft_dist.errors import RunFailure, UserError
 from sft_dist.runtime import RunContext, all_gather
 from sft_dist.storage import Location, StorageError
 
@@ -51,7 +51,7 @@ def folder_name(step: int) -> str:
     return f"checkpoint_step_{step:07d}"
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(RunFailure):
     """A save that could not finish (the disk is full): the message says which step and why."""
 
 

@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 
 from sft_dist.errors import UserError
 from sft_dist.local_paths import first_problem, is_local_source
-from sft_dist.storage import is_uri
+from sft_dist.storage import Location
 from sft_dist.tasks import FORMAT_TASKS, TASKS
 
 
@@ -650,7 +650,7 @@ def resolve(config: RunConfig, config_path: Path, name_run: bool = True) -> RunC
     }
     if Path(config.model.name_or_path).expanduser().is_dir():
         updates["model"] = config.model.model_copy(update={"name_or_path": absolute(config.model.name_or_path)})
-    if config.ray.storage_path and not is_uri(config.ray.storage_path):
+    if config.ray.storage_path and not Location.of(config.ray.storage_path).is_remote:
         updates["ray"] = config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)})
     return config.model_copy(update=updates)
 
