@@ -98,10 +98,11 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
     from sft_dist import checkpoint
     from sft_dist import engine as engine_lib  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
     from sft_dist import model as model_lib
+    from sft_dist import session as session_lib
     from sft_dist import train
 
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
-    session, _ = train.set_up(ctx, cfg, data, None)
+    session, _ = session_lib.set_up(ctx, cfg, data, None)
     plan, t = session.plan, cfg.train
     supervised = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
@@ -158,9 +159,10 @@ def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, ca
 
 def session_tokens_per_s(ctx: Any, cfg: Any, data: Any, warmup: int, repeats: int) -> float:
     """sft_dist's training tokens/s on `data` (e.g. packed rows), a fresh session as in measurement 1."""
+    from sft_dist import session as session_lib
     from sft_dist import train
 
-    session, _ = train.set_up(ctx, cfg, data, None)
+    session, _ = session_lib.set_up(ctx, cfg, data, None)
     supervised = np.asarray(session.train_set["num_supervised"])
     times, tokens = [], []
     for step in range(warmup + repeats):
