@@ -10,7 +10,7 @@ import datasets
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight, quiet, shipping, tasks
+from sft_dist import adapters, checkpoint, checkpoints, faults, preflight, quiet, shipping, tasks
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
@@ -130,7 +130,7 @@ def build_and_restore(
     """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0, for
     the run's own checkpoint) the records it carries, which the resume event hands to the driver to fill
     in what metrics.jsonl lacks."""
-    other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
+    other_world_size = restart is not None and checkpoints.read_manifest(restart)["world_size"] != ctx.world_size
     if other_world_size:
         # Into this run's own folder: the source may be another run's, which is not ours to write to.
         restart = checkpoint.universal_copy(restart, ctx, ctx.storage)
@@ -138,7 +138,7 @@ def build_and_restore(
     if restart is None:
         return engine, {}, []
     loop_state = checkpoint.load(engine, ctx, restart)
-    records = checkpoint.read_records(restart) if ctx.rank == 0 and own_checkpoint else []
+    records = checkpoints.read_records(restart) if ctx.rank == 0 and own_checkpoint else []
     ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
               "records": records})
     return engine, loop_state, records
@@ -153,7 +153,7 @@ def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tupl
     checkpoint's registration with it while its files are complete in storage.
     """
     skipped: list[str] = []
-    own = checkpoint.complete_checkpoints(ctx.storage, log=skipped.append)
+    own = checkpoints.complete_checkpoints(ctx.storage, log=skipped.append)
     chosen = own[-1] if own else Location.of(requested) if requested else None
     return chosen, skipped
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sft_dist import checkpoint, faults, tasks
+from sft_dist import checkpoint, checkpoints, faults, tasks
 from sft_dist import engine as engine_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan, TextBatches, model_inputs
@@ -57,7 +57,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
                  "fingerprint": data.fingerprint, "config": cfg.model_dump(mode="json")}
         score = tracker.score(metrics)
         checkpoint.save(engine, ctx, state,
-                        {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score},
+                        {"step": step, **metrics, checkpoints.SCORE: checkpoints.UNSCORED if score is None else score},
                         session.history)
         saved_steps.append(step)
 

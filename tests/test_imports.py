@@ -63,3 +63,20 @@ def test_config_imports_no_torch():
 def test_the_boundary_check_sees_imports():
     # Guards the guard: the parser must find the imports the launcher really has.
     assert "ray" in imported_roots(PACKAGE / "launcher.py")
+
+
+def sft_dist_modules_imported(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "sft_dist":
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sft_dist."):
+            names.add(node.module.split(".")[1])
+    return names
+
+
+def test_the_driver_reads_checkpoints_without_deepspeed():
+    """The storage side of checkpoints (sft_dist.checkpoints) is the driver's; the DeepSpeed side is the workers'."""
+    assert "checkpoint" not in sft_dist_modules_imported(PACKAGE / "driver.py")
+    assert "checkpoint" not in sft_dist_modules_imported(PACKAGE / "checkpoints.py")
+    assert "checkpoints" in sft_dist_modules_imported(PACKAGE / "driver.py")  # the check itself sees imports
