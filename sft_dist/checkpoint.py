@@ -26,13 +26,14 @@ from sft_dist.atomic_files import out_of_space, write_text
 from sft_dist.checkpoints import MANIFEST, RECORDS, TAG, folder_name, local_copy, read_manifest
 from sft_dist.runtime import RunContext, all_gather
 from sft_dist.storage import Location
+from sft_dist.train_engine import TrainEngine
 
 
 class CheckpointSaveError(RuntimeError):
     """A save that could not finish (the disk is full): the message says which step and why."""
 
 
-def save(engine: Any, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any],
+def save(engine: TrainEngine, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any],
          records: list[dict[str, Any]] = ()) -> None:
     """Save the engine (all ranks' shards), loop state, RNG and (rank 0) the run's records, then register
     the checkpoint.
@@ -73,7 +74,7 @@ def _failed_path(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def load(engine: Any, ctx: RunContext, folder: Location | Path) -> dict[str, Any]:
+def load(engine: TrainEngine, ctx: RunContext, folder: Location | Path) -> dict[str, Any]:
     """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved loop state.
 
     Collective: every rank loads the same folder.
@@ -93,7 +94,7 @@ def load(engine: Any, ctx: RunContext, folder: Location | Path) -> dict[str, Any
     return manifest
 
 
-def has_frozen_parameters(engine: Any) -> bool:
+def has_frozen_parameters(engine: TrainEngine) -> bool:
     """Frozen parameters (a LoRA run's base) are left out of checkpoints: they never change, so the
     pretrained model they were built from holds them, and a checkpoint stays the adapter's size."""
     return any(not p.requires_grad for p in engine.module.parameters())

@@ -21,6 +21,7 @@ from sft_dist.data.templates import chat_template
 from sft_dist.evaluate import deadline, generate_answers, generation_metrics, validate
 from sft_dist.runtime import RunContext, all_gather
 from sft_dist.storage import Location
+from sft_dist.train_engine import TrainEngine
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:
@@ -33,7 +34,7 @@ class Session:
 
     ctx: RunContext
     cfg: RunConfig
-    engine: Any
+    engine: TrainEngine
     tokenizer: Any  # None for images
     train_set: Any
     eval_set: Any | None
@@ -126,7 +127,7 @@ def is_own(ctx: RunContext, restart: Location | None) -> bool:
 def build_and_restore(
     ctx: RunContext, cfg: RunConfig, steps: int, restart: Location | None, skipped: list[str] = (),
     own_checkpoint: bool = False,
-) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[TrainEngine, dict[str, Any], list[dict[str, Any]]]:
     """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0, for
     the run's own checkpoint) the records it carries, which the resume event hands to the driver to fill
     in what metrics.jsonl lacks."""
@@ -158,7 +159,7 @@ def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tupl
     return chosen, skipped
 
 
-def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> Any:
+def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> TrainEngine:
     ds_config = engine_lib.deepspeed_config(cfg, ctx.world_size, load_universal)
     dtype = model_lib.weight_dtype(cfg.model, cfg.train.precision)
     model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config),

@@ -22,9 +22,10 @@ from sft_dist.health import Health
 from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_reduce_sum
-from sft_dist.session import is_own, resume_point, set_up, total_steps
+from sft_dist.session import Session, is_own, resume_point, set_up, total_steps
 from sft_dist.storage import Location
 from sft_dist.timing import OFF, StepTimer
+from sft_dist.train_engine import TrainEngine
 
 
 def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:
@@ -43,72 +44,165 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
     restart, skipped = resume_point(ctx, cfg, resume_from)
     session, loop_state = set_up(ctx, cfg, data, restart, skipped, is_own(ctx, restart))
-    engine, plan = session.engine, session.plan
-    steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
-    tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
-    supervised_per_example = np.asarray(session.train_set["num_supervised"])
-    timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
-    loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
-    saved_steps = [start] if start else []  # a resumed run's checkpoint is a saved state too
-
-    def save(step: int, metrics: dict[str, Any]) -> None:
-        state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
-                 "epoch": step // plan.steps_per_epoch, "best": tracker.state(),
-                 "fingerprint": data.fingerprint, "config": cfg.model_dump(mode="json")}
-        score = tracker.score(metrics)
-        checkpoint.save(engine, ctx, state,
-                        {"step": step, **metrics, checkpoints.SCORE: checkpoints.UNSCORED if score is None else score},
-                        session.history)
-        saved_steps.append(step)
-
-    def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
-        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
-                "lr": engine.get_lr()[0], **grad_norm(engine), **timer.metrics()}
-
-    if cfg.eval.at_start and start == 0:
-        tracker.update(session.validate(0), 0)
-    window, reason, step, preemption_saved = Window(), None, start, False
-    divergence = Divergence() if stop_on_divergence else None
-    health = Health()
-    for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
-        faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
-        loss_sum, tokens, supervised = train_step(engine, ctx, session.train_set, plan, step - 1,
-                                                  supervised_per_example, session.batches, loss_fn, timer)
-        window.add(loss_sum, tokens, supervised)
-        train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
-        if train_log:
-            session.emit(train_log)
-        metrics = session.validate(step) if validation_due(cfg, plan, step, steps) else {}
-        tracker.update(metrics, step)
-        diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
-        # The range test ends on a divergence (above); a training run stops on a non-finite step.
-        problem = None if divergence else judge_step(ctx, cfg, health, step, loss_sum, engine.get_global_grad_norm())
-        stopping = "early_stopping" if tracker.should_stop() else "diverged" if diverged else None
-        reason = agreed_stop(ctx, "non_finite" if problem else stopping)
-        if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
-            session.emit(train_metrics(step))
-        # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
-        # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
-        # way the run can be continued. A non-finite step saves nothing: the newest checkpoint stays
-        # the last finite state.
-        just_in_time = reason == "preempted" and not preemption_saved and step != steps
-        periodic = cfg.checkpoint.every_steps and step != steps and (
-            step % cfg.checkpoint.every_steps == 0 or reason == "early_stopping")
-        if reason != "non_finite" and (just_in_time or periodic or reason == "stop"):
-            save(step, metrics)
-        preemption_saved |= just_in_time
-        if reason == "non_finite":
-            ctx.emit({"step": step, "event": "error", "message": non_finite_message(step, problem, saved_steps)})
+    loop = Loop.of(session, loop_state, data.fingerprint, stop_on_divergence)
+    loop.begin()
+    step, reason = loop.start, None
+    for step in range(loop.start + 1, loop.steps + 1):  # `step` counts optimizer steps completed after this one
+        reason = loop.train(step)
         if reason in ENDING:
             break
     else:
-        reason = "max_steps" if cfg.train.max_steps else "epochs"
-        if step > start:  # not a resume of a run that had already finished
-            metrics = session.validate(step) if cfg.eval.at_end else {}
-            tracker.update(metrics, step)
-            if cfg.checkpoint.every_steps:
-                save(step, metrics)
-    ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": tracker.metric, **tracker.state()})
+        reason = loop.finish(step)
+    ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": loop.tracker.metric,
+              **loop.tracker.state()})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the loop logs and validates (the final validation, with eval.at_end, is the loop's own)."""
+
+    cfg: RunConfig
+    plan: BatchPlan
+    steps: int
+
+    def logs(self, step: int) -> bool:
+        return step % self.cfg.logging.every_steps == 0 or step == self.steps
+
+    def validates(self, step: int) -> bool:
+        return validation_due(self.cfg, self.plan, step, self.steps)
+
+    def validates_at_start(self, start: int) -> bool:
+        return bool(self.cfg.eval.at_start and start == 0)
+
+
+@dataclass
+class Checkpointer:
+    """Every save the loop makes: periodic, just in time (a preemption notice, once), on a stop request, final.
+    A non-finite step saves nothing: the newest checkpoint stays the last finite state."""
+
+    session: Session
+    tracker: BestTracker
+    fingerprint: Any
+    steps: int
+    saved_steps: list[int]  # a resumed run's checkpoint is a saved state too
+    preemption_saved: bool = False
+
+    def after_step(self, step: int, reason: str | None, metrics: dict[str, Any]) -> None:
+        # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
+        # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
+        # way the run can be continued.
+        every = self.session.cfg.checkpoint.every_steps
+        just_in_time = reason == "preempted" and not self.preemption_saved and step != self.steps
+        periodic = every and step != self.steps and (step % every == 0 or reason == "early_stopping")
+        if reason != "non_finite" and (just_in_time or periodic or reason == "stop"):
+            self.save(step, metrics)
+        self.preemption_saved |= just_in_time
+
+    def final(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.session.cfg.checkpoint.every_steps:
+            self.save(step, metrics)
+
+    def save(self, step: int, metrics: dict[str, Any]) -> None:  # collective
+        cfg, plan = self.session.cfg, self.session.plan
+        state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
+                 "epoch": step // plan.steps_per_epoch, "best": self.tracker.state(),
+                 "fingerprint": self.fingerprint, "config": cfg.model_dump(mode="json")}
+        score = self.tracker.score(metrics)
+        checkpoint.save(self.session.engine, self.session.ctx, state,
+                        {"step": step, **metrics, checkpoints.SCORE: checkpoints.UNSCORED if score is None else score},
+                        self.session.history)
+        self.saved_steps.append(step)
+
+
+@dataclass
+class StopRules:
+    """This rank's reason to stop after a step, for `agreed_stop`: early stopping, the range test's divergence
+    (lr-find), or a non-finite step (a training run); interruptions come from the runtime."""
+
+    session: Session
+    tracker: BestTracker
+    divergence: Divergence | None
+    health: Health = field(default_factory=Health)
+
+    def judge(self, step: int, train_log: dict[str, Any] | None, loss_sum: float) -> tuple[str | None, str | None]:
+        """(this rank's reason or None, what was not finite or None)."""
+        divergence, session = self.divergence, self.session
+        diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
+        # The range test ends on a divergence (above); a training run stops on a non-finite step.
+        problem = None if divergence else judge_step(session.ctx, session.cfg, self.health, step, loss_sum,
+                                                     session.engine.get_global_grad_norm())
+        stopping = "early_stopping" if self.tracker.should_stop() else "diverged" if diverged else None
+        return ("non_finite" if problem else stopping), problem
+
+
+@dataclass
+class Loop:
+    """The loop's parts: what a step trains on and how it is logged, validated, saved and stopped."""
+
+    session: Session
+    start: int
+    steps: int
+    tracker: BestTracker
+    schedule: Schedule
+    checkpointer: Checkpointer
+    stops: StopRules
+    supervised: np.ndarray  # per example, for the global batch's token count
+    timer: StepTimer
+    loss_fn: tasks.LossFn
+    window: Window = field(default_factory=lambda: Window())
+
+    @classmethod
+    def of(cls, session: Session, loop_state: dict[str, Any], fingerprint: Any, stop_on_divergence: bool) -> Loop:
+        cfg, ctx, plan = session.cfg, session.ctx, session.plan
+        steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
+        tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
+        supervised = np.asarray(session.train_set["num_supervised"])
+        timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
+        loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
+        saver = Checkpointer(session, tracker, fingerprint, steps, [start] if start else [])
+        stops = StopRules(session, tracker, Divergence() if stop_on_divergence else None)
+        return cls(session, start, steps, tracker, Schedule(cfg, plan, steps), saver, stops, supervised, timer, loss_fn)
+
+    def begin(self) -> None:
+        """The validation before training (eval.at_start, a fresh run); the first log window starts after it."""
+        if self.schedule.validates_at_start(self.start):
+            self.tracker.update(self.session.validate(0), 0)
+        self.window = Window()
+
+    def train(self, step: int) -> str | None:
+        """One step: train, log, maybe validate, agree whether to stop, maybe save; the agreed reason to stop."""
+        session, cfg, ctx = self.session, self.session.cfg, self.session.ctx
+        faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
+        loss_sum, tokens, supervised = train_step(session.engine, ctx, session.train_set, session.plan, step - 1,
+                                                  self.supervised, session.batches, self.loss_fn, self.timer)
+        self.window.add(loss_sum, tokens, supervised)
+        train_log = self.train_metrics(step) if self.schedule.logs(step) else None
+        if train_log:
+            session.emit(train_log)
+        metrics = session.validate(step) if self.schedule.validates(step) else {}
+        self.tracker.update(metrics, step)
+        local_reason, problem = self.stops.judge(step, train_log, loss_sum)
+        reason = agreed_stop(ctx, local_reason)
+        if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
+            session.emit(self.train_metrics(step))
+        self.checkpointer.after_step(step, reason, metrics)
+        if reason == "non_finite":
+            message = non_finite_message(step, problem, self.checkpointer.saved_steps)
+            ctx.emit({"step": step, "event": "error", "message": message})
+        return reason
+
+    def finish(self, step: int) -> str:
+        """After the last step: the final validation (eval.at_end) and save; the stop reason."""
+        if step > self.start:  # not a resume of a run that had already finished
+            metrics = self.session.validate(step) if self.session.cfg.eval.at_end else {}
+            self.tracker.update(metrics, step)
+            self.checkpointer.final(step, metrics)
+        return "max_steps" if self.session.cfg.train.max_steps else "epochs"
+
+    def train_metrics(self, step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
+        engine, plan = self.session.engine, self.session.plan
+        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": self.steps, **self.window.reduce(),
+                "lr": engine.get_lr()[0], **grad_norm(engine), **self.timer.metrics()}
 
 
 ENDING = ("stop", "early_stopping", "diverged", "non_finite")  # reasons that end the loop (a preemption does not)
@@ -161,7 +255,7 @@ def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, fol
 
 
 def train_step(
-    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
+    engine: TrainEngine, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
     batches: TextBatches | ImageBatches, loss_fn: tasks.LossFn = token_loss_sums, timer: StepTimer = OFF,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
@@ -220,6 +314,6 @@ class Window:
         return metrics
 
 
-def grad_norm(engine: Any) -> dict[str, float]:
+def grad_norm(engine: TrainEngine) -> dict[str, float]:
     norm = engine.get_global_grad_norm()
     return {} if norm is None else {"grad_norm": float(norm)}
