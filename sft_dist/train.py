@@ -22,6 +22,7 @@ from sft_dist.health import Health
 from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_reduce_sum
+from sft_dist.records import LoopState
 from sft_dist.session import Session, is_own, resume_point, set_up, total_steps
 from sft_dist.storage import Location
 from sft_dist.timing import OFF, StepTimer
@@ -44,7 +45,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
     restart, skipped = resume_point(ctx, cfg, resume_from)
     session, loop_state = set_up(ctx, cfg, data, restart, skipped, is_own(ctx, restart))
-    loop = Loop.of(session, loop_state, data.fingerprint, stop_on_divergence)
+    loop = Loop.of(session, LoopState.from_json(loop_state), data.fingerprint, stop_on_divergence)
     loop.begin()
     step, reason = loop.start, None
     for step in range(loop.start + 1, loop.steps + 1):  # `step` counts optimizer steps completed after this one
@@ -104,11 +105,10 @@ class Checkpointer:
 
     def save(self, step: int, metrics: dict[str, Any]) -> None:  # collective
         cfg, plan = self.session.cfg, self.session.plan
-        state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
-                 "epoch": step // plan.steps_per_epoch, "best": self.tracker.state(),
-                 "fingerprint": self.fingerprint, "config": cfg.model_dump(mode="json")}
+        state = LoopState(step, step * plan.global_batch_size, cfg.seed, step // plan.steps_per_epoch,
+                          self.tracker.state(), self.fingerprint, cfg.model_dump(mode="json"))
         score = self.tracker.score(metrics)
-        checkpoint.save(self.session.engine, self.session.ctx, state,
+        checkpoint.save(self.session.engine, self.session.ctx, state.to_json(),
                         {"step": step, **metrics, checkpoints.SCORE: checkpoints.UNSCORED if score is None else score},
                         self.session.history)
         self.saved_steps.append(step)
@@ -152,10 +152,10 @@ class Loop:
     window: Window = field(default_factory=lambda: Window())
 
     @classmethod
-    def of(cls, session: Session, loop_state: dict[str, Any], fingerprint: Any, stop_on_divergence: bool) -> Loop:
+    def of(cls, session: Session, loop_state: LoopState, fingerprint: Any, stop_on_divergence: bool) -> Loop:
         cfg, ctx, plan = session.cfg, session.ctx, session.plan
-        steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
-        tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
+        steps, start = total_steps(cfg, plan), loop_state.step
+        tracker = BestTracker.for_config(cfg.eval, loop_state.best)
         supervised = np.asarray(session.train_set["num_supervised"])
         timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
         loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
