@@ -101,12 +101,12 @@ def resume_checkpoint(cfg: RunConfig, resume: str, current: dict[str, Any]) -> s
     """The complete checkpoint that `--resume auto|PATH` names, after checking that the run's fingerprint
     (`current`) still fits it and that loading it cannot run code. Local folders and object stores are
     scanned alike (a checkpoint in a store is checked in the local copy each rank loads)."""
-    from sft_dist import checkpoint, safe_loading
+    from sft_dist import checkpoints, safe_loading
 
     where = run_location(cfg.storage_path(), cfg.run_name) if resume == "auto" else Location.of(resume, key="--resume")
     try:
-        folders = [where] if checkpoint.NAME.search(where.name) else checkpoint.complete_checkpoints(where)
-        reason = checkpoint.problem(folders[-1]) if folders else "no complete checkpoint"
+        folders = [where] if checkpoints.NAME.search(where.name) else checkpoints.complete_checkpoints(where)
+        reason = checkpoints.problem(folders[-1]) if folders else "no complete checkpoint"
     except StorageError as err:
         raise UserError(str(err), key="--resume") from None
     if reason:
@@ -114,7 +114,7 @@ def resume_checkpoint(cfg: RunConfig, resume: str, current: dict[str, Any]) -> s
     chosen = folders[-1]
     if not chosen.is_remote:
         safe_loading.refuse_unsafe(chosen.local_path())
-    changed = fingerprint.changed_keys(checkpoint.read_manifest(chosen)["fingerprint"], current)
+    changed = fingerprint.changed_keys(checkpoints.read_manifest(chosen)["fingerprint"], current)
     if changed:
         raise UserError(f"the config changed in keys that a resume cannot follow: {', '.join(changed)} "
                         f"(checkpoint {chosen}); revert them or start a new run", key="--resume")
@@ -129,11 +129,11 @@ def run_to_continue(cfg: RunConfig, config_path: str) -> RunConfig:
         if not runs:
             raise UserError(f"no earlier run of {config_path} in {cfg.output_dir} to resume", key="--resume")
         cfg = cfg.model_copy(update={"run_name": runs[-1].name})
-    from sft_dist import checkpoint
+    from sft_dist import checkpoints
 
     # A driver on a fresh machine (a new head pod) has no run folder, but an object store may hold the
     # run's checkpoints: the run goes on from them in a new run folder.
-    in_store = Location.of(cfg.storage_path()).is_remote and checkpoint.complete_checkpoints(
+    in_store = Location.of(cfg.storage_path()).is_remote and checkpoints.complete_checkpoints(
         run_location(cfg.storage_path(), cfg.run_name), log=lambda _: None)
     if not cfg.run_dir().is_dir() and not in_store:
         raise UserError(f"no run folder {cfg.run_dir()} to resume", key="run_name")
@@ -182,13 +182,13 @@ def write_record(path: Path, text: str) -> str | None:
 
 def best_checkpoint(cfg: RunConfig) -> dict[str, Any] | None:
     """The run's checkpoint with the best validation metric: its path (or URI), step and metric value."""
-    from sft_dist import checkpoint
+    from sft_dist import checkpoints
 
-    found = checkpoint.complete_checkpoints(run_location(cfg.storage_path(), cfg.run_name), log=lambda _: None)
-    best = checkpoint.best(found)
+    found = checkpoints.complete_checkpoints(run_location(cfg.storage_path(), cfg.run_name), log=lambda _: None)
+    best = checkpoints.best(found)
     if best is None:
         return None
-    manifest = checkpoint.read_manifest(best)
+    manifest = checkpoints.read_manifest(best)
     return {"path": str(best), "step": manifest["step"], cfg.eval.metric: manifest["metrics"].get(cfg.eval.metric)}
 
 
@@ -200,12 +200,12 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
                        fresh_run=False)
     cfg = cfg.model_copy(update={"run_name": f"eval-{cfg.run_name}"})
     inputs.check_run_folder_free(cfg)
-    from sft_dist import checkpoint
+    from sft_dist import checkpoints
     from sft_dist.runtime import Job
 
-    folder = checkpoint.choose(source)
+    folder = checkpoints.choose(source)
     data = prepare_data(cfg, use_ray)
-    changed = [k for k in fingerprint.changed_keys(checkpoint.read_manifest(folder)["fingerprint"], data.fingerprint)
+    changed = [k for k in fingerprint.changed_keys(checkpoints.read_manifest(folder)["fingerprint"], data.fingerprint)
                if k in ("model", "peft")]
     if changed:
         raise UserError(f"the checkpoint {folder} was trained with another {', '.join(changed)}", key=changed[0])
@@ -267,14 +267,14 @@ def export_checkpoint(source: str | Location, out: Path, dtype: str = "fp32", me
     folder or URI: its best, else its latest) as a Hugging Face folder. A checkpoint in an object store
     is downloaded whole first (consolidation reads every rank's files), then exported as a local one.
     The checkpoint's own config never switches trust_remote_code on: only the command (or the run) does."""
-    from sft_dist import checkpoint, runtime
+    from sft_dist import checkpoints, runtime
 
-    folder = checkpoint.choose(source)
+    folder = checkpoints.choose(source)
     # Consolidation is CPU work here, whatever the workers used.
     runtime.configure_worker(use_gpu=False, threads=len(os.sched_getaffinity(0)))
     from sft_dist import export
 
-    with checkpoint.local_copy(folder) as local:
+    with checkpoints.local_copy(folder) as local:
         _, usage = export.export(local, out, dtype, merge_lora, origin=str(folder),
                                  trust_remote_code=trust_remote_code)
     print(f"exported {folder} -> {out}\n{usage}", flush=True)

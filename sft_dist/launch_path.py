@@ -100,12 +100,12 @@ def fit_in_process(cfg: RunConfig, data: PreparedData, record: Callable[[dict[st
                    ) -> str | None:
     """The same loop in this one process, without Ray: for debugging, benchmarks and GPU checks. A failure
     prints its traceback (stderr) before the run reports it in one line: debugging is what this mode is for."""
-    from sft_dist import checkpoint, runtime
+    from sft_dist import checkpoints, runtime
 
     with stop_on_sigterm() as stop:
         storage = run_location(cfg.storage_path(), cfg.run_name)
         ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, record, storage, stop,
-                                    functools.partial(checkpoint.prune, storage, cfg.checkpoint.keep))
+                                    functools.partial(checkpoints.prune, storage, cfg.checkpoint.keep))
         from sft_dist import train as train_loop
 
         try:

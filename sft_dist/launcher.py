@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from sft_dist import quiet, shipping, storage, watchdog
-from sft_dist.checkpoint import SCORE
+from sft_dist.checkpoints import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
 from sft_dist.errors import UserError

@@ -93,3 +93,20 @@ def test_configure_worker_first_gives_deepspeed_the_cpu_accelerator():
     done = configure_after("", use_gpu=False)
     assert done.returncode == 0 and "accelerator: cpu" in done.stdout, done.stderr[-2000:]
     assert "Setting accelerator to CPU" not in done.stdout + done.stderr  # DS_ACCELERATOR chose, not its probe
+
+
+def sft_dist_modules_imported(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "sft_dist":
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sft_dist."):
+            names.add(node.module.split(".")[1])
+    return names
+
+
+def test_the_driver_reads_checkpoints_without_deepspeed():
+    """The storage side of checkpoints (sft_dist.checkpoints) is the driver's; the DeepSpeed side is the workers'."""
+    for module in ("driver.py", "launcher.py", "checkpoints.py"):
+        assert "checkpoint" not in sft_dist_modules_imported(PACKAGE / module), module
+    assert "checkpoints" in sft_dist_modules_imported(PACKAGE / "driver.py")  # the check itself sees imports
