@@ -1,6 +1,6 @@
 """Checkpoints as storage sees them, without DeepSpeed (the driver and export's choice import only this):
 folder names, the completion manifest, which folders are complete, the best one, retention, and the
-records and config a checkpoint carries. Saving and loading the engine is sft_dist.checkpoint's.
+records and config a checkpoint carries. Saving and loading the engine is sft_dist.worker.checkpoint's.
 
 A folder counts as a checkpoint only if its manifest exists and every file it lists is there with the
 listed size, so a save torn by a crash is never resumed from. Checkpoints are found by scanning the

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO, subprocess_env
-from sft_dist import mfu
+from sft_dist.tools import mfu
 from sft_dist.errors import UserError
 
 NAMES = ["1 framework overhead", "2a vs HF, unpacked", "2b vs HF, packed", "2c packing gain", "3 packing",

@@ -15,7 +15,7 @@ from sft_dist.data.batches import BatchPlan, collate, model_inputs
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.data.packing import best_fit_bins
 from sft_dist.data.stats import batching_stats
-from sft_dist.loss import token_loss_sums
+from sft_dist.modeling.loss import token_loss_sums
 
 
 def test_best_fit_bins_hold_every_example_once_within_capacity():

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from sft_dist.cli import main
-from sft_dist.evaluate import BestTracker
+from sft_dist.worker.evaluate import BestTracker
 
 from conftest import REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, train_losses, train_tiny
 
@@ -125,13 +125,13 @@ def test_an_empty_validation_set_is_refused_before_training(tmp_path, capsys):
 ])
 def test_generation_match_rules(rule, pattern, answer, expected, hit):
     from sft_dist.config import GenerateConfig
-    from sft_dist.evaluate import matches
+    from sft_dist.worker.evaluate import matches
 
     assert matches(answer, expected, GenerateConfig(match=rule, pattern=pattern)) is hit
 
 
 def test_best_tracker_counts_patience_from_the_last_real_improvement():
-    from sft_dist.evaluate import BestTracker
+    from sft_dist.worker.evaluate import BestTracker
 
     tracker = BestTracker("eval_loss", "min", patience=2, min_delta=0.1)
     for step, loss in [(0, 3.0), (1, 2.5), (2, 2.45), (3, 2.6)]:

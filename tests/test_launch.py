@@ -1,4 +1,4 @@
-"""The one launch path (sft_dist.launch_path) as the commands see it: in process (--no-ray), a failed run
+"""The one launch path (sft_dist.driver.launch_path) as the commands see it: in process (--no-ray), a failed run
 is debuggable, and its exit code comes from the one table (errors.Exit)."""
 
 from __future__ import annotations

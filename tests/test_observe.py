@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_CONFIG, read_events, train_tiny
-from sft_dist.metrics import RunRecorder
+from sft_dist.driver.metrics import RunRecorder
 
 STEPS = 6
 
@@ -58,7 +58,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(observed_run):
 def test_mlflow_file_store_has_the_run(observed_run):
     from mlflow.tracking import MlflowClient
 
-    from sft_dist.sinks import mlflow_uri
+    from sft_dist.driver.sinks import mlflow_uri
 
     run_dir, store = observed_run
     client = MlflowClient(tracking_uri=mlflow_uri(str(store)))

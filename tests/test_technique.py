@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft_dist import model as model_lib
+from sft_dist.modeling import model as model_lib
 from sft_dist.config import ModelConfig
-from sft_dist.loss import token_loss_sums
+from sft_dist.modeling.loss import token_loss_sums
 
 from conftest import REPO, read_events, train_tiny
 

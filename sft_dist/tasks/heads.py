@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sft_dist.config import ModelConfig, TrainConfig
 from sft_dist.data.chat import IGNORE_INDEX
-from sft_dist.loss import token_loss_sums
+from sft_dist.modeling.loss import token_loss_sums
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 

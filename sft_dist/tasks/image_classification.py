@@ -15,7 +15,7 @@ def image_encoder(data: Any, tokenizer: Any, template: str | None, labels: list[
 
 
 def image_batches(cfg: Any, tokenizer: Any, module: Any) -> Any:
-    from sft_dist import model as model_lib
+    from sft_dist.modeling import model as model_lib
     from sft_dist.data.images import ImageBatches
 
     dtype = next(module.parameters()).dtype  # not every vision model casts its pixels itself

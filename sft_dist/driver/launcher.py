@@ -15,12 +15,13 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from sft_dist import quiet, shipping, storage, watchdog
+from sft_dist import quiet, shipping, storage
+from sft_dist.driver import watchdog
 from sft_dist.checkpoints import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
 from sft_dist.errors import UserError
-from sft_dist.runtime import Job, ray_worker_main
+from sft_dist.worker.runtime import Job, ray_worker_main
 
 
 _connected_here = False  # this module called ray.init (not a caller that had initialized Ray already)

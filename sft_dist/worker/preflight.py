@@ -17,7 +17,7 @@ import psutil
 import torch
 
 from sft_dist.config import RunConfig
-from sft_dist.runtime import RunContext, all_gather, all_reduce_sum
+from sft_dist.worker.runtime import RunContext, all_gather, all_reduce_sum
 from sft_dist.storage import Location, StorageError
 
 # What must be identical on every worker: a different DeepSpeed or torch on one node can change

@@ -25,7 +25,7 @@ from peft import PeftConfig as PeftMethodConfig
 from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-from sft_dist import model as model_lib
+from sft_dist.modeling import model as model_lib
 from sft_dist.config import ModelConfig, PeftConfig
 from sft_dist.errors import UserError
 from sft_dist.tasks import TASKS

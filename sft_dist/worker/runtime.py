@@ -208,7 +208,7 @@ def _run_on_ray_worker(loop_config: dict[str, Any]) -> None:
         events=loop_config["events"],
         control=loop_config["control"],
     )
-    from sft_dist import train
+    from sft_dist.worker import train
 
     train.run_job(ctx, cfg, PreparedData(**loop_config["data"]), Job(**loop_config["job"]))
 

@@ -48,7 +48,7 @@ def _training_args(cfg: Any, max_steps: int, out_dir: Path, counted: str) -> dic
 
 
 def _tokenizer(cfg: Any) -> Any:
-    from sft_dist import model as model_lib
+    from sft_dist.modeling import model as model_lib
     from sft_dist.data.templates import chat_template
 
     tokenizer = model_lib.load_tokenizer(cfg.model)
@@ -84,7 +84,7 @@ def sft_trainer(cfg: Any, packing: bool, max_steps: int, out_dir: Path, callback
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from sft_dist import model as model_lib
+    from sft_dist.modeling import model as model_lib
 
     # Packed batches are padding-free (one flattened row): every token is real.
     args = SFTConfig(**_training_args(cfg, max_steps, out_dir, "all" if packing else "non_padding"),
@@ -108,7 +108,7 @@ def trainer_tokens_per_s(cfg: Any, data: Any, warmup: int, repeats: int, out_dir
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from sft_dist import model as model_lib
+    from sft_dist.modeling import model as model_lib
     from sft_dist.data.batches import attention_of, collate
 
     rows = datasets.load_from_disk(data.train_dir)

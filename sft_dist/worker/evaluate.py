@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from sft_dist import model_folder
+from sft_dist.modeling import model_folder
 from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import eval_batches, model_inputs
-from sft_dist.runtime import RunContext, all_reduce_sum
+from sft_dist.worker.runtime import RunContext, all_reduce_sum
 from sft_dist.tasks.heads import TokenCounts
-from sft_dist.train_engine import TrainEngine
+from sft_dist.worker.train_engine import TrainEngine
 
 
 def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
