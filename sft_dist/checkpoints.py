@@ -15,9 +15,10 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sft_dist import safe_loading
 from sft_dist.config import RunConfig

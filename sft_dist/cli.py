@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
-    export.add_argument("checkpoint", help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
+    export.add_argument("checkpoint",
+                        help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     export.add_argument("--merge-lora", action="store_true",
@@ -113,7 +114,6 @@ def data_command(config_path: str, overrides: list[str]) -> Exit:
     data = commands.prepare_data(cfg)
     from sft_dist.data import stats
     from sft_dist.data.prepare import first_example
-
     from sft_dist.tasks import task_of
 
     task = task_of(cfg)  # a classifier's labels are ids, not tokens to mark

@@ -71,7 +71,8 @@ def test_validation_leaves_the_training_trajectory_alone(early_stopped_run, zero
 
 def test_eval_command_reproduces_the_logged_eval_loss(early_stopped_run, tmp_path, capsys):
     code = main(["eval", str(TINY_CONFIG), "--checkpoint", str(early_stopped_run),
-                 "--set", f"output_dir={tmp_path}", "--set", f"data.eval={early_stopped_run.parent / 'uneven-eval.jsonl'}"])
+                 "--set", f"output_dir={tmp_path}",
+                 "--set", f"data.eval={early_stopped_run.parent / 'uneven-eval.jsonl'}"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["checkpoint"].endswith("checkpoint_step_0000006") and result["step"] == 6

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_tasks import reference_macro_f1
 
 from sft_dist import config as config_lib
-from sft_dist.driver import commands
-from sft_dist.modeling import model
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.labels import with_labels
+from sft_dist.driver import commands
 from sft_dist.errors import UserError
+from sft_dist.modeling import model
 
 from conftest import REPO, read_events
-from test_tasks import reference_macro_f1
 
 IMAGE_CONFIG = REPO / "configs" / "image-tiny.yaml"
 DATA = REPO / "configs" / "data" / "colours"

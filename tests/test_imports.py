@@ -88,7 +88,8 @@ def configure_after(first: str, use_gpu: bool) -> subprocess.CompletedProcess:
     """A fresh process that runs `first`, then runtime.configure_worker(use_gpu), and prints the
     accelerator DeepSpeed ended up with."""
     script = (f"{first}\nfrom sft_dist.worker import runtime\nruntime.configure_worker(use_gpu={use_gpu}, threads=1)\n"
-              "from deepspeed.accelerator import get_accelerator\nprint('accelerator:', get_accelerator().device_name())")
+              "from deepspeed.accelerator import get_accelerator\n"
+              "print('accelerator:', get_accelerator().device_name())")
     env = {k: v for k, v in subprocess_env().items() if k != "DS_ACCELERATOR"}
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
 
@@ -132,7 +133,8 @@ def test_each_folder_imports_only_the_folders_on_its_side():
         reached = {name.split(".")[0] for name in sft_dist_modules_imported(path)}
         offenders += [f"{path.relative_to(PACKAGE)} -> {r}" for r in reached & set(MAY_REACH) - MAY_REACH[folder]]
         if folder == "driver":
-            worker_modules = {".".join(n.split(".")[:2]) for n in sft_dist_modules_imported(path) if n.startswith("worker")}
+            imported = sft_dist_modules_imported(path)
+            worker_modules = {".".join(n.split(".")[:2]) for n in imported if n.startswith("worker")}
             offenders += [f"{path.relative_to(PACKAGE)} -> {m}" for m in worker_modules - WORKER_ENTRY_POINTS]
     assert offenders == []
     assert "worker" in {n.split(".")[0] for n in sft_dist_modules_imported(PACKAGE / "driver" / "commands.py")}

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, read_events, train_tiny
 from sft_dist.driver.metrics import RunRecorder
+
+from conftest import REPO, TINY_CONFIG, read_events, train_tiny
 
 STEPS = 6
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from sft_dist import config as config_lib
-from sft_dist.driver import commands
-from sft_dist.tasks import heads as tasks
 from sft_dist.data.labels import with_labels
 from sft_dist.data.prepare import prepare as prepare_rows
+from sft_dist.driver import commands
 from sft_dist.errors import UserError
 from sft_dist.modeling.model import load_tokenizer
+from sft_dist.tasks import heads as tasks
 
 from conftest import REPO, read_events
 

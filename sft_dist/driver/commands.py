@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from sft_dist import config as config_lib
 from sft_dist import fingerprint
-from sft_dist.driver import inputs, sinks
 from sft_dist.atomic_files import write_text
 from sft_dist.config import ModelConfig, RunConfig
-from sft_dist.errors import Exit, UserError
+from sft_dist.driver import inputs, sinks
 from sft_dist.driver.launch_path import launch
+from sft_dist.errors import Exit, UserError
 from sft_dist.storage import Location, StorageError, check_reachable, run_location
 from sft_dist.tasks import task_of
 
@@ -50,10 +50,10 @@ def load_checked(config_path: str, overrides: list[str], *, fresh_run: bool = Tr
 def prepare_data(cfg: RunConfig, use_ray: bool = True) -> PreparedData:
     """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps; first
     check the adapter config against the installed peft, which the config alone cannot."""
-    from sft_dist.modeling import adapters
     from sft_dist.data.batches import BatchPlan
     from sft_dist.data.prepare import prepare, row_lengths
     from sft_dist.data.stats import batching_stats, warnings
+    from sft_dist.modeling import adapters
 
     if adapters.enabled(cfg.peft):
         adapters.check(cfg.peft, cfg.model, zero3=cfg.deepspeed.stage == 3)

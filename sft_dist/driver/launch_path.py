@@ -12,23 +12,24 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from sft_dist import config as config_lib
-from sft_dist.driver import inputs
 from sft_dist.atomic_files import write_text
 from sft_dist.config import RunConfig
+from sft_dist.driver import inputs
 from sft_dist.errors import RunFailure
 from sft_dist.storage import run_location
 
 if TYPE_CHECKING:
     from sft_dist.data.prepare import PreparedData
     from sft_dist.driver.metrics import RunRecorder
-    from sft_dist.worker.runtime import Job
     from sft_dist.driver.sinks import Sink
+    from sft_dist.worker.runtime import Job
 
 
 @dataclass(frozen=True)

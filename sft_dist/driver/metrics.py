@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sft_dist.driver import progress
 from sft_dist.atomic_files import append_line, read_jsonl, write_text
+from sft_dist.driver import progress
 
 if TYPE_CHECKING:
     from sft_dist.driver.sinks import Sink
 
 from sft_dist.worker import preflight
-
 
 # Validation metrics on the console line, in this order (those a record has).
 EVAL_SHOWN = ("eval_ppl", "eval_token_acc", "eval_exact_match", "eval_accuracy", "eval_macro_f1",

@@ -119,7 +119,8 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
         return Exit.FAILED
     best = results.get_best_result(metric, mode, scope="all")
     print(f"best: {metric} {best.metrics.get(metric)} with " +
-          " ".join(f"{k}={v}" for k, v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
+          " ".join(f"{k}={v}" for k,
+                   v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
     return Exit.OK
 
 

@@ -26,8 +26,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -95,11 +96,10 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
     import torch
     from transformers import get_scheduler
 
-    from sft_dist.worker import checkpoint
-    from sft_dist.worker import engine as engine_lib
     from sft_dist.modeling import model as model_lib
+    from sft_dist.worker import checkpoint, train
+    from sft_dist.worker import engine as engine_lib
     from sft_dist.worker import session as session_lib
-    from sft_dist.worker import train
 
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     session, _ = session_lib.set_up(ctx, cfg, data, None)
@@ -215,10 +215,10 @@ def preprocessing_result(cfg: Any, trl_trainer: Any, repeats: int) -> Result:
     `data.prepare` runs it, over SFTTrainer's own dataset preparation of the same conversations."""
     import datasets
 
-    from sft_dist.tools import bench_baselines as hf
-    from sft_dist.modeling import model as model_lib
     from sft_dist.data.encode import FEATURES, Encoder
     from sft_dist.data.templates import chat_template
+    from sft_dist.modeling import model as model_lib
+    from sft_dist.tools import bench_baselines as hf
 
     tokenizer = model_lib.load_tokenizer(cfg.model)
     encoder = Encoder(cfg.data, tokenizer, chat_template(tokenizer, cfg.data.chat_template))
@@ -283,8 +283,8 @@ def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, p
     import datasets
     import torch
 
-    from sft_dist.tools import bench_baselines as hf
     from sft_dist.driver import commands
+    from sft_dist.tools import bench_baselines as hf
     from sft_dist.tools import mfu
     from sft_dist.worker import runtime
 

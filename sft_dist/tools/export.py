@@ -22,13 +22,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
 
-from sft_dist.modeling import adapters
 from sft_dist import checkpoints
-from sft_dist.modeling import model_folder
-from sft_dist.modeling import model as model_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
+from sft_dist.modeling import adapters, model_folder
+from sft_dist.modeling import model as model_lib
 from sft_dist.tasks import task_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
