@@ -14,10 +14,10 @@ from typing import Any
 import datasets
 import numpy as np
 
-from sft_dist.config import DataConfig
+from sft_dist.config import DataConfig, SourceConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX, render_with_spans
-from sft_dist.data.formats import Chat, Example, Plain, normalize
+from sft_dist.data.formats import Chat, Example, Plain, extra_fields, normalize
 
 _ids = datasets.List(datasets.Value("int32"))
 FEATURES = datasets.Features({
@@ -29,6 +29,7 @@ FEATURES = datasets.Features({
     "reason": datasets.Value("string"), "bad": datasets.Value("bool"), "detail": datasets.Value("string"),
     "line": datasets.Value("int64"), "row": datasets.Value("int64"),
     "heldout_u": datasets.Value("float64"),  # a uniform number from the example's content (held-out split)
+    "extra_fields": datasets.List(datasets.Value("string")),  # the row's columns its format does not read
 })
 SAVED_COLUMNS = ("input_ids", "labels", "num_supervised", "length")
 # Saved as well when an encoder makes them: a classifier's token type ids, an image's bytes.
@@ -41,13 +42,19 @@ class Encoder:
     def __init__(self, data: DataConfig, tokenizer: Any, template: str | None):
         self.data, self.tokenizer, self.template = data, tokenizer, template
 
+    def for_source(self, source: SourceConfig) -> "Encoder":
+        """The encoder of one source: its own format, fields and roles where it sets them."""
+        return Encoder(self.data.for_source(source), self.tokenizer, self.template)
+
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts: list[tuple[int, str, list[tuple[int, int]], Example]] = []
         out = {name: [None] * len(indices) for name in FEATURES}
         for j in range(len(indices)):
             out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
             try:
-                example = normalize(raw_row(batch, j), self.data)
+                row = raw_row(batch, j)
+                out["extra_fields"][j] = extra_fields(row, self.data)
+                example = normalize(row, self.data)
                 texts.append((j, *self._text(example), example))
             except BadRow as bad:
                 self._drop(out, j, bad.reason, bad.detail, bad=True)
@@ -67,7 +74,8 @@ class Encoder:
         if isinstance(example, Chat):
             if self.template is None:
                 raise BadRow("no_chat_template", "a conversation needs a chat template; set data.chat_template")
-            return render_with_spans(self.tokenizer, self.template, example.messages, self.data.loss_on)
+            return render_with_spans(self.tokenizer, self.template, example.messages, self.data.loss_on,
+                                     example.tools, example.unsupervised)
         spans, start = [], 0
         for text, supervised in example.segments:
             if supervised:
@@ -135,5 +143,8 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
 def _uniform(example: Example) -> float:
     """A number in [0, 1) fixed by the example's content: the same on every run and every machine, and
     equal for duplicate rows, so a held-out fraction never has a copy of an eval row in training."""
-    content = json.dumps(example.messages if isinstance(example, Chat) else example.segments, sort_keys=True)
+    if isinstance(example, Chat):
+        content = json.dumps([example.messages, example.tools] if example.tools else example.messages, sort_keys=True)
+    else:
+        content = json.dumps(example.segments, sort_keys=True)
     return int.from_bytes(hashlib.blake2b(content.encode(), digest_size=8).digest(), "big") / 2**64

@@ -35,7 +35,7 @@ from sft_dist.errors import UserError
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
 
-CACHE_FORMAT_VERSION = "5"  # bump when the saved layout, masking, packing rules or statistics change
+CACHE_FORMAT_VERSION = "6"  # bump when the saved layout, masking, packing rules or statistics change
 COMPLETE = "prepared.json"  # written last: a cache folder without it is incomplete
 ROWS_PER_PROCESS = 20_000  # below this, starting tokenizer processes costs more than it saves
 
@@ -108,9 +108,10 @@ def _encoder(data: DataConfig, tokenizer: Any, template: str | None, labels: lis
 
 
 def _template(data: DataConfig, tokenizer: Any) -> str | None:
-    if data.format in ("messages", "alpaca"):
+    formats = {data.for_source(s).format for s in data.train_sources() + data.eval_sources()}
+    if formats & {"messages", "alpaca"}:
         return chat_template(tokenizer, data.chat_template)
-    if data.format == "prompt_completion" and (data.chat_template or tokenizer.chat_template):
+    if "prompt_completion" in formats and (data.chat_template or tokenizer.chat_template):
         return chat_template(tokenizer, data.chat_template)  # for conversational prompt/completion rows
     return None
 
@@ -159,6 +160,9 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
     stats["empty_files"] = [f for s in encoded for f in s.empty_files] if split == "train" or not fraction else []
     if split == "train" and fraction:
         stats["held_out"] = sum(len(_kept(t, True, fraction)) for s in encoded for _p, t in s.parts)
+    if split == "train" or not fraction:
+        extra = sum((stats_lib.extra_field_counts(t) for s in encoded for _p, t in s.parts), Counter())
+        stats["extra_fields"] = dict(sorted(extra.items()))
     return stats
 
 
@@ -177,6 +181,8 @@ def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: Dat
         if data.on_bad_row == "error":
             raise bad_row_error(bad.reason, bad.detail, origin)
     result = Encoded(source, [], Counter(), Counter(), [origin.file for _bad, origin in problems])
+    if isinstance(encoder, Encoder):  # chat and text rows: a source may set its own format, fields, roles
+        encoder = encoder.for_source(source)
     for k, part in enumerate(parts):
         table = _encode_part(part, encoder, data, work / f"source{index}-part{k}")
         bad, dropped = stats_lib.reason_counts(table)
@@ -263,7 +269,7 @@ def _prompts(encoded: list[Encoded], fraction: float | None, num_prompts: int, d
     for source in encoded:
         for part, table in source.parts:
             for index in _kept(table, True if fraction else None, fraction)["row"][: num_prompts - len(prompts)]:
-                example = normalize(raw_row(_raw_batch(part, index), 0), data)
+                example = normalize(raw_row(_raw_batch(part, index), 0), data.for_source(source.source))
                 if isinstance(example, Chat):
                     prompt, expected = generation_prompt(example.messages)
                     prompts.append({"messages": prompt, "expected": expected})
