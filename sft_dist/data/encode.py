@@ -53,8 +53,8 @@ class Encoder:
             out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
             try:
                 row = raw_row(batch, j)
-                out["extra_fields"][j] = extra_fields(row, self.data)
                 example = normalize(row, self.data)
+                out["extra_fields"][j] = extra_fields(row, self.data)  # of the rows used (a refused one says why)
                 texts.append((j, *self._text(example), example))
             except BadRow as bad:
                 self._drop(out, j, bad.reason, bad.detail, bad=True)

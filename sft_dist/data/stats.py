@@ -119,7 +119,7 @@ def warnings(stats: dict[str, Any]) -> list[str]:
 
 
 def _extra_fields(counts: dict[str, int]) -> str:
-    return ", ".join(f"{name} ({n} rows)" for name, n in sorted(counts.items()))
+    return ", ".join(f"{name} ({n} row{'s' if n != 1 else ''})" for name, n in sorted(counts.items()))
 
 
 def report(stats: dict[str, Any], example: str | None) -> str:
