@@ -144,6 +144,9 @@ class SourceConfig(Section):
     format: Literal[CHAT_AND_TEXT_FORMATS] | None = None  # type: ignore[valid-type]
     fields: dict[str, str] | None = None
     roles: dict[str, str] | None = None
+    # How a .txt file splits into rows (a `text` column): each line, each blank-line-separated
+    # paragraph, or the whole file (datasets' text loader's sample_by).
+    sample_by: Literal["line", "paragraph", "document"] = "line"
 
     def resolved(self) -> "SourceConfig":
         if not is_local_source(self.path):
