@@ -192,7 +192,9 @@ class DataConfig(Section):
     roles: dict[str, str] = Field(default_factory=dict)  # the dataset's role names -> system/user/assistant
     chat_template: str | None = None  # a named template, Jinja text or a .jinja file; else the tokenizer's
     max_seq_len: int = Field(1024, gt=0)
-    truncation: Literal["right", "drop"] = "right"
+    # right: cut the end; left: cut the start (the prompt), keeping the answer; drop: skip the row.
+    # (data.format text with packing: a long document is cut into max_seq_len windows instead)
+    truncation: Literal["right", "left", "drop"] = "right"
     # assistant: every assistant turn; last_assistant: only the last one (earlier ones are context); all
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     packing: bool = False

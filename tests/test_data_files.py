@@ -57,3 +57,28 @@ def test_text_files_split_by_line_paragraph_or_document(tmp_path, sample_by, doc
     tok = tokenizer()
     expected = [tok(d)["input_ids"] + [tok.eos_token_id] for d in documents]
     assert sorted(saved_ids(prepared)) == sorted(expected)
+
+
+def test_long_text_is_packed_as_windows_and_long_prompts_cut_from_the_left(tmp_path):
+    tok = tokenizer()
+    document = " ".join(f"word{i}" for i in range(200))
+    ids = tok(document)["input_ids"] + [tok.eos_token_id]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": document}])
+    prepared = run_prepare(tmp_path / "text", str(path), format="text", packing=True, max_seq_len=64)
+    saved = datasets.load_from_disk(prepared.train_dir)
+    # Every token of the document trains, in windows of 64 (packed rows keep each window's length).
+    windows = [row_ids[sum(lens[:k]):sum(lens[:k + 1])] for row_ids, lens in zip(saved["input_ids"], saved["seq_lens"])
+               for k in range(len(lens))]
+    assert sorted(windows) == sorted(ids[i:i + 64] for i in range(0, len(ids), 64))
+    assert prepared.stats["train"]["chunked"] == 1 and prepared.stats["train"]["truncated"] == 0
+    # A prompt that fills max_seq_len: cut on the right nothing is learned; cut on the left the answer is.
+    long_prompt = [{"messages": [{"role": "user", "content": document}, {"role": "assistant", "content": "done"}]}]
+    chat_path = write_jsonl(tmp_path / "chat.jsonl", long_prompt + rows(1))
+    right = run_prepare(tmp_path / "right", str(chat_path), max_seq_len=64)
+    assert right.stats["train"]["dropped"] == {"too_long": 1}
+    left = run_prepare(tmp_path / "left", str(chat_path), max_seq_len=64, truncation="left")
+    assert left.stats["train"]["rows_kept"] == 2 and left.stats["train"]["truncated"] == 1
+    kept = datasets.load_from_disk(left.train_dir)
+    long_row = next(i for i, n in enumerate(kept["length"]) if n == 64)
+    learned = [t for t, label in zip(kept["input_ids"][long_row], kept["labels"][long_row]) if label != -100]
+    assert tok.decode(learned) == "done<|im_end|>"

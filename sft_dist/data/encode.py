@@ -41,6 +41,8 @@ class Encoder:
 
     def __init__(self, data: DataConfig, tokenizer: Any, template: str | None):
         self.data, self.tokenizer, self.template = data, tokenizer, template
+        # Plain text longer than max_seq_len, packed: windows of it train, rather than its start only.
+        self.chunks_text = data.format == "text" and data.packing and data.truncation == "right"
 
     def for_source(self, source: SourceConfig) -> "Encoder":
         """The encoder of one source: its own format, fields and roles where it sets them."""
@@ -91,17 +93,21 @@ class Encoder:
         return ids + [eos], labels + [eos if supervised else IGNORE_INDEX]
 
     def _keep(self, out: dict, j: int, ids: list[int], labels: list[int], example: Example) -> None:
-        full_length = len(ids)
-        if full_length > self.data.max_seq_len and self.data.truncation == "drop":
+        full_length, limit = len(ids), self.data.max_seq_len
+        if self.chunks_text and isinstance(example, Plain):
+            limit = full_length  # kept whole: packing cuts it into windows (packing.chunk)
+        if full_length > limit and self.data.truncation == "drop":
             self._drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}")
             out["length"][j] = full_length
             return
-        ids, labels = ids[: self.data.max_seq_len], labels[: self.data.max_seq_len]
+        # left: the prompt's start goes, the answer stays (a long prompt no longer drops the row)
+        ids, labels = (ids[-limit:], labels[-limit:]) if self.data.truncation == "left" else (ids[:limit], labels[:limit])
         num_supervised = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 predicts nothing
         if num_supervised == 0:
             if full_length > len(ids):  # the cut took every supervised token (e.g. a long prompt): say so
                 self._drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}, "
-                           "and cutting on the right leaves no supervised token")
+                           "and cutting on the right leaves no supervised token (data.truncation: left keeps "
+                           "the answer)")
                 out["length"][j] = full_length
             else:
                 self._drop(out, j, "no_supervised_tokens", "no supervised token in the example")

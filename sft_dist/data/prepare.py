@@ -27,7 +27,7 @@ from sft_dist.data.encode import EXTRA_COLUMNS, SAVED_COLUMNS, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
 from sft_dist.data.images import ImageEncoder, undecoded
 from sft_dist.data.labels import LabelEncoder
-from sft_dist.data.packing import pack
+from sft_dist.data.packing import chunk, pack
 from sft_dist.data.sources import Part, content_digest, first_line, fingerprint, open_source
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
@@ -148,7 +148,10 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
     # (concatenate_datasets hashes its inputs for a fingerprint: seconds, for nothing, with one input)
     examples = weighted[0] if len(weighted) == 1 else datasets.concatenate_datasets(weighted)
     saved = examples.select_columns([*SAVED_COLUMNS, *(c for c in EXTRA_COLUMNS if c in examples.column_names)])
+    chunked = 0
     if data.packing:
+        (out / "work" / split).mkdir(parents=True, exist_ok=True)
+        saved, chunked = chunk(saved, data.max_seq_len, out / "work" / split)
         saved = pack(saved, data.max_seq_len, out / "work" / split)
     saved.save_to_disk(str(out / split))
     if split == "eval" and fraction:  # held out of the training rows: what was read and dropped is on train
@@ -157,6 +160,7 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
         rows_read = sum(len(t) for s in encoded for _p, t in s.parts)
         bad, dropped = sum((s.bad for s in encoded), Counter()), sum((s.dropped for s in encoded), Counter())
     stats = stats_lib.split_stats(rows_read, kept, bad, dropped, examples, saved)
+    stats["chunked"] = chunked  # plain texts longer than max_seq_len, trained as windows of it
     stats["empty_files"] = [f for s in encoded for f in s.empty_files] if split == "train" or not fraction else []
     if split == "train" and fraction:
         stats["held_out"] = sum(len(_kept(t, True, fraction)) for s in encoded for _p, t in s.parts)

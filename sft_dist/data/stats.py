@@ -132,7 +132,7 @@ def report(stats: dict[str, Any], example: str | None) -> str:
         lines += [
             f"{split}: {s['rows_read']} rows read, {s['rows_kept']} kept{held_out}, "
             f"{s['rows_read'] - s['rows_kept'] - s.get('held_out', 0)} dropped ({dropped}); "
-            f"{s['truncated']} truncated",
+            f"{s['truncated']} truncated" + (f", {s['chunked']} cut into windows" if s.get("chunked") else ""),
             f"  tokens per example: min {p.get('min')} p50 {p.get('p50')} p90 {p.get('p90')} "
             f"p99 {p.get('p99')} max {p.get('max')}",
             f"  supervised tokens: {s['supervised_tokens']:,} of {s['tokens']:,} "
