@@ -87,3 +87,15 @@ def test_data_command_mixes_an_alpaca_file_and_a_sharegpt_tool_file(tmp_path, ca
     # Row 0 of the alpaca file, its answer alone learned (when it is not held out, it is the example).
     assert re.search(r"<\|im_start\|>user\nWhat is \d+ plus \d+\?<\|im_end\|>\n<\|im_start\|>assistant\n"
                      r"\[\[\d+<\|im_end\|>\]\]", out), out
+
+
+def test_a_sources_own_fields_are_checked_against_its_own_format():
+    from pydantic import ValidationError
+
+    from sft_dist.config import DataConfig
+
+    DataConfig.model_validate({"train": [{"path": "a.json", "format": "alpaca", "fields": {"instruction": "q"}}]})
+    with pytest.raises(ValidationError) as err:
+        DataConfig.model_validate({"train": ["b.jsonl", {"path": "a.json", "format": "alpaca",
+                                                         "fields": {"messages": "conversations"}}]})
+    assert "data.train.1.fields: messages is not a field of format alpaca" in str(err.value)
