@@ -101,3 +101,15 @@ def test_weight_0_turns_and_last_assistant_are_context_not_learned():
     assert supervised_text(encode_row({"messages": unweighted})) == "Hello there<|im_end|>Goodbye<|im_end|>"
     assert supervised_text(encode_row({"messages": unweighted}, loss_on="last_assistant")) == "Goodbye<|im_end|>"
     assert encode_row({"messages": turns[:2]})["reason"] == "no_assistant_turn"
+
+
+def test_held_out_generation_prompts_keep_the_rows_tools(tmp_path):
+    from fixtures.data import run_prepare, write_jsonl
+
+    items = [{**OPENAI_ROW, "messages": [*OPENAI_ROW["messages"][:-1], {"role": "assistant", "content": f"{i} C."}]}
+             for i in range(8)]
+    path = write_jsonl(tmp_path / "tools.jsonl", items)
+    prepared = run_prepare(tmp_path, str(path), num_prompts=1, eval=0.5, chat_template=TOOL_TEMPLATE, max_seq_len=512)
+    (prompt,) = prepared.prompts
+    assert prompt["tools"] == [WEATHER_TOOL] and prompt["messages"][-1]["role"] == "tool"
+    assert prompt["messages"][2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}

@@ -276,7 +276,8 @@ def _prompts(encoded: list[Encoded], fraction: float | None, num_prompts: int, d
                 example = normalize(raw_row(_raw_batch(part, index), 0), data.for_source(source.source))
                 if isinstance(example, Chat):
                     prompt, expected = generation_prompt(example.messages)
-                    prompts.append({"messages": prompt, "expected": expected})
+                    tools = {"tools": example.tools} if example.tools else {}  # rendered as in training
+                    prompts.append({"messages": prompt, "expected": expected, **tools})
     return prompts[:num_prompts]
 
 
