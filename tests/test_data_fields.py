@@ -99,3 +99,13 @@ def test_a_sources_own_fields_are_checked_against_its_own_format():
         DataConfig.model_validate({"train": ["b.jsonl", {"path": "a.json", "format": "alpaca",
                                                          "fields": {"messages": "conversations"}}]})
     assert "data.train.1.fields: messages is not a field of format alpaca" in str(err.value)
+
+
+def test_columns_and_turn_keys_no_format_reads_are_named():
+    from sft_dist.data.formats import extra_fields
+
+    row = {"id": 7, "source": None, "system": "S", "tools": [], "messages": [
+        {"role": "user", "content": "Hi", "lang": "en"}, {**ANSWER, "weight": 1, "name": "bot"}]}
+    assert extra_fields(row, data_config(TRAIN)) == ["id", "messages[].lang"]  # null columns are not data
+    assert extra_fields({"instruction": "x", "output": "y", "history": [], "rating": 5},
+                        data_config(TRAIN, format="alpaca")) == ["rating"]
