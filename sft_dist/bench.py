@@ -96,12 +96,13 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
     from transformers import get_scheduler
 
     from sft_dist import checkpoint
-    from sft_dist import engine as engine_lib  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
+    from sft_dist import engine as engine_lib
     from sft_dist import model as model_lib
+    from sft_dist import session as session_lib
     from sft_dist import train
 
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
-    session, _ = train.set_up(ctx, cfg, data, None)
+    session, _ = session_lib.set_up(ctx, cfg, data, None)
     plan, t = session.plan, cfg.train
     supervised = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
@@ -135,13 +136,15 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
 
 def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, cadence: int, repeats: int) -> Result:
     """Save (the run's own sharded save, registered in the run folder) and load, timed; MB/s of both."""
+    from sft_dist import checkpoints
+
     saves, loads, size_mb = [], [], 0.0
     for i in range(repeats + 1):  # the first of each is a warm-up
         state = {"step": 10_000 + i, "examples_seen": 0}
         started = time.perf_counter()
         checkpoint.save(session.engine, ctx, state, {"step": state["step"]})
         saves.append(time.perf_counter() - started)
-        folder = ctx.storage.local_path() / checkpoint.folder_name(state["step"])
+        folder = ctx.storage.local_path() / checkpoints.folder_name(state["step"])
         size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
         started = time.perf_counter()
         checkpoint.load(session.engine, ctx, folder)
@@ -158,9 +161,10 @@ def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, ca
 
 def session_tokens_per_s(ctx: Any, cfg: Any, data: Any, warmup: int, repeats: int) -> float:
     """sft_dist's training tokens/s on `data` (e.g. packed rows), a fresh session as in measurement 1."""
+    from sft_dist import session as session_lib
     from sft_dist import train
 
-    session, _ = train.set_up(ctx, cfg, data, None)
+    session, _ = session_lib.set_up(ctx, cfg, data, None)
     supervised = np.asarray(session.train_set["num_supervised"])
     times, tokens = [], []
     for step in range(warmup + repeats):

@@ -44,14 +44,14 @@ def measure_here(ctx: Any, config: str | None, quick: bool, out_dir: Path) -> di
     import torch
 
     from sft_dist import bench
-    from sft_dist import engine as engine_lib  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
-    from sft_dist import train
+    from sft_dist import engine as engine_lib
+    from sft_dist import session as session_lib
 
     measured = {}
     for stage in STAGES:
         cfg = bench.bench_config(config, quick, out_dir, f"deepspeed.stage={stage}",
                                  f"ray.num_workers={ctx.world_size}", "ray.threads_per_worker=1")
-        engine = train.build_engine(ctx, cfg, steps=10)
+        engine = session_lib.build_engine(ctx, cfg, steps=10)
         ids = torch.arange(32).remainder(engine.module.config.vocab_size).unsqueeze(0)
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         held = engine_lib.model_state_bytes(engine)  # the gradients exist until the step

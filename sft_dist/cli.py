@@ -1,5 +1,6 @@
-"""`sft-dist`: argument parsing, and the mapping of outcomes to exit codes
-(0 success; 2 bad config, data or arguments, found before training; 1 a run that started and failed).
+"""`sft-dist`: argument parsing, and the mapping of outcomes to exit codes (sft_dist.errors.Exit:
+0 success; 2 bad config, data or arguments, found before training; 1 a run that started and failed;
+143 a run stopped by SIGTERM, saved).
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sft_dist.errors import UserError
+from sft_dist.errors import Exit, UserError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,43 +68,42 @@ def main(argv: list[str] | None = None) -> int:
     quiet.driver()  # before anything imports Ray or DeepSpeed: both read their log settings on import
     args = parser().parse_args(argv)
     try:
-        if args.command == "train":
-            from sft_dist import driver
+        return Exit(run_command(args))
+    except UserError as err:  # the one place an exception becomes an exit code
+        print(f"error: {err}", file=sys.stderr)
+        return Exit.BAD_INPUT
 
+
+def run_command(args: argparse.Namespace) -> Exit:
+    """The command's own exit code (errors.Exit); bad input raises UserError."""
+    if args.command in ("train", "eval", "lr-find"):
+        from sft_dist import driver
+
+        if args.command == "train":
             return driver.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
         if args.command == "eval":
-            from sft_dist import driver
-
             return driver.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
-        if args.command == "tune":
-            from sft_dist import tuning
+        return driver.find_learning_rate(args.config, args.overrides, args.lr_min, args.lr_max, args.steps,
+                                         use_ray=not args.no_ray)
+    if args.command == "tune":
+        from sft_dist import tuning
 
-            return tuning.tune_command(args.config, args.overrides, args.space, args.resume)
-        if args.command == "lr-find":
-            from sft_dist import driver
+        return tuning.tune_command(args.config, args.overrides, args.space, args.resume)
+    if args.command == "data":
+        return data_command(args.config, args.overrides)
+    if args.command == "export":
+        return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora, args.trust_remote_code)
+    if args.command == "plan":
+        from sft_dist import plan
 
-            return driver.find_learning_rate(args.config, args.overrides, args.lr_min, args.lr_max, args.steps,
-                                             use_ray=not args.no_ray)
-        if args.command == "data":
-            return data_command(args.config, args.overrides)
-        if args.command == "export":
-            return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora, args.trust_remote_code)
-        if args.command == "plan":
-            from sft_dist import plan
+        print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node))
+        return Exit.OK
+    from sft_dist import bench  # argparse allows no other command
 
-            print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node))
-            return 0
-        if args.command == "bench":
-            from sft_dist import bench
-
-            return bench.main(args.config, args.quick, args.out, args.device, args.peak_tflops)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 2
+    return Exit(bench.main(args.config, args.quick, args.out, args.device, args.peak_tflops))
 
 
-def data_command(config_path: str, overrides: list[str]) -> int:
+def data_command(config_path: str, overrides: list[str]) -> Exit:
     """Prepare the data exactly as `train` would (and cache it); print its statistics and one example."""
     from pathlib import Path
 
@@ -114,20 +114,23 @@ def data_command(config_path: str, overrides: list[str]) -> int:
     from sft_dist.data import stats
     from sft_dist.data.prepare import first_example
 
-    causal = cfg.model.task == "causal_lm"  # a classifier's labels are ids, not tokens to mark
-    example = stats.marked_example(driver.text_tokenizer(cfg.model), *first_example(data.train_dir)) if causal else None
+    from sft_dist.tasks import task_of
+
+    task = task_of(cfg)  # a classifier's labels are ids, not tokens to mark
+    example = stats.marked_example(driver.text_tokenizer(cfg.model), *first_example(data.train_dir)) \
+        if task.labels_are_tokens else None
     print(stats.report(data.stats, example))
-    if not causal:
+    if task.labelled:
         print(f"labels: {', '.join(cfg.model.labels)}")
     print(f"tokenized rows: {Path(data.train_dir).parent}")
-    return 0
+    return Exit.OK
 
 
 def export_command(source: str, out: str, dtype: str, merge_lora: bool = False, trust_remote_code: bool = False
-                   ) -> int:
+                   ) -> Exit:
     from pathlib import Path
 
     from sft_dist import driver
 
     driver.export_checkpoint(source, Path(out), dtype, merge_lora, trust_remote_code)
-    return 0
+    return Exit.OK

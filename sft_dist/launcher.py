@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from sft_dist import quiet, shipping, storage, watchdog
-from sft_dist.checkpoint import SCORE
+from sft_dist.checkpoints import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
 from sft_dist.errors import UserError
@@ -51,8 +51,8 @@ def refuse_node_local_storage(cfg: RunConfig) -> None:
     """Every node's workers write their checkpoint shards to ray.storage_path, and any node may have to
     read them all back: on a multi-node cluster a plain path is each node's own disk unless it is a
     shared mount, which only the user can vouch for."""
-    where = cfg.storage_path()
-    if storage.is_uri(where) or cfg.ray.shared_storage:
+    where = storage.Location.of(cfg.storage_path())
+    if where.is_remote or cfg.ray.shared_storage:
         return
     num_nodes = sum(1 for node in ray.nodes() if node["Alive"])
     if num_nodes > 1:

@@ -3,7 +3,7 @@
 and what `summary.json` needs at the end.
 
 One record per step, whatever happened to the driver: a resume brings the records its checkpoint
-carries (checkpoint.RECORDS) and fills in those this file lacks (a driver killed while the workers ran
+carries (checkpoints.RECORDS) and fills in those this file lacks (a driver killed while the workers ran
 on), after dropping the records of steps trained again. A record that cannot be written (a full disk)
 is left out whole and reported at the end, never half-written and never a crash of the run.
 """

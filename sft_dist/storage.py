@@ -41,7 +41,7 @@ class StorageError(OSError):
         self.reason = reason
 
 
-def is_uri(where: str) -> bool:
+def _is_uri(where: str) -> bool:  # the one "is this remote" test: everything else asks a Location
     return "://" in where
 
 
@@ -57,7 +57,7 @@ class Location:
         if isinstance(where, Location):
             return where
         text = str(where)
-        if not is_uri(text):
+        if not _is_uri(text):
             return cls(str(Path(text).expanduser().absolute()))
         base, _, query = text.partition("?")
         refuse_credentials(base, query, key)
@@ -68,7 +68,7 @@ class Location:
 
     @property
     def is_remote(self) -> bool:
-        return is_uri(self.base)
+        return _is_uri(self.base)
 
     @property
     def name(self) -> str:
@@ -238,7 +238,7 @@ def with_env_endpoint(base: str, query: str) -> str:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if urlsplit(base).scheme != "s3" or "endpoint_override" in options or not endpoint:
         return query
-    parts = urlsplit(endpoint if is_uri(endpoint) else f"https://{endpoint}")
+    parts = urlsplit(endpoint if _is_uri(endpoint) else f"https://{endpoint}")
     options["endpoint_override"] = parts.netloc
     options.setdefault("scheme", parts.scheme)
     return urlencode(options, safe=":")

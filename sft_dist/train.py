@@ -8,120 +8,27 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
-from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight, quiet, shipping, tasks
+from sft_dist import checkpoint, checkpoints, faults
 from sft_dist import engine as engine_lib
-from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
-from sft_dist.data.batches import BatchPlan, TextBatches, attention_of, grouping_lengths, model_inputs
+from sft_dist.data.batches import BatchPlan, TextBatches, model_inputs
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
-from sft_dist.data.templates import chat_template
-from sft_dist.evaluate import BestTracker, deadline, generate_answers, generation_metrics, validate
+from sft_dist.evaluate import BestTracker
 from sft_dist.health import Health
 from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
-from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
+from sft_dist.runtime import Job, RunContext, all_reduce_sum
+from sft_dist.records import LoopState
+from sft_dist.session import Session, is_own, resume_point, set_up, total_steps
 from sft_dist.storage import Location
+from sft_dist.tasks import task_of
+from sft_dist.tasks.heads import LossFn
 from sft_dist.timing import OFF, StepTimer
-
-
-def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:
-    return cfg.train.max_steps or plan.steps_per_epoch * cfg.train.epochs
-
-
-@dataclass
-class Session:
-    """What a worker holds once set up: the engine and the data it trains and validates on."""
-
-    ctx: RunContext
-    cfg: RunConfig
-    engine: Any
-    tokenizer: Any  # None for images
-    train_set: Any
-    eval_set: Any | None
-    prompts: list[dict]
-    plan: BatchPlan
-    batches: TextBatches | ImageBatches  # saved rows -> model inputs
-    # Rank 0's records of the run so far (those of a restored checkpoint first): every checkpoint
-    # carries them, so records the driver never wrote (it died) come back with a resume.
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def emit(self, record: dict[str, Any]) -> None:
-        """A training, validation or samples record: to the driver, and kept for the next checkpoint."""
-        self.ctx.emit(record)
-        if self.ctx.rank == 0:
-            self.history.append(record)
-
-    def validate(self, step: int) -> dict[str, Any]:
-        """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
-        cfg, ctx, metrics = self.cfg, self.ctx, {}
-
-        def fail(message: str) -> None:  # the watchdog's last word, before it ends this process
-            ctx.emit({"step": step, "event": "error", "message": message})
-
-        if self.eval_set is not None:
-            with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
-                faults.maybe_hang(cfg.debug, ctx.rank, step)
-                mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
-                                        tasks.eval_counts(cfg.model)))
-        if cfg.eval.generate and self.prompts:
-            with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
-                samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
-                                           cfg.deepspeed.stage == 3)
-            metrics.update(generation_metrics(samples))
-            self.emit({"step": step, "event": "samples", "samples": samples})
-        if metrics:
-            self.emit({"step": step, **metrics})
-        return metrics
-
-
-def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Location | None, skipped: list[str] = (),
-           own_checkpoint: bool = False) -> tuple[Session, dict[str, Any]]:
-    """Build the session, restored from `restart` when given; returns it with the saved loop state.
-    `own_checkpoint`: `restart` is this run's, so its records are this run's history too."""
-    set_seed(cfg.seed)
-    quiet.deepspeed_op_builds(cfg.ray.use_gpu, cfg.deepspeed.offload_optimizer, ctx.local_rank)
-    engine_lib.init_distributed()
-    preflight.check(ctx, cfg)  # every worker checks in before minutes go into loading weights
-    # Loading uses the shipped folders as this node has them; the session (and so every checkpoint)
-    # keeps the driver's config.
-    here, data = fetch_shipment(ctx, cfg, data)
-    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(here.model)
-    if cfg.data.chat_template:  # generation prompts render as the training data did
-        tokenizer.chat_template = chat_template(tokenizer, here.data.chat_template)
-    train_set = datasets.load_from_disk(data.train_dir)
-    eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
-    plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
-                     grouping_lengths(train_set, cfg.data.group_by_length))
-    engine, loop_state, history = build_and_restore(ctx, here, total_steps(cfg, plan), restart, skipped,
-                                                    own_checkpoint)
-    batches = batch_maker(here, tokenizer, engine.module)
-    return Session(ctx, cfg, engine, tokenizer, train_set, eval_set, data.prompts, plan, batches, history), loop_state
-
-
-def fetch_shipment(ctx: RunContext, cfg: RunConfig, data: PreparedData) -> tuple[RunConfig, PreparedData]:
-    """The config and data as this node has them (sft_dist.shipping); rank 0 records how each rank found them.
-
-    Collective when the data was shipped (one all_gather; every rank has the same shipment).
-    """
-    here, data, found = shipping.on_this_node(cfg, data)
-    if data.shipment:
-        ctx.emit({"step": 0, "event": "shipping", "ranks": all_gather({"rank": ctx.rank, **found})})
-    return here, data
-
-
-def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> TextBatches | ImageBatches:
-    """How saved rows become this model's inputs: padded tokens, or the image processor's pixels."""
-    if cfg.model.task == "image_classification":
-        dtype = next(module.parameters()).dtype  # not every vision model casts its pixels itself
-        return ImageBatches(model_lib.load_image_processor(cfg.model), cfg.data.image_augment, cfg.seed, dtype)
-    return TextBatches(tokenizer.pad_token_id, attention_of(module))
+from sft_dist.train_engine import TrainEngine
 
 
 def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:
@@ -140,72 +47,164 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
     restart, skipped = resume_point(ctx, cfg, resume_from)
     session, loop_state = set_up(ctx, cfg, data, restart, skipped, is_own(ctx, restart))
-    engine, plan = session.engine, session.plan
-    steps, start = total_steps(cfg, plan), loop_state.get("step", 0)
-    tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
-    supervised_per_example = np.asarray(session.train_set["num_supervised"])
-    timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
-    loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
-    saved_steps = [start] if start else []  # a resumed run's checkpoint is a saved state too
-
-    def save(step: int, metrics: dict[str, Any]) -> None:
-        state = {"step": step, "examples_seen": step * plan.global_batch_size, "seed": cfg.seed,
-                 "epoch": step // plan.steps_per_epoch, "best": tracker.state(),
-                 "fingerprint": data.fingerprint, "config": cfg.model_dump(mode="json")}
-        score = tracker.score(metrics)
-        checkpoint.save(engine, ctx, state,
-                        {"step": step, **metrics, checkpoint.SCORE: checkpoint.UNSCORED if score is None else score},
-                        session.history)
-        saved_steps.append(step)
-
-    def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
-        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
-                "lr": engine.get_lr()[0], **grad_norm(engine), **timer.metrics()}
-
-    if cfg.eval.at_start and start == 0:
-        tracker.update(session.validate(0), 0)
-    window, reason, step, preemption_saved = Window(), None, start, False
-    divergence = Divergence() if stop_on_divergence else None
-    health = Health()
-    for step in range(start + 1, steps + 1):  # `step` counts optimizer steps completed after this one
-        faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
-        loss_sum, tokens, supervised = train_step(engine, ctx, session.train_set, plan, step - 1,
-                                                  supervised_per_example, session.batches, loss_fn, timer)
-        window.add(loss_sum, tokens, supervised)
-        train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
-        if train_log:
-            session.emit(train_log)
-        metrics = session.validate(step) if validation_due(cfg, plan, step, steps) else {}
-        tracker.update(metrics, step)
-        diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
-        # The range test ends on a divergence (above); a training run stops on a non-finite step.
-        problem = None if divergence else judge_step(ctx, cfg, health, step, loss_sum, engine.get_global_grad_norm())
-        stopping = "early_stopping" if tracker.should_stop() else "diverged" if diverged else None
-        reason = agreed_stop(ctx, "non_finite" if problem else stopping)
-        if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
-            session.emit(train_metrics(step))
-        # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
-        # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
-        # way the run can be continued. A non-finite step saves nothing: the newest checkpoint stays
-        # the last finite state.
-        just_in_time = reason == "preempted" and not preemption_saved and step != steps
-        periodic = cfg.checkpoint.every_steps and step != steps and (
-            step % cfg.checkpoint.every_steps == 0 or reason == "early_stopping")
-        if reason != "non_finite" and (just_in_time or periodic or reason == "stop"):
-            save(step, metrics)
-        preemption_saved |= just_in_time
-        if reason == "non_finite":
-            ctx.emit({"step": step, "event": "error", "message": non_finite_message(step, problem, saved_steps)})
+    loop = Loop.of(session, LoopState.from_json(loop_state), data.fingerprint, stop_on_divergence)
+    loop.begin()
+    step, reason = loop.start, None
+    for step in range(loop.start + 1, loop.steps + 1):  # `step` counts optimizer steps completed after this one
+        reason = loop.train(step)
         if reason in ENDING:
             break
     else:
-        reason = "max_steps" if cfg.train.max_steps else "epochs"
-        if step > start:  # not a resume of a run that had already finished
-            metrics = session.validate(step) if cfg.eval.at_end else {}
-            tracker.update(metrics, step)
-            if cfg.checkpoint.every_steps:
-                save(step, metrics)
-    ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": tracker.metric, **tracker.state()})
+        reason = loop.finish(step)
+    ctx.emit({"step": step, "event": "end", "stop_reason": reason, "metric": loop.tracker.metric,
+              **loop.tracker.state()})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the loop logs and validates (the final validation, with eval.at_end, is the loop's own)."""
+
+    cfg: RunConfig
+    plan: BatchPlan
+    steps: int
+
+    def logs(self, step: int) -> bool:
+        return step % self.cfg.logging.every_steps == 0 or step == self.steps
+
+    def validates(self, step: int) -> bool:
+        return validation_due(self.cfg, self.plan, step, self.steps)
+
+    def validates_at_start(self, start: int) -> bool:
+        return bool(self.cfg.eval.at_start and start == 0)
+
+
+@dataclass
+class Checkpointer:
+    """Every save the loop makes: periodic, just in time (a preemption notice, once), on a stop request, final.
+    A non-finite step saves nothing: the newest checkpoint stays the last finite state."""
+
+    session: Session
+    tracker: BestTracker
+    fingerprint: Any
+    steps: int
+    saved_steps: list[int]  # a resumed run's checkpoint is a saved state too
+    preemption_saved: bool = False
+
+    def after_step(self, step: int, reason: str | None, metrics: dict[str, Any]) -> None:
+        # A preemption notice: save once and train on; Ray restarts the run from this checkpoint when the
+        # node is gone. A stop request saves whether or not periodic checkpoints are on: it is the only
+        # way the run can be continued.
+        every = self.session.cfg.checkpoint.every_steps
+        just_in_time = reason == "preempted" and not self.preemption_saved and step != self.steps
+        periodic = every and step != self.steps and (step % every == 0 or reason == "early_stopping")
+        if reason != "non_finite" and (just_in_time or periodic or reason == "stop"):
+            self.save(step, metrics)
+        self.preemption_saved |= just_in_time
+
+    def final(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.session.cfg.checkpoint.every_steps:
+            self.save(step, metrics)
+
+    def save(self, step: int, metrics: dict[str, Any]) -> None:  # collective
+        cfg, plan = self.session.cfg, self.session.plan
+        state = LoopState(step, step * plan.global_batch_size, cfg.seed, step // plan.steps_per_epoch,
+                          self.tracker.state(), self.fingerprint, cfg.model_dump(mode="json"))
+        score = self.tracker.score(metrics)
+        checkpoint.save(self.session.engine, self.session.ctx, state.to_json(),
+                        {"step": step, **metrics, checkpoints.SCORE: checkpoints.UNSCORED if score is None else score},
+                        self.session.history)
+        self.saved_steps.append(step)
+
+
+@dataclass
+class StopRules:
+    """This rank's reason to stop after a step, for `agreed_stop`: early stopping, the range test's divergence
+    (lr-find), or a non-finite step (a training run); interruptions come from the runtime."""
+
+    session: Session
+    tracker: BestTracker
+    divergence: Divergence | None
+    health: Health = field(default_factory=Health)
+
+    def judge(self, step: int, train_log: dict[str, Any] | None, loss_sum: float) -> tuple[str | None, str | None]:
+        """(this rank's reason or None, what was not finite or None)."""
+        divergence, session = self.divergence, self.session
+        diverged = divergence is not None and train_log is not None and divergence.update(train_log["loss"])
+        # The range test ends on a divergence (above); a training run stops on a non-finite step.
+        problem = None if divergence else judge_step(session.ctx, session.cfg, self.health, step, loss_sum,
+                                                     session.engine.get_global_grad_norm())
+        stopping = "early_stopping" if self.tracker.should_stop() else "diverged" if diverged else None
+        return ("non_finite" if problem else stopping), problem
+
+
+@dataclass
+class Loop:
+    """The loop's parts: what a step trains on and how it is logged, validated, saved and stopped."""
+
+    session: Session
+    start: int
+    steps: int
+    tracker: BestTracker
+    schedule: Schedule
+    checkpointer: Checkpointer
+    stops: StopRules
+    supervised: np.ndarray  # per example, for the global batch's token count
+    timer: StepTimer
+    loss_fn: LossFn
+    window: Window = field(default_factory=lambda: Window())
+
+    @classmethod
+    def of(cls, session: Session, loop_state: LoopState, fingerprint: Any, stop_on_divergence: bool) -> Loop:
+        cfg, ctx, plan = session.cfg, session.ctx, session.plan
+        steps, start = total_steps(cfg, plan), loop_state.step
+        tracker = BestTracker.for_config(cfg.eval, loop_state.best)
+        supervised = np.asarray(session.train_set["num_supervised"])
+        timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
+        loss_fn = task_of(cfg).loss(cfg.train)
+        saver = Checkpointer(session, tracker, fingerprint, steps, [start] if start else [])
+        stops = StopRules(session, tracker, Divergence() if stop_on_divergence else None)
+        return cls(session, start, steps, tracker, Schedule(cfg, plan, steps), saver, stops, supervised, timer, loss_fn)
+
+    def begin(self) -> None:
+        """The validation before training (eval.at_start, a fresh run); the first log window starts after it."""
+        if self.schedule.validates_at_start(self.start):
+            self.tracker.update(self.session.validate(0), 0)
+        self.window = Window()
+
+    def train(self, step: int) -> str | None:
+        """One step: train, log, maybe validate, agree whether to stop, maybe save; the agreed reason to stop."""
+        session, cfg, ctx = self.session, self.session.cfg, self.session.ctx
+        faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
+        loss_sum, tokens, supervised = train_step(session.engine, ctx, session.train_set, session.plan, step - 1,
+                                                  self.supervised, session.batches, self.loss_fn, self.timer)
+        self.window.add(loss_sum, tokens, supervised)
+        train_log = self.train_metrics(step) if self.schedule.logs(step) else None
+        if train_log:
+            session.emit(train_log)
+        metrics = session.validate(step) if self.schedule.validates(step) else {}
+        self.tracker.update(metrics, step)
+        local_reason, problem = self.stops.judge(step, train_log, loss_sum)
+        reason = agreed_stop(ctx, local_reason)
+        if reason in ENDING and train_log is None:  # the last step is always in metrics.jsonl
+            session.emit(self.train_metrics(step))
+        self.checkpointer.after_step(step, reason, metrics)
+        if reason == "non_finite":
+            message = non_finite_message(step, problem, self.checkpointer.saved_steps)
+            ctx.emit({"step": step, "event": "error", "message": message})
+        return reason
+
+    def finish(self, step: int) -> str:
+        """After the last step: the final validation (eval.at_end) and save; the stop reason."""
+        if step > self.start:  # not a resume of a run that had already finished
+            metrics = self.session.validate(step) if self.session.cfg.eval.at_end else {}
+            self.tracker.update(metrics, step)
+            self.checkpointer.final(step, metrics)
+        return "max_steps" if self.session.cfg.train.max_steps else "epochs"
+
+    def train_metrics(self, step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
+        engine, plan = self.session.engine, self.session.plan
+        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": self.steps, **self.window.reduce(),
+                "lr": engine.get_lr()[0], **grad_norm(engine), **self.timer.metrics()}
 
 
 ENDING = ("stop", "early_stopping", "diverged", "non_finite")  # reasons that end the loop (a preemption does not)
@@ -257,71 +256,9 @@ def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, fol
     ctx.emit({"step": loop_state["step"], "event": "end", "stop_reason": "evaluated"})
 
 
-def is_own(ctx: RunContext, restart: Location | None) -> bool:
-    """Whether `restart` is a checkpoint of this run (a recovery, --resume auto), not of the run that
-    --resume PATH named: a new run's records start after the checkpoint, as they always have."""
-    return restart is not None and restart.parent == ctx.storage
-
-
-def build_and_restore(
-    ctx: RunContext, cfg: RunConfig, steps: int, restart: Location | None, skipped: list[str] = (),
-    own_checkpoint: bool = False,
-) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0, for
-    the run's own checkpoint) the records it carries, which the resume event hands to the driver to fill
-    in what metrics.jsonl lacks."""
-    other_world_size = restart is not None and checkpoint.read_manifest(restart)["world_size"] != ctx.world_size
-    if other_world_size:
-        # Into this run's own folder: the source may be another run's, which is not ours to write to.
-        restart = checkpoint.universal_copy(restart, ctx, ctx.storage)
-    engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
-    if restart is None:
-        return engine, {}, []
-    loop_state = checkpoint.load(engine, ctx, restart)
-    records = checkpoint.read_records(restart) if ctx.rank == 0 and own_checkpoint else []
-    ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
-              "records": records})
-    return engine, loop_state, records
-
-
-def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tuple[Location | None, list[str]]:
-    """The checkpoint to continue from (None: a fresh start), and the torn ones skipped on the way.
-
-    The run's own newest complete checkpoint (there after a worker failure, or with --resume auto)
-    wins over a checkpoint of another run named by --resume PATH. The run's storage (a folder or an
-    object store) is scanned rather than trusting Ray's registry: a worker that dies hard can take a
-    checkpoint's registration with it while its files are complete in storage.
-    """
-    skipped: list[str] = []
-    own = checkpoint.complete_checkpoints(ctx.storage, log=skipped.append)
-    chosen = own[-1] if own else Location.of(requested) if requested else None
-    return chosen, skipped
-
-
-def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> Any:
-    ds_config = engine_lib.deepspeed_config(cfg, ctx.world_size, load_universal)
-    dtype = model_lib.weight_dtype(cfg.model, cfg.train.precision)
-    model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config),
-                            adapters.quantized_loading(cfg.peft, dtype, ctx.device), cfg.train.neftune_alpha)
-    model = adapters.wrap(model, cfg.peft, model_lib.PRECISION_DTYPES[cfg.train.precision],
-                          cfg.model.gradient_checkpointing, cfg.model.task)
-    # from_pretrained returns a model in eval mode: without this, model.dropout and NEFTune (which act
-    # only in training mode) would never act in training.
-    model.train()
-    trainable = adapters.trainable_elements(model)
-    groups = engine_lib.parameter_groups(model, cfg.train)
-    engine = engine_lib.initialize(model, cfg, ds_config, steps, groups)
-    local, total = engine_lib.parameter_elements(engine.module)
-    ctx.emit({"step": 0, "event": "setup", "world_size": ctx.world_size, "zero_stage": cfg.deepspeed.stage,
-              "total_steps": steps, "param_elements_total": total, "param_elements_per_rank": all_gather(local),
-              "trainable_params": trainable, "param_groups": engine_lib.group_summary(groups),
-              "optimizer_lrs": [g["lr"] for g in engine.optimizer.param_groups]})
-    return engine
-
-
 def train_step(
-    engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
-    batches: TextBatches | ImageBatches, loss_fn: tasks.LossFn = token_loss_sums, timer: StepTimer = OFF,
+    engine: TrainEngine, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
+    batches: TextBatches | ImageBatches, loss_fn: LossFn = token_loss_sums, timer: StepTimer = OFF,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
@@ -379,6 +316,6 @@ class Window:
         return metrics
 
 
-def grad_norm(engine: Any) -> dict[str, float]:
+def grad_norm(engine: TrainEngine) -> dict[str, float]:
     norm = engine.get_global_grad_norm()
     return {} if norm is None else {"grad_norm": float(norm)}

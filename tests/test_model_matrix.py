@@ -21,7 +21,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_dist import checkpoint
+from sft_dist import checkpoints
 from sft_dist.cli import main
 
 from conftest import REPO, eval_losses, read_events, train_losses, train_tiny
@@ -62,7 +62,7 @@ def chain(case: tuple[str, int, str], root: Path) -> Chain:
         out = root / key
         first = train_tiny(out, *settings, extra_args=("--no-ray",), run_name="first")
         resumed = train_tiny(out, *settings, run_name="resumed",
-                             extra_args=("--no-ray", "--resume", str(first / checkpoint.folder_name(2))))
+                             extra_args=("--no-ray", "--resume", str(first / checkpoints.folder_name(2))))
         exports = {"adapter": out / "adapter", "merged": out / "merged"} if mode == "lora" else {"model": out / "model"}
         for name, folder in exports.items():
             assert main(["export", str(resumed), "--out", str(folder), *(["--merge-lora"] if name == "merged" else [])]) == 0

@@ -143,11 +143,11 @@ def test_a_restarted_ray_worker_refuses_a_payload_planted_in_the_runs_own_checkp
     planted = threading.Event()
 
     def plant_when_saved() -> None:
-        from sft_dist import checkpoint
+        from sft_dist import checkpoints
 
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not planted.is_set():
-            if ready.is_dir() and checkpoint.problem(ready) is None:  # every rank's files complete
+            if ready.is_dir() and checkpoints.problem(ready) is None:  # every rank's files complete
                 poison(ready, marker)
                 planted.set()
             time.sleep(0.05)

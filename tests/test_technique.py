@@ -163,9 +163,9 @@ def test_bf16_training_follows_fp32_within_bf16_precision(fp32_run, tmp_path):
         [e["loss"] for e in read_events(fp32_run) if "loss" in e]
     assert losses == pytest.approx(reference, rel=2e-2) and losses != pytest.approx(reference, rel=1e-6)
     # The engine trained a bf16 model: the checkpoint's module weights are bf16 (fp32 master copies aside).
-    from sft_dist import checkpoint
+    from sft_dist import checkpoints
 
-    module = torch.load(next((run / checkpoint.folder_name(3) / checkpoint.TAG).glob("*model_states.pt")),
+    module = torch.load(next((run / checkpoints.folder_name(3) / checkpoints.TAG).glob("*model_states.pt")),
                         map_location="cpu", weights_only=False)["module"]
     assert {t.dtype for t in module.values()} == {torch.bfloat16}
 

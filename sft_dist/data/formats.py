@@ -48,18 +48,14 @@ Example = Chat | Plain
 
 
 def normalize(row: Any, data: DataConfig) -> Example:
+    """The row as a chat or as plain text, by `data.format` (one of causal_lm's formats)."""
     if not isinstance(row, dict):
         raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
     _refuse_what_is_not_text_sft(row, data)
-    def fields(name: str) -> str:
-        return data.fields.get(name, name)
+    return NORMALIZERS[data.format](row, data, lambda name: data.fields.get(name, name))
 
-    if data.format == "messages":
-        return _messages(row, data, fields)
-    if data.format == "alpaca":
-        return _alpaca(row, data, fields)
-    if data.format == "prompt_completion":
-        return _prompt_completion(row, data, fields)
+
+def _text(row: dict, data: DataConfig, fields) -> Plain:
     text = _required(row, fields("text"), str)
     if not text.strip():
         raise BadRow("empty_text", f"'{fields('text')}' is empty")
@@ -239,3 +235,7 @@ def _prompt_completion(row: dict, data: DataConfig, fields) -> Example:
     if not completion:
         raise BadRow("empty_completion", f"'{fields('completion')}' is empty")
     return Plain([(prompt, data.loss_on == "all"), (completion, True)])
+
+
+# Each text format's reader (the formats of causal_lm; the classifiers' formats have their own encoders).
+NORMALIZERS = {"messages": _messages, "alpaca": _alpaca, "prompt_completion": _prompt_completion, "text": _text}
