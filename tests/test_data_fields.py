@@ -84,6 +84,7 @@ def test_data_command_mixes_an_alpaca_file_and_a_sharegpt_tool_file(tmp_path, ca
                        out)
     assert counts and int(counts.group(1)) + int(counts.group(2)) == 40, out
     assert "columns not read (ignored): id (20 rows)" in out
+    assert "duplicate rows: 0; also in train: 0" in out and "also training rows" not in out  # held out: disjoint
     # Row 0 of the alpaca file, its answer alone learned (when it is not held out, it is the example).
     assert re.search(r"<\|im_start\|>user\nWhat is \d+ plus \d+\?<\|im_end\|>\n<\|im_start\|>assistant\n"
                      r"\[\[\d+<\|im_end\|>\]\]", out), out

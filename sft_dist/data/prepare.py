@@ -171,7 +171,9 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
 def _content_keys(encoded: list[Encoded], heldout: bool | None, fraction: float | None) -> np.ndarray:
     """A number per kept row fixed by its content (the held-out split's own), before mixing weights
     repeat rows: equal numbers are duplicate rows."""
-    parts = [_kept(table, heldout, fraction).data.table.column("heldout_u").to_numpy()
+    # Read through the selection (`.data.table` would be the whole table: every row, dropped ones included,
+    # once the kept rows are not one contiguous run).
+    parts = [np.asarray(_kept(table, heldout, fraction)["heldout_u"], dtype=np.float64)
              for source in encoded for _part, table in source.parts]
     return np.concatenate(parts) if parts else np.zeros(0)
 
