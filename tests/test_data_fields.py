@@ -110,3 +110,21 @@ def test_columns_and_turn_keys_no_format_reads_are_named():
     assert extra_fields(row, data_config(TRAIN)) == ["id", "messages[].lang"]  # null columns are not data
     assert extra_fields({"instruction": "x", "output": "y", "history": [], "rating": 5},
                         data_config(TRAIN, format="alpaca")) == ["rating"]
+
+
+def test_a_parquet_file_of_tool_conversations_reads_as_its_json_lines(tmp_path):
+    """Arrow gives every turn every key (null where a turn had none): nulls are absent keys, not values."""
+    import datasets
+    import pandas as pd
+
+    from fixtures.data import run_prepare
+
+    items = [{"messages": [{"role": "user", "content": f"Hi {i}"},
+                           {"role": "assistant", "content": "Hello", "weight": 0},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": f"Bye {i}"}]}
+             for i in range(4)]
+    jsonl = run_prepare(tmp_path / "a", str(write_jsonl(tmp_path / "rows.jsonl", items)))
+    pd.DataFrame(items).to_parquet(tmp_path / "rows.parquet")
+    parquet = run_prepare(tmp_path / "b", str(tmp_path / "rows.parquet"))
+    assert datasets.load_from_disk(parquet.train_dir)["labels"] == datasets.load_from_disk(jsonl.train_dir)["labels"]
+    assert parquet.stats["train"]["extra_fields"] == {}

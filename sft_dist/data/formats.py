@@ -69,7 +69,7 @@ def _refuse_what_is_not_text_sft(row: dict, data: DataConfig) -> None:
         raise BadRow("preference_data", f"'chosen'/'rejected': {NOT_SFT} (a DPO-style pair; keep only "
                      "the chosen conversation as messages to fine-tune on it)")
     for key in ("label", "kto_tag"):
-        if isinstance(row.get(key), bool) and key not in data.fields.values():
+        if isinstance(row.get(key), bool):
             raise BadRow("preference_data", f"'{key}': {NOT_SFT} (a KTO-style good/bad label; keep only "
                          "the rows labelled true, without the label, to fine-tune on them)")
     for key in MEDIA_COLUMNS:
@@ -104,7 +104,8 @@ def extra_fields(row: Any, data: DataConfig) -> list[str]:
     turns = row.get(data.fields.get("messages", "messages")) if data.format == "messages" else None
     if isinstance(turns, list):
         turn_known = {data.fields.get("role", "role"), data.fields.get("content", "content"), "weight", *TURN_KEYS}
-        keys = {k for turn in turns if isinstance(turn, dict) for k in turn if k not in turn_known}
+        keys = {k for turn in turns if isinstance(turn, dict) for k, v in turn.items()
+                if k not in turn_known and v is not None}  # (Arrow gives every turn every key, null where absent)
         extra += [f"{data.fields.get('messages', 'messages')}[].{k}" for k in sorted(keys)]
     return extra
 
@@ -166,7 +167,7 @@ def _turn(turn: dict, role: str, content_key: str, where: str) -> dict[str, Any]
 
 
 def _weight(turn: dict, where: str) -> int:
-    weight = turn.get("weight", 1)
+    weight = 1 if turn.get("weight") is None else turn["weight"]  # (a table's null: the turn had none)
     if weight not in (0, 1) or isinstance(weight, bool):
         raise BadRow("wrong_type", f"{where}.weight is {weight!r}; expected 0 (not learned) or 1")
     return weight
