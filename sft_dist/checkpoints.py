@@ -1,6 +1,6 @@
 """Checkpoints as storage sees them, without DeepSpeed (the driver and export's choice import only this):
 folder names, the completion manifest, which folders are complete, the best one, retention, and the
-records and config a checkpoint carries. Saving and loading the engine is sft_dist.checkpoint's.
+records and config a checkpoint carries. Saving and loading the engine is sft_dist.worker.checkpoint's.
 
 A folder counts as a checkpoint only if its manifest exists and every file it lists is there with the
 listed size, so a save torn by a crash is never resumed from. Checkpoints are found by scanning the
@@ -15,9 +15,10 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sft_dist import safe_loading
 from sft_dist.config import RunConfig

@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
-    export.add_argument("checkpoint", help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
+    export.add_argument("checkpoint",
+                        help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     export.add_argument("--merge-lora", action="store_true",
@@ -77,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args: argparse.Namespace) -> Exit:
     """The command's own exit code (errors.Exit); bad input raises UserError."""
     if args.command in ("train", "eval", "lr-find"):
-        from sft_dist import driver
+        from sft_dist.driver import commands
 
         if args.command == "train":
-            return driver.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
+            return commands.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
         if args.command == "eval":
-            return driver.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
-        return driver.find_learning_rate(args.config, args.overrides, args.lr_min, args.lr_max, args.steps,
+            return commands.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
+        return commands.find_learning_rate(args.config, args.overrides, args.lr_min, args.lr_max, args.steps,
                                          use_ray=not args.no_ray)
     if args.command == "tune":
-        from sft_dist import tuning
+        from sft_dist.driver import tuning
 
         return tuning.tune_command(args.config, args.overrides, args.space, args.resume)
     if args.command == "data":
@@ -94,11 +95,11 @@ def run_command(args: argparse.Namespace) -> Exit:
     if args.command == "export":
         return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora, args.trust_remote_code)
     if args.command == "plan":
-        from sft_dist import plan
+        from sft_dist.tools import plan
 
         print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node))
         return Exit.OK
-    from sft_dist import bench  # argparse allows no other command
+    from sft_dist.tools import bench  # argparse allows no other command
 
     return Exit(bench.main(args.config, args.quick, args.out, args.device, args.peak_tflops))
 
@@ -107,17 +108,16 @@ def data_command(config_path: str, overrides: list[str]) -> Exit:
     """Prepare the data exactly as `train` would (and cache it); print its statistics and one example."""
     from pathlib import Path
 
-    from sft_dist import driver
+    from sft_dist.driver import commands
 
-    cfg = driver.load_checked(config_path, overrides, fresh_run=False, needs_weights=False)
-    data = driver.prepare_data(cfg)
+    cfg = commands.load_checked(config_path, overrides, fresh_run=False, needs_weights=False)
+    data = commands.prepare_data(cfg)
     from sft_dist.data import stats
     from sft_dist.data.prepare import first_example
-
     from sft_dist.tasks import task_of
 
     task = task_of(cfg)  # a classifier's labels are ids, not tokens to mark
-    example = stats.marked_example(driver.text_tokenizer(cfg.model), *first_example(data.train_dir)) \
+    example = stats.marked_example(commands.text_tokenizer(cfg.model), *first_example(data.train_dir)) \
         if task.labels_are_tokens else None
     print(stats.report(data.stats, example))
     if task.labelled:
@@ -130,7 +130,7 @@ def export_command(source: str, out: str, dtype: str, merge_lora: bool = False, 
                    ) -> Exit:
     from pathlib import Path
 
-    from sft_dist import driver
+    from sft_dist.driver import commands
 
-    driver.export_checkpoint(source, Path(out), dtype, merge_lora, trust_remote_code)
+    commands.export_checkpoint(source, Path(out), dtype, merge_lora, trust_remote_code)
     return Exit.OK

@@ -17,10 +17,11 @@ import functools
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from sft_dist.errors import UserError
@@ -208,7 +209,8 @@ def check_reachable(root: Location, probe_name: str, key: str = "ray.storage_pat
             raise StorageError("read back", probe, "its content differs")
         probe.delete()
     except StorageError as err:
-        raise UserError(f"cannot write to {root}: {err.reason} (credentials come from each node's environment, AWS profile or instance role; "
+        raise UserError(f"cannot write to {root}: {err.reason} (credentials come from each node's environment, "
+                        "AWS profile or instance role; "
                         "the endpoint from ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
                         key=key) from None
 

@@ -17,8 +17,16 @@ from transformers import AutoModelForCausalLM
 from sft_dist import checkpoints
 from sft_dist.cli import main
 
-from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env,
-                      train_losses, train_tiny)
+from conftest import (
+    BASELINE_STEPS,
+    REPO,
+    TINY_CONFIG,
+    eval_losses,
+    read_events,
+    subprocess_env,
+    train_losses,
+    train_tiny,
+)
 from fixtures.exported import hf_eval_loss, saved_rows
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
@@ -71,7 +79,8 @@ def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, t
     scheduler's state must come back), and the short run's newest checkpoint torn: --resume auto starts
     from the older one, and so does the recovery from a worker failure after it."""
     # A warmup then constant: the same schedule for 4 steps and for 8, so the runs compare step by step.
-    same = ("train.scheduler=constant_with_warmup", "train.warmup_ratio=0", "train.warmup_steps=2", "checkpoint.every_steps=3",
+    same = ("train.scheduler=constant_with_warmup", "train.warmup_ratio=0", "train.warmup_steps=2",
+            "checkpoint.every_steps=3",
             "eval.generate=null", "model.dropout=0.1")
     longer = train_tiny(tmp_path / "long", "train.max_steps=8", *same)
     short = train_tiny(tmp_path / "short", "train.max_steps=4", *same)
@@ -177,9 +186,11 @@ def test_resume_at_another_world_size_continues_the_trajectory(stage, run, basel
 
 def test_sigterm_finishes_the_step_saves_and_stops_then_resume_continues(tmp_path):
     """What `ray job stop`, `scancel` or a node shutdown do to the driver: the run saves and exits 143."""
-    command = [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), "--no-ray", "--set", f"output_dir={tmp_path}",
+    command = [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), "--no-ray", "--set",
+               f"output_dir={tmp_path}",
                "--set", "run_name=r", "--set", "train.max_steps=100000", "--set", "eval.generate=null"]
-    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):

@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from fixtures.data import DATES, TOOL_TEMPLATE, data_config, write_jsonl
 from sft_dist.cli import main
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.formats import Chat, normalize
 
 from conftest import TINY_CONFIG
+from fixtures.data import DATES, TOOL_TEMPLATE, data_config, write_jsonl
 
 TRAIN = str(DATES / "train.jsonl")
 USER, ANSWER = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}

@@ -9,12 +9,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from fixtures.data import TOOL_TEMPLATE, data_config, write_jsonl
-from fixtures.exported import saved_rows
-from sft_dist.cli import main
 from sft_dist.data.formats import normalize
 
 from conftest import train_tiny
+from fixtures.data import TOOL_TEMPLATE, data_config, write_jsonl
+from fixtures.exported import saved_rows
 
 SHAREGPT_FIELDS = {"messages": "conversations", "role": "from", "content": "value"}
 

@@ -9,11 +9,12 @@ import json
 
 import pytest
 
-from fixtures.data import DATES, TOOL_TEMPLATE, WEATHER_TOOL, data_config, tokenizer
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.data.encode import Encoder
 from sft_dist.data.formats import normalize
 from sft_dist.data.templates import chat_template
+
+from fixtures.data import DATES, TOOL_TEMPLATE, WEATHER_TOOL, data_config, tokenizer
 
 TRAIN = str(DATES / "train.jsonl")
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}

@@ -200,8 +200,8 @@ def test_a_wrapped_model_with_tied_embeddings_keeps_its_frozen_base_out_of_its_s
     """A tied output head is a second name for the frozen embeddings, which `named_parameters()` hides."""
     from transformers import AutoConfig
 
-    from sft_dist import adapters
     from sft_dist.config import PeftConfig
+    from sft_dist.modeling import adapters
 
     config = AutoConfig.from_pretrained(BASE, tie_word_embeddings=True)
     model = adapters.wrap(AutoModelForCausalLM.from_config(config), PeftConfig(method="lora", r=R), torch.float32,

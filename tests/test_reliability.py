@@ -83,7 +83,7 @@ def test_a_dead_model_is_warned_about_and_no_ray_keeps_checkpoint_keep(tmp_path)
 
 
 def test_a_resume_fills_in_records_the_driver_never_wrote_and_drops_retrained_ones(tmp_path):
-    from sft_dist.metrics import RunRecorder
+    from sft_dist.driver.metrics import RunRecorder
 
     def train(step: int) -> dict:
         return {"step": step, "loss": 1.0 / step, "lr": 0.1}

@@ -102,8 +102,9 @@ def test_resume_and_eval_refuse_the_payload_before_anything_starts(planted, tmp_
 def test_universal_conversion_refuses_the_payload_and_so_does_deepspeed_itself(planted, tmp_path):
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    from sft_dist import checkpoint, runtime, safe_loading
+    from sft_dist import safe_loading
     from sft_dist.errors import UserError
+    from sft_dist.worker import checkpoint, runtime
 
     folder, marker = planted
     ctx = runtime.LocalRunContext(0, 1, 0, torch.device("cpu"), lambda e: None, tmp_path, threading.Event())

@@ -175,9 +175,9 @@ def test_a_worker_failure_reaches_the_driver_as_one_line_naming_rank_and_host(s3
     from pydantic import ValidationError
 
     from sft_dist.config import RunConfig
-    from sft_dist.launcher import _failure_message
-    from sft_dist.runtime import one_line
+    from sft_dist.driver.launcher import _failure_message
     from sft_dist.storage import StorageError
+    from sft_dist.worker.runtime import one_line
 
     with pytest.raises(ValidationError) as invalid:
         RunConfig.model_validate({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"lr": -1}})

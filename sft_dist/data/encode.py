@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import datasets
 import numpy as np
@@ -44,7 +45,7 @@ class Encoder:
         # Plain text longer than max_seq_len, packed: windows of it train, rather than its start only.
         self.chunks_text = data.format == "text" and data.packing and data.truncation == "right"
 
-    def for_source(self, source: SourceConfig) -> "Encoder":
+    def for_source(self, source: SourceConfig) -> Encoder:
         """The encoder of one source: its own format, fields and roles where it sets them."""
         return Encoder(self.data.for_source(source), self.tokenizer, self.template)
 
@@ -101,7 +102,8 @@ class Encoder:
             out["length"][j] = full_length
             return
         # left: the prompt's start goes, the answer stays (a long prompt no longer drops the row)
-        ids, labels = (ids[-limit:], labels[-limit:]) if self.data.truncation == "left" else (ids[:limit], labels[:limit])
+        kept = slice(-limit, None) if self.data.truncation == "left" else slice(limit)
+        ids, labels = ids[kept], labels[kept]
         num_supervised = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 predicts nothing
         if num_supervised == 0:
             if full_length > len(ids):  # the cut took every supervised token (e.g. a long prompt): say so

@@ -1,7 +1,7 @@
 """Checkpoint to a Hugging Face folder: safetensors weights, config, tokenizer (with the chat template the
 run trained with) or image processor, and generation config, loadable with the task's
 `AutoModelFor...from_pretrained(DIR)` and `pipeline(...)`, by transformers 5 and by the 4.x line alike
-(sft_dist.model_folder). A LoRA checkpoint becomes the adapter folder `PeftModel.from_pretrained(base, DIR)`
+(sft_dist.modeling.model_folder). A LoRA checkpoint becomes the adapter folder `PeftModel.from_pretrained(base, DIR)`
 loads, or with `merge_lora` the base with the adapter merged in, a plain model folder.
 
 ZeRO shards are consolidated by DeepSpeed's own reader in lazy mode, and written one output shard at a
@@ -22,11 +22,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
 
-from sft_dist import adapters, checkpoints, model_folder
-from sft_dist import model as model_lib
+from sft_dist import checkpoints
 from sft_dist.config import RunConfig
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
+from sft_dist.modeling import adapters, model_folder
+from sft_dist.modeling import model as model_lib
 from sft_dist.tasks import task_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -10,19 +10,21 @@ import datasets
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, checkpoints, faults, preflight, quiet, shipping
-from sft_dist import engine as engine_lib
-from sft_dist import model as model_lib
+from sft_dist import checkpoints, quiet, shipping
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan, TextBatches, grouping_lengths
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
-from sft_dist.evaluate import deadline, generate_answers, generation_metrics, validate
-from sft_dist.runtime import RunContext, all_gather
+from sft_dist.modeling import adapters
+from sft_dist.modeling import model as model_lib
 from sft_dist.storage import Location
 from sft_dist.tasks import task_of
-from sft_dist.train_engine import TrainEngine
+from sft_dist.worker import checkpoint, faults, preflight
+from sft_dist.worker import engine as engine_lib
+from sft_dist.worker.evaluate import deadline, generate_answers, generation_metrics, validate
+from sft_dist.worker.runtime import RunContext, all_gather
+from sft_dist.worker.train_engine import TrainEngine
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> int:

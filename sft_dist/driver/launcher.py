@@ -8,20 +8,21 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from sft_dist import quiet, shipping, storage, watchdog
+from sft_dist import quiet, shipping, storage
 from sft_dist.checkpoints import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
+from sft_dist.driver import watchdog
 from sft_dist.errors import UserError
-from sft_dist.runtime import Job, ray_worker_main
-
+from sft_dist.worker.runtime import Job, ray_worker_main
 
 _connected_here = False  # this module called ray.init (not a caller that had initialized Ray already)
 
@@ -64,7 +65,7 @@ def refuse_node_local_storage(cfg: RunConfig) -> None:
 
 
 def fit(
-    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], job: Job = Job(),
+    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], job: Job | None = None,
     stop: threading.Event | None = None,
 ) -> str | None:
     """Run the job (training, validation of a checkpoint, a learning-rate range test) on Ray Train workers.
@@ -73,6 +74,7 @@ def fit(
     success, else the failure's message. With an object-store storage the data and model folder are
     shipped there first (sft_dist.shipping), for nodes that do not see the driver's disk.
     """
+    job = job or Job()
     root = storage.Location.of(cfg.storage_path())
     data = shipping.ship(cfg, data, root)
     # Ray Train writes the checkpoints through the same filesystem (endpoint, scheme, region) as ours;

@@ -14,9 +14,10 @@ import shutil
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -208,7 +209,7 @@ def _run_on_ray_worker(loop_config: dict[str, Any]) -> None:
         events=loop_config["events"],
         control=loop_config["control"],
     )
-    from sft_dist import train
+    from sft_dist.worker import train
 
     train.run_job(ctx, cfg, PreparedData(**loop_config["data"]), Job(**loop_config["job"]))
 

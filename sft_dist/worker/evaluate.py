@@ -11,18 +11,19 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from sft_dist import model_folder
 from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import eval_batches, model_inputs
-from sft_dist.runtime import RunContext, all_reduce_sum
+from sft_dist.modeling import model_folder
 from sft_dist.tasks.heads import TokenCounts
-from sft_dist.train_engine import TrainEngine
+from sft_dist.worker.runtime import RunContext, all_reduce_sum
+from sft_dist.worker.train_engine import TrainEngine
 
 
 def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
@@ -143,12 +144,13 @@ class BestTracker:
     stale_evals: int = 0
 
     @classmethod
-    def for_config(cls, cfg: EvalConfig, saved: dict[str, Any] | None = None) -> "BestTracker":
+    def for_config(cls, cfg: EvalConfig, saved: dict[str, Any] | None = None) -> BestTracker:
         stopping = cfg.early_stopping
         tracker = cls(cfg.metric, cfg.direction(), stopping and stopping.patience,
                       stopping.min_delta if stopping else 0.0)
         if saved:  # a resumed run keeps its best and its patience count
-            tracker.best, tracker.best_step, tracker.stale_evals = saved["best"], saved["best_step"], saved["stale_evals"]
+            tracker.best, tracker.best_step = saved["best"], saved["best_step"]
+            tracker.stale_evals = saved["stale_evals"]
         return tracker
 
     def update(self, metrics: dict[str, Any], step: int) -> bool:

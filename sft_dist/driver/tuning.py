@@ -86,12 +86,12 @@ def load_space(path: str) -> SearchSpace:
 
 
 def tune_command(config_path: str, overrides: list[str], space_path: str, resume: bool) -> Exit:
-    from sft_dist import driver, launcher
+    from sft_dist.driver import commands, launcher
 
     space = load_space(space_path)
     # Resolved and checked once here, as `train` does (absolute paths, inputs, storage, label names):
     # trials start in Tune's trial folders, from the base config this writes.
-    base = driver.load_checked(config_path, [*overrides, *as_overrides(space.fixed)], fresh_run=False)
+    base = commands.load_checked(config_path, [*overrides, *as_overrides(space.fixed)], fresh_run=False)
     for key in space.params:  # each searched key must be a key of the config
         _check_key(base, key)
     experiment = Path(base.output_dir) / f"tune-{Path(config_path).stem}-{Path(space_path).stem}"
@@ -99,7 +99,7 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
     mode = space.mode or (base.eval.direction() if metric == base.eval.metric else "min")
     _check_installed(space, space_path)
     _check_resume(experiment, resume)
-    driver.prepare_data(base)  # tokenize once, before any trial: trials find the cache
+    commands.prepare_data(base)  # tokenize once, before any trial: trials find the cache
     # An embedded Ray is sized by the worker count: room for the wanted number of concurrent runs.
     wanted = base.ray.num_workers * (space.max_concurrent_trials or 1) + 1
     launcher.connect(base.model_copy(update={"ray": base.ray.model_copy(update={"num_workers": wanted})}))
@@ -119,7 +119,8 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
         return Exit.FAILED
     best = results.get_best_result(metric, mode, scope="all")
     print(f"best: {metric} {best.metrics.get(metric)} with " +
-          " ".join(f"{k}={v}" for k, v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
+          " ".join(f"{k}={v}" for k,
+                   v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
     return Exit.OK
 
 
@@ -224,12 +225,12 @@ def _searcher(space: SearchSpace, seed: int, concurrent: int) -> Any:
 
 def run_trial(trial: dict[str, Any]) -> None:
     """One trial: an sft_dist run of the base config with the trial's values, reporting each validation."""
-    from sft_dist import driver, launch_path
-    from sft_dist.runtime import Job
+    from sft_dist.driver import commands, launch_path
+    from sft_dist.worker.runtime import Job
 
     name = f"trial-{tune.get_context().get_trial_id()}"  # the name of its Tune folder too
     cfg = config_lib.load(trial["base"], [*as_overrides(trial["params"]), f"run_name={name}"])
-    data = driver.prepare_data(cfg)
+    data = commands.prepare_data(cfg)
     if cfg.run_dir().exists():  # a trial Tune restarts (--resume) starts over: Tune holds no checkpoint of it,
         shutil.rmtree(cfg.run_dir())  # and Ray Train would resume its run's own checkpoints behind Tune's clock
     events, ended_as = queue.Queue(), []

@@ -11,24 +11,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from sft_dist import checkpoint, checkpoints, faults
-from sft_dist import engine as engine_lib
+from sft_dist import checkpoints
 from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan, TextBatches, model_inputs
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
-from sft_dist.evaluate import BestTracker
-from sft_dist.health import Health
-from sft_dist.loss import token_loss_sums
-from sft_dist.lr_find import Divergence
-from sft_dist.runtime import Job, RunContext, all_reduce_sum
+from sft_dist.modeling.loss import token_loss_sums
 from sft_dist.records import LoopState
-from sft_dist.session import Session, is_own, resume_point, set_up, total_steps
 from sft_dist.storage import Location
 from sft_dist.tasks import task_of
 from sft_dist.tasks.heads import LossFn
-from sft_dist.timing import OFF, StepTimer
-from sft_dist.train_engine import TrainEngine
+from sft_dist.tools.lr_find import Divergence
+from sft_dist.worker import checkpoint, faults
+from sft_dist.worker import engine as engine_lib
+from sft_dist.worker.evaluate import BestTracker
+from sft_dist.worker.health import Health
+from sft_dist.worker.runtime import Job, RunContext, all_reduce_sum
+from sft_dist.worker.session import Session, is_own, resume_point, set_up, total_steps
+from sft_dist.worker.timing import OFF, StepTimer
+from sft_dist.worker.train_engine import TrainEngine
 
 
 def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:

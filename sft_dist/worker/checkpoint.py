@@ -25,9 +25,9 @@ from sft_dist import safe_loading
 from sft_dist.atomic_files import out_of_space, write_text
 from sft_dist.checkpoints import MANIFEST, RECORDS, TAG, folder_name, local_copy, read_manifest
 from sft_dist.errors import RunFailure
-from sft_dist.runtime import RunContext, all_gather
 from sft_dist.storage import Location
-from sft_dist.train_engine import TrainEngine
+from sft_dist.worker.runtime import RunContext, all_gather
+from sft_dist.worker.train_engine import TrainEngine
 
 
 class CheckpointSaveError(RunFailure):

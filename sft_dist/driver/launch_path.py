@@ -12,23 +12,24 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from sft_dist import config as config_lib
-from sft_dist import inputs
 from sft_dist.atomic_files import write_text
 from sft_dist.config import RunConfig
+from sft_dist.driver import inputs
 from sft_dist.errors import RunFailure
 from sft_dist.storage import run_location
 
 if TYPE_CHECKING:
     from sft_dist.data.prepare import PreparedData
-    from sft_dist.metrics import RunRecorder
-    from sft_dist.runtime import Job
-    from sft_dist.sinks import Sink
+    from sft_dist.driver.metrics import RunRecorder
+    from sft_dist.driver.sinks import Sink
+    from sft_dist.worker.runtime import Job
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def launch(cfg: RunConfig, data: PreparedData, job: Job, *, use_ray: bool = True
     """Run `job` on Ray Train workers (or in this process, `use_ray=False`) in the run folder of
     `cfg.run_name`; every event goes to the run's recorder (and the `sinks` it opens on the run folder),
     then to `on_event` (a Tune trial's reports)."""
-    from sft_dist.metrics import RunRecorder
+    from sft_dist.driver.metrics import RunRecorder
 
     if use_ray:
         connect_to_ray(cfg)
@@ -74,7 +75,7 @@ def launch(cfg: RunConfig, data: PreparedData, job: Job, *, use_ray: bool = True
 def connect_to_ray(cfg: RunConfig) -> None:
     """Join the cluster (refusing storage its nodes cannot share), or start an embedded one that ends
     with this process, before the run folder exists."""
-    from sft_dist import launcher  # Ray is imported only once the input is known to be good
+    from sft_dist.driver import launcher  # Ray is imported only once the input is known to be good
 
     launcher.connect(cfg)
 
@@ -90,7 +91,7 @@ def create_run_dir(cfg: RunConfig, continuing: bool = False) -> Path:
 
 
 def fit_on_ray(cfg: RunConfig, data: PreparedData, record: Callable[[dict[str, Any]], None], job: Job) -> str | None:
-    from sft_dist import launcher
+    from sft_dist.driver import launcher
 
     with stop_on_sigterm() as stop:  # after connecting: Ray's core worker installs a SIGTERM handler of its own
         return launcher.fit(cfg, data, record, job, stop)
@@ -100,13 +101,14 @@ def fit_in_process(cfg: RunConfig, data: PreparedData, record: Callable[[dict[st
                    ) -> str | None:
     """The same loop in this one process, without Ray: for debugging, benchmarks and GPU checks. A failure
     prints its traceback (stderr) before the run reports it in one line: debugging is what this mode is for."""
-    from sft_dist import checkpoints, runtime
+    from sft_dist import checkpoints
+    from sft_dist.worker import runtime
 
     with stop_on_sigterm() as stop:
         storage = run_location(cfg.storage_path(), cfg.run_name)
         ctx = runtime.local_context(cfg.ray.use_gpu, cfg.ray.threads_per_worker, record, storage, stop,
                                     functools.partial(checkpoints.prune, storage, cfg.checkpoint.keep))
-        from sft_dist import train as train_loop
+        from sft_dist.worker import train as train_loop
 
         try:
             train_loop.run_job(ctx, cfg, data, job)

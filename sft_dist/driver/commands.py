@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sft_dist import config as config_lib
-from sft_dist import fingerprint, inputs, sinks
+from sft_dist import fingerprint
 from sft_dist.atomic_files import write_text
 from sft_dist.config import ModelConfig, RunConfig
+from sft_dist.driver import inputs, sinks
+from sft_dist.driver.launch_path import launch
 from sft_dist.errors import Exit, UserError
-from sft_dist.launch_path import launch
 from sft_dist.storage import Location, StorageError, check_reachable, run_location
 from sft_dist.tasks import task_of
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 def load_checked(config_path: str, overrides: list[str], *, fresh_run: bool = True, needs_weights: bool = True,
                  continuing: bool = False) -> RunConfig:
-    """The config, validated, its inputs checked (sft_dist.inputs), label names filled in. `fresh_run`:
+    """The config, validated, its inputs checked (sft_dist.driver.inputs), label names filled in. `fresh_run`:
     the run folder must be free; `continuing`: the run to continue (--resume auto)."""
     cfg = config_lib.load(config_path, overrides, name_run=not continuing)
     check_storage(cfg)
@@ -49,10 +50,10 @@ def load_checked(config_path: str, overrides: list[str], *, fresh_run: bool = Tr
 def prepare_data(cfg: RunConfig, use_ray: bool = True) -> PreparedData:
     """Validate and tokenize the data (cached under output_dir), and refuse a run with no steps; first
     check the adapter config against the installed peft, which the config alone cannot."""
-    from sft_dist import adapters
     from sft_dist.data.batches import BatchPlan
     from sft_dist.data.prepare import prepare, row_lengths
     from sft_dist.data.stats import batching_stats, warnings
+    from sft_dist.modeling import adapters
 
     if adapters.enabled(cfg.peft):
         adapters.check(cfg.peft, cfg.model, zero3=cfg.deepspeed.stage == 3)
@@ -79,7 +80,7 @@ def prepare_data(cfg: RunConfig, use_ray: bool = True) -> PreparedData:
 
 def text_tokenizer(model: ModelConfig) -> Any:
     """The model's tokenizer; one that cannot load is a bad model folder or name, in one line."""
-    from sft_dist.model import load_tokenizer
+    from sft_dist.modeling.model import load_tokenizer
 
     try:
         return load_tokenizer(model)
@@ -147,8 +148,8 @@ def train(config_path: str, overrides: list[str], use_ray: bool = True, resume: 
     cfg = load_checked(config_path, overrides, continuing=continuing)
     data = prepare_data(cfg, use_ray)
     resume_from = resume_checkpoint(cfg, resume, data.fingerprint) if resume else None
-    from sft_dist import plots
-    from sft_dist.runtime import Job
+    from sft_dist.driver import plots
+    from sft_dist.worker.runtime import Job
 
     run = launch(cfg, data, Job(resume_from=resume_from or None), use_ray=use_ray, continuing=continuing,
                  sinks=functools.partial(sinks.open_sinks, cfg))
@@ -201,7 +202,7 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     cfg = cfg.model_copy(update={"run_name": f"eval-{cfg.run_name}"})
     inputs.check_run_folder_free(cfg)
     from sft_dist import checkpoints
-    from sft_dist.runtime import Job
+    from sft_dist.worker.runtime import Job
 
     folder = checkpoints.choose(source)
     data = prepare_data(cfg, use_ray)
@@ -236,8 +237,8 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
     cfg = load_checked(config_path, [*overrides, *sweep, *([] if use_ray else ["ray.num_workers=1"])], fresh_run=False)
     cfg = cfg.model_copy(update={"run_name": f"lr-find-{cfg.run_name}"})
     inputs.check_run_folder_free(cfg)
-    from sft_dist import lr_find
-    from sft_dist.runtime import Job
+    from sft_dist.tools import lr_find
+    from sft_dist.worker.runtime import Job
 
     run = launch(cfg, prepare_data(cfg, use_ray), Job(kind="lr_find"), use_ray=use_ray,
                  describe=f"learning-rate range test, {lr_min:g} -> {lr_max:g} over {steps} steps")
@@ -267,12 +268,13 @@ def export_checkpoint(source: str | Location, out: Path, dtype: str = "fp32", me
     folder or URI: its best, else its latest) as a Hugging Face folder. A checkpoint in an object store
     is downloaded whole first (consolidation reads every rank's files), then exported as a local one.
     The checkpoint's own config never switches trust_remote_code on: only the command (or the run) does."""
-    from sft_dist import checkpoints, runtime
+    from sft_dist import checkpoints
+    from sft_dist.worker import runtime
 
     folder = checkpoints.choose(source)
     # Consolidation is CPU work here, whatever the workers used.
     runtime.configure_worker(use_gpu=False, threads=len(os.sched_getaffinity(0)))
-    from sft_dist import export
+    from sft_dist.tools import export
 
     with checkpoints.local_copy(folder) as local:
         _, usage = export.export(local, out, dtype, merge_lora, origin=str(folder),
