@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 from sft_dist.records import LoopState
@@ -23,3 +25,73 @@ def test_a_checkpoint_without_newer_keys_still_reads():
     state = LoopState.from_json({"step": 7, "examples_seen": 28})
     assert (state.step, state.best, state.fingerprint) == (7, None, None)
     assert LoopState.from_json({}).step == 0  # a fresh start
+
+
+# metrics.jsonl, samples.jsonl and checkpoint_step_0000002/records.jsonl of `sft-dist train configs/tiny-cpu.yaml
+# --no-ray --set train.max_steps=4 --set checkpoint.every_steps=2 --set eval.every_steps=2 --set
+# logging.timing=true`, and metrics.jsonl of its `--resume .../checkpoint_step_0000002`, written before records
+# had types: the oracle of their one JSON form.
+RUN = Path(__file__).parent / "fixtures" / "run"
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "records.jsonl", "resumed_metrics.jsonl")
+
+
+def run_lines(name: str) -> list[str]:
+    return (RUN / name).read_text().splitlines()
+
+
+def old_kind(line: dict) -> str:
+    """How the driver told records apart before they had types."""
+    return line.get("event") or ("train" if "loss" in line else "eval")
+
+
+def test_every_record_a_run_wrote_reads_as_its_type_and_writes_back_byte_for_byte():
+    from sft_dist.records import EvalRecord, EventRecord, TrainRecord, record_from_json
+
+    kinds = set()
+    for name in RUN_FILES:
+        for line in run_lines(name):
+            record = record_from_json(json.loads(line))
+            assert json.dumps(record.to_json()) == line  # same keys, same order, same values
+            kind = record.kind if isinstance(record, EventRecord) else {TrainRecord: "train",
+                                                                       EvalRecord: "eval"}[type(record)]
+            assert kind == old_kind(json.loads(line))
+            kinds.add(kind)
+    assert kinds == {"preflight", "setup", "train", "eval", "samples", "end", "resume"}
+
+
+def test_events_no_tiny_run_writes_keep_their_form_and_a_stray_record_is_refused():
+    import pytest
+
+    from sft_dist.records import EventRecord, record_from_json
+
+    for line in ({"step": 0, "event": "shipping", "ranks": [{"rank": 0, "shipped": 2}]},
+                 {"step": 3, "event": "warning", "message": "the model looks dead"},
+                 {"step": 3, "event": "error", "message": "validation timed out"}):
+        record = record_from_json(line)
+        assert isinstance(record, EventRecord) and json.dumps(record.to_json()) == json.dumps(line)
+    with pytest.raises(ValueError, match="'grad_norm'"):
+        record_from_json({"step": 1, "grad_norm": 2.0})
+
+
+def test_the_recorder_writes_a_run_s_files_as_the_workers_sent_them(tmp_path):
+    from sft_dist.driver.metrics import RunRecorder
+
+    recorder = RunRecorder(tmp_path, out=io.StringIO())
+    interleaved = sorted((json.loads(line) for name in ("metrics.jsonl", "samples.jsonl") for line in run_lines(name)),
+                         key=lambda e: e["step"])  # stable: each file keeps its own order
+    for event in interleaved:
+        recorder.record(event)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert (tmp_path / name).read_text() == (RUN / name).read_text()
+    summary = recorder.summary({})
+    assert summary["eval_last"] == json.loads(run_lines("metrics.jsonl")[-2])
+    assert (summary["steps"], summary["best"]["step"], summary["final"]["loss"]) == (4, 4, 5.384484030983665)
+
+
+def test_an_existing_run_folder_still_plots(tmp_path):
+    from sft_dist.driver.plots import read_metrics, write_loss_plot
+
+    shutil.copy(RUN / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    train, evals = read_metrics(tmp_path)
+    assert [r.step for r in train] == [1, 2, 3, 4] and [r.step for r in evals] == [0, 2, 4]
+    assert write_loss_plot(tmp_path).stat().st_size > 0

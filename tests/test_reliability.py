@@ -100,7 +100,7 @@ def test_a_resume_fills_in_records_the_driver_never_wrote_and_drops_retrained_on
     steps = [(e["step"], "loss" in e) for e in events if not e.get("event")]
     assert steps == [(1, True), (1, False), (2, True), (3, True), (3, False), (4, True)]
     assert [e["event"] for e in events if e.get("event")] == ["setup", "setup", "resume"]
-    assert "records" not in events[-1] and [e["eval_loss"] for e in recorder.evals] == [2.0, 1.5]
+    assert "records" not in events[-1] and [r.loss for r in recorder.evals] == [2.0, 1.5]
 
 
 def session_processes(temp_dir: str) -> list[int]:

@@ -215,7 +215,7 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
     if run.error:
         print(f"error: evaluation failed: {run.error}", file=sys.stderr)
         return Exit.FAILED
-    result = {"checkpoint": str(folder), **(run.recorder.evals[-1] if run.recorder.evals else {})}
+    result = {"checkpoint": str(folder), **(run.recorder.evals[-1].to_json() if run.recorder.evals else {})}
     not_written = write_record(run.run_dir / "eval.json", json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
     if not_written:
@@ -246,7 +246,7 @@ def find_learning_rate(config_path: str, overrides: list[str], lr_min: float, lr
     if run.error:
         print(f"error: the range test failed: {run.error}", file=sys.stderr)
         return Exit.FAILED
-    losses = [e["loss"] for e in recorder.train_events()]
+    losses = [r.loss for r in recorder.train_records()]
     # The loss logged at step s was made with the learning rate of step s (the schedule's value at s-1).
     lrs = [lr_min * (lr_max / lr_min) ** (i / max(1, steps - 1)) for i in range(len(losses))]
     found = lr_find.suggestions(lrs, losses)

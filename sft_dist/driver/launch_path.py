@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sft_dist.data.prepare import PreparedData
     from sft_dist.driver.metrics import RunRecorder
     from sft_dist.driver.sinks import Sink
+    from sft_dist.records import Record
     from sft_dist.worker.runtime import Job
 
 
@@ -50,7 +51,7 @@ class Outcome:
 
 def launch(cfg: RunConfig, data: PreparedData, job: Job, *, use_ray: bool = True,
            sinks: Callable[[Path], list[Sink]] | None = None,
-           on_event: Callable[[dict[str, Any]], None] | None = None, continuing: bool = False,
+           on_event: Callable[[Record], None] | None = None, continuing: bool = False,
            describe: str | None = None) -> Outcome:
     """Run `job` on Ray Train workers (or in this process, `use_ray=False`) in the run folder of
     `cfg.run_name`; every event goes to the run's recorder (and the `sinks` it opens on the run folder),
@@ -64,9 +65,9 @@ def launch(cfg: RunConfig, data: PreparedData, job: Job, *, use_ray: bool = True
     recorder = RunRecorder(run_dir, sinks=sinks(run_dir) if sinks else ())
 
     def record(event: dict[str, Any]) -> None:
-        recorder.record(event)
+        typed = recorder.record(event)  # the workers' JSON, as a record type from here on
         if on_event is not None:
-            on_event(event)
+            on_event(typed)
 
     error = (fit_on_ray if use_ray else fit_in_process)(cfg, data, record, job)
     return Outcome(run_dir, recorder, recorder.worker_error() or error or recorder.write_error)

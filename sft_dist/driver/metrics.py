@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from sft_dist.atomic_files import append_line, read_jsonl, write_text
 from sft_dist.driver import progress
+from sft_dist.records import EvalRecord, EventRecord, Record, TrainRecord, record_from_json
 
 if TYPE_CHECKING:
     from sft_dist.driver.sinks import Sink
@@ -34,22 +35,40 @@ class RunRecorder:
         self.display = progress.for_stream(out)  # a live line on a terminal, plain lines otherwise
         self.sinks = list(sinks)  # TensorBoard, MLflow, W&B as configured (sft_dist.driver.sinks)
         self.started_s = time.time()
-        self.setup: dict[str, Any] = {}
-        self.last_train: dict[str, Any] = {}
-        self.evals: list[dict[str, Any]] = []
-        self.samples: list[dict[str, Any]] = []
-        self.end: dict[str, Any] = {}
+        self.setup: dict[str, Any] = {}  # the setup event's fields
+        self.last_train: TrainRecord | None = None
+        self.evals: list[EvalRecord] = []
+        self.samples: list[EventRecord] = []
+        self.end: dict[str, Any] = {}  # the end event's fields and step
         self.errors: list[str] = []  # what workers reported before failing (e.g. a validation timeout)
         self.warnings: list[str] = []  # what the user should know of a run that went on (a dead model)
         self.write_error: str | None = None  # the first record that could not be written, and why
 
-    def record(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "resume":
-            event = self._resumed(event)
-        self._append("samples.jsonl" if kind == "samples" else "metrics.jsonl", event)
+    def record(self, received: dict[str, Any]) -> Record:
+        """A worker's record as it arrives (JSON), written, shown and kept; returns it as its type."""
+        record = record_from_json(received)
+        if isinstance(record, EventRecord) and record.kind == "resume":
+            record = self._resumed(record)
+        is_samples = isinstance(record, EventRecord) and record.kind == "samples"
+        self._append("samples.jsonl" if is_samples else "metrics.jsonl", record)
         for sink in self.sinks:
-            sink.write(event)
+            sink.write(record)
+        match record:
+            case EventRecord():
+                self._event(record)
+            case EvalRecord(step=step, metrics=metrics):
+                self.evals.append(record)
+                name, value = record.headline
+                shown = [f"{k.removeprefix('eval_')} {metrics[k]:.{2 if k == 'eval_ppl' else 3}f}"
+                         for k in EVAL_SHOWN if k in metrics]
+                self.display.evaluated(record, f"eval  step {step}: {name} {value:.4f} " + " ".join(shown))
+            case TrainRecord():
+                self.last_train = record
+                self.display.train(record)
+        return record
+
+    def _event(self, record: EventRecord) -> None:
+        kind, event = record.kind, record.fields
         if kind == "setup":
             self.setup = event
             trainable = event.get("trainable_params", event["param_elements_total"])
@@ -62,53 +81,44 @@ class RunRecorder:
             self.display.restart()
             for reason in event["skipped"]:
                 self._print(reason)
-            self._print(f"resumed at step {event['step']} from {event['checkpoint']}")
+            self._print(f"resumed at step {record.step} from {event['checkpoint']}")
         elif kind == "samples":
-            self.samples.append(event)
+            self.samples.append(record)
         elif kind == "end":
-            self.end = event
+            self.end = {"step": record.step, **event}
         elif kind == "error":
             self.errors.append(event["message"])
         elif kind == "warning":
             self.warnings.append(event["message"])
             self._print(f"warning: {event['message']}")
-        elif "eval_loss" in event:
-            self.evals.append(event)
-            shown = [f"{k.removeprefix('eval_')} {event[k]:.{2 if k == 'eval_ppl' else 3}f}" for k in EVAL_SHOWN
-                     if k in event]
-            self.display.evaluated(event, f"eval  step {event['step']}: eval_loss {event['eval_loss']:.4f} "
-                                   + " ".join(shown))
-        elif "loss" in event:
-            self.last_train = event
-            self.display.train(event)
 
-    def _append(self, name: str, event: dict[str, Any]) -> None:
+    def _append(self, name: str, record: Record) -> None:
         try:
-            append_line(self.run_dir / name, json.dumps(event))
+            append_line(self.run_dir / name, json.dumps(record.to_json()))
         except OSError as err:
-            self.write_error = self.write_error or f"could not write {name} at step {event.get('step')}: {err}"
+            self.write_error = self.write_error or f"could not write {name} at step {record.step}: {err}"
 
-    def _resumed(self, event: dict[str, Any]) -> dict[str, Any]:
+    def _resumed(self, resume: EventRecord) -> EventRecord:
         """The files as one uninterrupted run up to the resumed step: records of later steps (trained again)
         dropped, those the checkpoint carries and the files lack filled in. Returns the event to write."""
-        carried = event.get("records", [])
-        step = event["step"]
+        carried = [record_from_json(r) for r in resume.fields.get("records", [])]
+        step = resume.step
         for name, is_samples in (("metrics.jsonl", False), ("samples.jsonl", True)):
-            ours = [r for r in carried if (r.get("event") == "samples") == is_samples and r["step"] <= step]
-            merged = _merged(read_jsonl(self.run_dir / name), ours, step)
+            ours = [r for r in carried if _is_samples(r) == is_samples and r.step <= step]
+            merged = _merged(read_records(self.run_dir / name), ours, step)
             try:
                 if merged or (self.run_dir / name).is_file():
-                    write_text(self.run_dir / name, "".join(json.dumps(e) + "\n" for e in merged))
+                    write_text(self.run_dir / name, "".join(json.dumps(r.to_json()) + "\n" for r in merged))
             except OSError as err:
                 self.write_error = self.write_error or f"could not rewrite {name} on resume: {err}"
             if is_samples:
                 self.samples = merged
             else:
-                self.evals = [e for e in merged if not e.get("event") and "eval_loss" in e]
-        return {k: v for k, v in event.items() if k != "records"}
+                self.evals = [r for r in merged if isinstance(r, EvalRecord)]
+        return EventRecord(step, resume.kind, {k: v for k, v in resume.fields.items() if k != "records"})
 
-    def train_events(self) -> list[dict[str, Any]]:
-        return [e for e in read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in e]
+    def train_records(self) -> list[TrainRecord]:
+        return [r for r in read_records(self.run_dir / "metrics.jsonl") if isinstance(r, TrainRecord)]
 
     def worker_error(self) -> str | None:
         return "; ".join(self.errors) or None
@@ -122,13 +132,14 @@ class RunRecorder:
         return {
             "status": "failed" if error else "stopped" if stop_reason == "stop" else "completed",
             "run_dir": str(self.run_dir),
-            "steps": self.end.get("step", self.last_train.get("step", 0)),
+            "steps": self.end.get("step", self.last_train.step if self.last_train else 0),
             "total_steps": self.setup.get("total_steps"),
             # max_steps, epochs, early_stopping, or stop (SIGTERM: saved, to be continued with --resume)
             "stop_reason": stop_reason,
-            "final": {k: v for k, v in self.last_train.items() if k not in ("epoch", "total_steps")},
-            "eval_first": self.evals[0] if self.evals else None,
-            "eval_last": self.evals[-1] if self.evals else None,
+            "final": {k: v for k, v in self.last_train.to_json().items() if k not in ("epoch", "total_steps")}
+            if self.last_train else {},
+            "eval_first": self.evals[0].to_json() if self.evals else None,
+            "eval_last": self.evals[-1].to_json() if self.evals else None,
             # The best validation seen (perhaps at step 0, before training), and the best checkpoint kept.
             "best": {"metric": best["metric"], "value": best["best"], "step": best["best_step"]}
             if best["best"] is not None else None,
@@ -144,14 +155,14 @@ class RunRecorder:
         lines = []
         if len(self.evals) >= 2:
             first, last = self.evals[0], self.evals[-1]
-            lines.append(f"held-out eval_loss: {first['eval_loss']:.4f} (step {first['step']}) -> "
-                         f"{last['eval_loss']:.4f} (step {last['step']})")
+            lines.append(f"held-out eval_loss: {first.metrics['eval_loss']:.4f} (step {first.step}) -> "
+                         f"{last.metrics['eval_loss']:.4f} (step {last.step})")
             for key in TASK_METRICS:  # classification tasks: their metrics, before versus after
-                if key in first and key in last:
-                    lines.append(f"held-out {key}: {first[key]:.4f} (step {first['step']}) -> "
-                                 f"{last[key]:.4f} (step {last['step']})")
+                if key in first.metrics and key in last.metrics:
+                    lines.append(f"held-out {key}: {first.metrics[key]:.4f} (step {first.step}) -> "
+                                 f"{last.metrics[key]:.4f} (step {last.step})")
         if len(self.samples) >= 2:
-            before, after = self.samples[0]["samples"], self.samples[-1]["samples"]
+            before, after = self.samples[0].fields["samples"], self.samples[-1].fields["samples"]
             hits = [sum(s["exact_match"] for s in x) for x in (before, after)]
             lines.append(f"held-out answers, exact match {hits[0]}/{len(before)} -> {hits[1]}/{len(after)}:")
             for b, a in zip(before, after):
@@ -174,16 +185,30 @@ def _cut_note(sample: dict[str, Any]) -> str:
     if not sample.get("hit_max_new_tokens"):
         return ""
     return f" (stopped at max_new_tokens={sample['max_new_tokens']} without an end token)"
-def _kind(record: dict[str, Any]) -> tuple[str, int]:
+def read_records(path: Path) -> list[Record]:
+    """A run's metrics.jsonl or samples.jsonl as records (none if it does not exist)."""
+    return [record_from_json(line) for line in read_jsonl(path)]
+
+
+def _is_samples(record: Record) -> bool:
+    return isinstance(record, EventRecord) and record.kind == "samples"
+
+
+def _is_step_record(record: Record) -> bool:
+    """One per step and kind (training, validation, samples), unlike the events of an attempt (setup...)."""
+    return not isinstance(record, EventRecord) or record.kind == "samples"
+
+
+def _kind(record: Record) -> tuple[str, int]:
     """What identifies a record: one training record, one validation and one samples record per step."""
-    return (record.get("event") or ("train" if "loss" in record else "eval"), record["step"])
+    return (record.kind if isinstance(record, EventRecord) else type(record).__name__, record.step)
 
 
-def _merged(written: list[dict[str, Any]], carried: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+def _merged(written: list[Record], carried: list[Record], step: int) -> list[Record]:
     """`written` without the step records after `step`, with the `carried` ones it lacks put after its
     last step record (before the events of the attempt now starting: its setup, preflight)."""
-    kept = [e for e in written if (e.get("event") not in (None, "samples")) or e["step"] <= step]
-    have = {_kind(e) for e in kept if e.get("event") in (None, "samples")}
+    kept = [r for r in written if not _is_step_record(r) or r.step <= step]
+    have = {_kind(r) for r in kept if _is_step_record(r)}
     missing = [r for r in carried if _kind(r) not in have]
-    last = max((i for i, e in enumerate(kept) if e.get("event") in (None, "samples")), default=-1)
+    last = max((i for i, r in enumerate(kept) if _is_step_record(r)), default=-1)
     return kept[: last + 1] + missing + kept[last + 1:]

@@ -7,19 +7,18 @@ and the learning rate below. Matplotlib's Agg backend: no display needed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sft_dist.atomic_files import read_jsonl, replacing
+from sft_dist.records import EvalRecord, TrainRecord, record_from_json
 
 PLOT_NAME = "loss.png"
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training records, validation records) of metrics.jsonl, in step order."""
-    events = read_jsonl(run_dir / "metrics.jsonl")
-    records = [e for e in events if not e.get("event")]
-    train = sorted((e for e in records if "loss" in e), key=lambda e: e["step"])
-    evals = sorted((e for e in records if "eval_loss" in e), key=lambda e: e["step"])
+def read_metrics(run_dir: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
+    """(training records, validation records with a loss) of metrics.jsonl, in step order."""
+    records = [record_from_json(line) for line in read_jsonl(run_dir / "metrics.jsonl")]
+    train = sorted((r for r in records if isinstance(r, TrainRecord)), key=lambda r: r.step)
+    evals = sorted((r for r in records if isinstance(r, EvalRecord) and r.loss is not None), key=lambda r: r.step)
     return train, evals
 
 
@@ -45,19 +44,19 @@ def write_loss_plot(run_dir: Path, title: str | None = None) -> Path | None:
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=(3, 1.2),
                                          constrained_layout=True)
     if train:
-        ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], color="tab:blue", lw=1.4,
-                     marker="." if len(train) < 60 else None, label=f"train loss (last {train[-1]['loss']:.4f})")
+        ax_loss.plot([r.step for r in train], [r.loss for r in train], color="tab:blue", lw=1.4,
+                     marker="." if len(train) < 60 else None, label=f"train loss (last {train[-1].loss:.4f})")
     if evals:
-        ax_loss.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], color="tab:orange", lw=2,
-                     marker="o", label=f"eval loss (last {evals[-1]['eval_loss']:.4f})")
-        best = min(evals, key=lambda e: e["eval_loss"])
-        ax_loss.annotate(f"best {best['eval_loss']:.4f}", (best["step"], best["eval_loss"]),
+        ax_loss.plot([r.step for r in evals], [r.loss for r in evals], color="tab:orange", lw=2,
+                     marker="o", label=f"eval loss (last {evals[-1].loss:.4f})")
+        best = min(evals, key=lambda r: r.loss)
+        ax_loss.annotate(f"best {best.loss:.4f}", (best.step, best.loss),
                          textcoords="offset points", xytext=(0, 9), ha="right", color="tab:orange", fontsize=9)
     ax_loss.set_ylabel("loss (token-weighted)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
     ax_loss.set_title(title or run_dir.name)
-    lr_points = [(e["step"], e["lr"]) for e in train if "lr" in e]
+    lr_points = [(r.step, r.lr) for r in train if r.lr is not None]
     if lr_points:
         ax_lr.plot(*zip(*lr_points), color="tab:green", lw=1.4)
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))

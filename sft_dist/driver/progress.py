@@ -9,7 +9,9 @@ import math
 import shutil
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
+
+from sft_dist.records import EvalRecord, TrainRecord
 
 TIMED_PHASES = ("data", "forward", "backward", "optimizer")  # sft_dist.worker.timing.PHASES, without importing torch
 
@@ -29,33 +31,35 @@ class Progress:
     def message(self, line: str) -> None:
         print(line, file=self.stream(), flush=True)
 
-    def evaluated(self, event: dict[str, Any], line: str) -> None:
-        metric = "eval_loss" if "eval_loss" in event else next(k for k in event if k.startswith("eval_"))
-        self.last_eval = (metric, event[metric], event["step"])
+    def evaluated(self, record: EvalRecord, line: str) -> None:
+        self.last_eval = (*record.headline, record.step)
         self.message(line)
 
-    def train(self, event: dict[str, Any]) -> None:
-        self.message(self.line(event))
+    def train(self, record: TrainRecord) -> None:
+        self.message(self.line(record))
 
-    def line(self, e: dict[str, Any]) -> str:
-        text = (f"train step {e['step']}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
-                f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {format_duration(self.eta_s(e))}")
+    def line(self, record: TrainRecord) -> str:
+        e = record.metrics
+        text = (f"train step {record.step}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
+                f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {format_duration(self.eta_s(record))}")
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} (step {step})"
-        if "time_forward_s" in e:  # logging.timing: mean seconds per step of each phase
-            text += " | s/step " + " ".join(f"{p} {e[f'time_{p}_s']:.3f}" for p in TIMED_PHASES)
-            if "time_comm_s" in e:  # part of backward and optimizer
+        timed = record.phase_times(TIMED_PHASES)
+        if timed:  # logging.timing: mean seconds per step of each phase
+            text += " | s/step " + " ".join(f"{p} {seconds:.3f}" for p, seconds in timed.items())
+            if e.get("time_comm_s") is not None:  # part of backward and optimizer
                 text += f" (comm {e['time_comm_s']:.3f})"
         return text
 
-    def eta_s(self, e: dict[str, Any]) -> float:
+    def eta_s(self, record: TrainRecord) -> float:
         # Pace from the first logged step on, so start-up time does not inflate the estimate.
         now = time.time()
         if self.first_step is None:
-            self.first_step = (e["step"], now)
-        done = e["step"] - self.first_step[0]
-        return (now - self.first_step[1]) / done * (e["total_steps"] - e["step"]) if done else math.nan
+            self.first_step = (record.step, now)
+        done = record.step - self.first_step[0]
+        total = record.metrics["total_steps"]
+        return (now - self.first_step[1]) / done * (total - record.step) if done else math.nan
 
     def close(self) -> None:
         pass
@@ -76,18 +80,19 @@ class LiveProgress(Progress):
         stream.write("\r\033[2K" + line + "\n" + self.live)
         stream.flush()
 
-    def train(self, event: dict[str, Any]) -> None:
+    def train(self, record: TrainRecord) -> None:
         width = shutil.get_terminal_size((120, 20)).columns - 1
-        self.live = self.line(event)[:width]
+        self.live = self.line(record)[:width]
         stream = self.stream()
         stream.write("\r\033[2K" + self.live)
         stream.flush()
 
-    def line(self, e: dict[str, Any]) -> str:
-        fraction = e["step"] / max(e["total_steps"], 1)
+    def line(self, record: TrainRecord) -> str:
+        e = record.metrics
+        fraction = record.step / max(e["total_steps"], 1)
         bar = "#" * round(20 * fraction) + "-" * (20 - round(20 * fraction))
-        text = (f"[{bar}] {e['step']}/{e['total_steps']} ep {e['epoch']:.2f} | loss {e['loss']:.4f} | "
-                f"lr {e['lr']:.2e} | {e['tokens_per_s']:,.0f} tok/s | eta {format_duration(self.eta_s(e))}")
+        text = (f"[{bar}] {record.step}/{e['total_steps']} ep {e['epoch']:.2f} | loss {e['loss']:.4f} | "
+                f"lr {e['lr']:.2e} | {e['tokens_per_s']:,.0f} tok/s | eta {format_duration(self.eta_s(record))}")
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} @{step}"

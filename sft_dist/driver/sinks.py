@@ -21,16 +21,17 @@ from typing import Any, Protocol
 
 from sft_dist.config import LoggingConfig, RunConfig
 from sft_dist.errors import UserError
+from sft_dist.records import EvalRecord, Record, TrainRecord
 
 # logging key -> (module that must be importable, the pip extra that installs it)
 REQUIREMENTS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
                 "wandb": ("wandb", "wandb")}
 # Bookkeeping fields of a record, not metrics.
-NOT_METRICS = {"step", "total_steps", "event"}
+NOT_METRICS = {"total_steps"}  # a record's step is its axis, not a metric
 
 
 class Sink(Protocol):
-    def write(self, event: dict[str, Any]) -> None:
+    def write(self, record: Record) -> None:
         """One metrics.jsonl record (setup, training, validation, end...)."""
 
     def close(self, run_dir: Path, status: str) -> None:
@@ -62,16 +63,16 @@ def open_sinks(cfg: RunConfig, run_dir: Path) -> list[Sink]:
     return opened
 
 
-def scalars(event: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
+def scalars(record: Record) -> tuple[str, dict[str, float]] | None:
     """("train" | "eval", its numeric metrics) for a training or validation record; None for other events."""
-    if event.get("event"):
+    if not isinstance(record, (TrainRecord, EvalRecord)):
         return None
-    values = {k: float(v) for k, v in event.items()
+    values = {k: float(v) for k, v in record.metrics.items()
               if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
               and math.isfinite(float(v))}
-    if any(k.startswith("eval_") for k in values):
-        return "eval", values
-    return ("train", values) if "loss" in values else None
+    if isinstance(record, TrainRecord):  # a non-finite loss: nothing to chart at this step
+        return ("train", values) if "loss" in values else None
+    return ("eval", values) if any(k.startswith("eval_") for k in values) else None
 
 
 def sectioned(kind: str, values: dict[str, float]) -> dict[str, float]:
@@ -96,11 +97,11 @@ class TensorBoardSink:
 
         self.writer = SummaryWriter(str(log_dir))
 
-    def write(self, event: dict[str, Any]) -> None:
-        found = scalars(event)
+    def write(self, record: Record) -> None:
+        found = scalars(record)
         if found:
             for tag, value in sectioned(*found).items():
-                self.writer.add_scalar(tag, value, event["step"])
+                self.writer.add_scalar(tag, value, record.step)
 
     def close(self, run_dir: Path, status: str) -> None:
         self.writer.close()
@@ -136,13 +137,13 @@ class MlflowSink:
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def write(self, event: dict[str, Any]) -> None:
-        found = scalars(event)
+    def write(self, record: Record) -> None:
+        found = scalars(record)
         if found:
             from mlflow.entities import Metric
 
             now_ms = int(time.time() * 1000)
-            metrics = [Metric(k, v, now_ms, event["step"]) for k, v in found[1].items()]
+            metrics = [Metric(k, v, now_ms, record.step) for k, v in found[1].items()]
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self, run_dir: Path, status: str) -> None:
@@ -162,10 +163,10 @@ class WandbSink:
         self.run = wandb.init(project=project, name=cfg.run_name, dir=str(run_dir),
                               config=cfg.model_dump(mode="json"))
 
-    def write(self, event: dict[str, Any]) -> None:
-        found = scalars(event)
+    def write(self, record: Record) -> None:
+        found = scalars(record)
         if found:
-            self.run.log(sectioned(*found), step=event["step"])
+            self.run.log(sectioned(*found), step=record.step)
 
     def close(self, run_dir: Path, status: str) -> None:
         self.run.finish(exit_code=0 if status != "failed" else 1)

@@ -28,6 +28,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from sft_dist import atomic_files
 from sft_dist import config as config_lib
 from sft_dist.errors import Exit, UserError
+from sft_dist.records import EvalRecord, TrainRecord
 
 TRIAL_CPU = 0.01  # a trial itself only waits on its run, whose workers ask for their own resources
 DOMAINS = {
@@ -249,9 +250,10 @@ def run_trial(trial: dict[str, Any]) -> None:
             event = events.get(timeout=1)
         except queue.Empty:
             continue
-        if trial["metric"] in event and not event.get("event"):
-            result = {trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(cfg.run_dir())}
-            if cfg.train.max_steps and event["step"] >= cfg.train.max_steps:
+        if isinstance(event, (TrainRecord, EvalRecord)) and trial["metric"] in event.metrics:
+            result = {trial["metric"]: event.metrics[trial["metric"]], "step": event.step,
+                      "run_dir": str(cfg.run_dir())}
+            if cfg.train.max_steps and event.step >= cfg.train.max_steps:
                 last.append(result)  # the run's final validation: reported below
             else:
                 tune.report(result)
