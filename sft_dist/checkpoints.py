@@ -17,12 +17,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sft_dist import safe_loading
 from sft_dist.config import RunConfig
 from sft_dist.errors import UserError
+from sft_dist.records import LoopState
 from sft_dist.storage import Location, StorageError
 
 MANIFEST = "sft_dist_checkpoint.json"
@@ -35,6 +37,45 @@ RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)\D")
 # keeps the best; one saved without a validation at its step ranks below every validated one.
 SCORE = "checkpoint_score"
 UNSCORED = -1e30
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A checkpoint's completion manifest (MANIFEST), with one JSON form (the keys it has always had): the
+    files and their sizes that make it whole, the world size it was saved at, the metrics reported with it
+    (its SCORE among them), the loop state to resume from, and for a universal copy the source's files."""
+
+    world_size: int
+    files: dict[str, int]
+    metrics: dict[str, Any]
+    loop: LoopState
+    source_files: dict[str, int] | None = None  # a universal copy: the files of the checkpoint it was made from
+
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @property
+    def score(self) -> float:
+        """Higher is better; UNSCORED: saved without a validation at its step."""
+        return self.metrics.get(SCORE, UNSCORED)
+
+    def universal(self, files: dict[str, int]) -> Manifest:
+        """The manifest of this checkpoint's universal copy, made of `files`."""
+        return replace(self, files=files, source_files=self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        loop = self.loop.to_json()
+        saved = {"step": loop.pop("step"), "world_size": self.world_size, "files": self.files,
+                 "metrics": self.metrics, **loop}
+        if self.source_files is not None:
+            saved["source_files"] = self.source_files
+        return saved
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> Manifest:
+        return cls(saved["world_size"], saved["files"], saved.get("metrics", {}), LoopState.from_json(saved),
+                   saved.get("source_files"))
 
 
 def folder_name(step: int) -> str:
@@ -50,7 +91,7 @@ def local_copy(folder: Location | Path, rank: int | None = None) -> Iterator[Pat
     if not folder.is_remote:
         yield folder.local_path()
         return
-    files = read_manifest(folder)["files"]
+    files = read_manifest(folder).files
     wanted = [name for name in files if rank is None or _rank_of(name) in (None, rank)]
     scratch = Path(tempfile.mkdtemp(prefix="sft_dist_fetched_"))
     target = scratch / folder.name  # keeps the checkpoint's name, which marks it as one
@@ -72,8 +113,8 @@ def read_records(folder: Location | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def read_manifest(folder: Location | Path) -> dict[str, Any]:
-    return Location.of(folder).join(MANIFEST).read_json()
+def read_manifest(folder: Location | Path) -> Manifest:
+    return Manifest.from_json(Location.of(folder).join(MANIFEST).read_json())
 
 
 def problem(folder: Location | Path) -> str | None:
@@ -83,8 +124,8 @@ def problem(folder: Location | Path) -> str | None:
     if MANIFEST not in present:
         return "no completion manifest (the save did not finish)"
     try:
-        files = read_manifest(folder)["files"]
-    except (json.JSONDecodeError, KeyError) as err:
+        files = read_manifest(folder).files
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
         return f"unreadable manifest ({err})"
     for name, size in files.items():
         if name not in present:
@@ -108,7 +149,7 @@ def complete_checkpoints(parent: Location | Path, log: Any = print) -> list[Loca
 
 def best(found: list[Location]) -> Location | None:
     """The checkpoint with the best validation score (the newest of equals); None if none was validated."""
-    scores = {f: read_manifest(f).get("metrics", {}).get(SCORE, UNSCORED) for f in found}
+    scores = {f: read_manifest(f).score for f in found}
     scored = [f for f in found if scores[f] > UNSCORED]
     return max(scored, key=lambda f: (scores[f], f.name)) if scored else None
 
@@ -141,7 +182,7 @@ def choose(source: Location | Path | str) -> Location:
 def saved_config(folder: Location | Path, trust_remote_code: bool) -> RunConfig:
     """The run config saved with a checkpoint, with model.trust_remote_code as this command says: a
     checkpoint (perhaps someone else's) never switches remote code on by itself."""
-    cfg = RunConfig.model_validate(read_manifest(folder)["config"])
+    cfg = RunConfig.model_validate(read_manifest(folder).loop.config)
     if cfg.model.trust_remote_code and not trust_remote_code:
         raise UserError("the checkpoint's config sets model.trust_remote_code, which runs the model folder's own "
                         "Python code; pass --trust-remote-code if you trust that code",
@@ -154,7 +195,7 @@ def prune(parent: Location | Path, keep: int) -> None:
     SCORE) would: all but the `keep` best-scored (ties: the newest) and the latest. Runs without Ray
     have no checkpoint manager to do it."""
     found = complete_checkpoints(parent, log=lambda _: None)
-    ranked = sorted(found, key=lambda f: (read_manifest(f).get("metrics", {}).get(SCORE, UNSCORED), f.name))
+    ranked = sorted(found, key=lambda f: (read_manifest(f).score, f.name))
     kept = set(ranked[-keep:]) | set(found[-1:])
     for folder in found:
         if folder not in kept:

@@ -176,7 +176,7 @@ def test_a_checkpoint_that_does_not_fit_its_model_leaves_no_folder(base_run, tmp
     Llama checkpoint lacks): one line naming the keys, exit 2, and neither the folder nor its staging copy."""
     copy = tmp_path / checkpoints.folder_name(1)
     shutil.copytree(base_run / checkpoints.folder_name(1), copy)
-    manifest = checkpoints.read_manifest(copy)
+    manifest = json.loads((copy / checkpoints.MANIFEST).read_text())
     manifest["config"]["model"]["name_or_path"] = str(REPO / "configs" / "models" / "tiny-qwen2")
     (copy / checkpoints.MANIFEST).write_text(json.dumps(manifest))
     capsys.readouterr()

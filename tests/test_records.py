@@ -95,3 +95,18 @@ def test_an_existing_run_folder_still_plots(tmp_path):
     train, evals = read_metrics(tmp_path)
     assert [r.step for r in train] == [1, 2, 3, 4] and [r.step for r in evals] == [0, 2, 4]
     assert write_loss_plot(tmp_path).stat().st_size > 0
+
+
+def test_the_manifest_reads_a_saved_one_and_writes_it_back_byte_for_byte():
+    from sft_dist.checkpoints import UNSCORED, Manifest
+
+    manifest = Manifest.from_json(MANIFEST)
+    assert (manifest.step, manifest.world_size, manifest.score, manifest.source_files) == (1, 1, UNSCORED, None)
+    assert manifest.loop == LoopState.from_json(MANIFEST) and manifest.files == MANIFEST["files"]
+    assert json.dumps(manifest.to_json(), indent=1) == json.dumps(MANIFEST, indent=1)
+    # A universal copy's manifest, as convert_to_universal wrote it before manifests had a type: the source's
+    # keys with its own files, and the source's files last.
+    copy = manifest.universal({"latest": 5})
+    assert json.dumps(copy.to_json()) == json.dumps({**MANIFEST, "files": {"latest": 5},
+                                                     "source_files": MANIFEST["files"]})
+    assert Manifest.from_json(copy.to_json()) == copy

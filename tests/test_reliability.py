@@ -31,7 +31,7 @@ def sets(*overrides: str) -> list[str]:
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    return [checkpoints.read_manifest(f)["step"] for f in checkpoints.complete_checkpoints(run_dir, log=lambda _: None)]
+    return [checkpoints.read_manifest(f).step for f in checkpoints.complete_checkpoints(run_dir, log=lambda _: None)]
 
 
 def test_non_finite_numbers_are_refused_in_every_float_key(tmp_path):

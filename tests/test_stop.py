@@ -44,6 +44,6 @@ def test_a_stop_only_rank_0_sees_stops_every_rank_at_the_same_step(stopped_ray_r
     stopped_at = summary["steps"]
     assert stopped_at >= 2 and [e["step"] for e in read_events(run) if "loss" in e] == list(range(1, stopped_at + 1))
     folder = run / checkpoints.folder_name(stopped_at)
-    assert checkpoints.problem(folder) is None and checkpoints.read_manifest(folder)["world_size"] == 2
+    assert checkpoints.problem(folder) is None and checkpoints.read_manifest(folder).world_size == 2
     assert sorted(run.glob("checkpoint_step_*")) == [folder]  # no periodic checkpoints: the stop's own
     assert f"stopped at step {stopped_at} with a checkpoint" in stopped_ray_run.out

@@ -115,7 +115,7 @@ def resume_checkpoint(cfg: RunConfig, resume: str, current: dict[str, Any]) -> s
     chosen = folders[-1]
     if not chosen.is_remote:
         safe_loading.refuse_unsafe(chosen.local_path())
-    changed = fingerprint.changed_keys(checkpoints.read_manifest(chosen)["fingerprint"], current)
+    changed = fingerprint.changed_keys(checkpoints.read_manifest(chosen).loop.fingerprint, current)
     if changed:
         raise UserError(f"the config changed in keys that a resume cannot follow: {', '.join(changed)} "
                         f"(checkpoint {chosen}); revert them or start a new run", key="--resume")
@@ -190,7 +190,7 @@ def best_checkpoint(cfg: RunConfig) -> dict[str, Any] | None:
     if best is None:
         return None
     manifest = checkpoints.read_manifest(best)
-    return {"path": str(best), "step": manifest["step"], cfg.eval.metric: manifest["metrics"].get(cfg.eval.metric)}
+    return {"path": str(best), "step": manifest.step, cfg.eval.metric: manifest.metrics.get(cfg.eval.metric)}
 
 
 def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool = True) -> Exit:
@@ -206,7 +206,7 @@ def evaluate(config_path: str, overrides: list[str], source: str, use_ray: bool 
 
     folder = checkpoints.choose(source)
     data = prepare_data(cfg, use_ray)
-    changed = [k for k in fingerprint.changed_keys(checkpoints.read_manifest(folder)["fingerprint"], data.fingerprint)
+    changed = [k for k in fingerprint.changed_keys(checkpoints.read_manifest(folder).loop.fingerprint, data.fingerprint)
                if k in ("model", "peft")]
     if changed:
         raise UserError(f"the checkpoint {folder} was trained with another {', '.join(changed)}", key=changed[0])

@@ -137,14 +137,15 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
 def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, cadence: int, repeats: int) -> Result:
     """Save (the run's own sharded save, registered in the run folder) and load, timed; MB/s of both."""
     from sft_dist import checkpoints
+    from sft_dist.records import LoopState
 
     saves, loads, size_mb = [], [], 0.0
     for i in range(repeats + 1):  # the first of each is a warm-up
-        state = {"step": 10_000 + i, "examples_seen": 0}
+        state = LoopState(step=10_000 + i)
         started = time.perf_counter()
-        checkpoint.save(session.engine, ctx, state, {"step": state["step"]})
+        checkpoint.save(session.engine, ctx, state, {"step": state.step})
         saves.append(time.perf_counter() - started)
-        folder = ctx.storage.local_path() / checkpoints.folder_name(state["step"])
+        folder = ctx.storage.local_path() / checkpoints.folder_name(state.step)
         size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
         started = time.perf_counter()
         checkpoint.load(session.engine, ctx, folder)

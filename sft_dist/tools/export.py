@@ -52,7 +52,7 @@ def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = Fals
     try:
         adapter_only = write_folder(folder, staging, cfg, DTYPES[dtype], merge_lora)
         (staging / "sft_dist_export.json").write_text(json.dumps({"checkpoint": origin or str(folder),
-                                                                        "step": manifest["step"]}))
+                                                                        "step": manifest.step}))
         model_folder.readable_as_normal_files(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # never a half-written folder

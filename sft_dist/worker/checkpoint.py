@@ -23,8 +23,9 @@ from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
 from sft_dist import safe_loading
 from sft_dist.atomic_files import out_of_space, write_text
-from sft_dist.checkpoints import MANIFEST, RECORDS, TAG, folder_name, local_copy, read_manifest
+from sft_dist.checkpoints import MANIFEST, RECORDS, TAG, Manifest, folder_name, local_copy, read_manifest
 from sft_dist.errors import RunFailure
+from sft_dist.records import LoopState
 from sft_dist.storage import Location
 from sft_dist.worker.runtime import RunContext, all_gather
 from sft_dist.worker.train_engine import TrainEngine
@@ -34,7 +35,7 @@ class CheckpointSaveError(RunFailure):
     """A save that could not finish (the disk is full): the message says which step and why."""
 
 
-def save(engine: TrainEngine, ctx: RunContext, loop_state: dict[str, Any], metrics: dict[str, Any],
+def save(engine: TrainEngine, ctx: RunContext, loop_state: LoopState, metrics: dict[str, Any],
          records: list[dict[str, Any]] = ()) -> None:
     """Save the engine (all ranks' shards), loop state, RNG and (rank 0) the run's records, then register
     the checkpoint.
@@ -43,7 +44,7 @@ def save(engine: TrainEngine, ctx: RunContext, loop_state: dict[str, Any], metri
     """
     staging = Path(tempfile.mkdtemp(prefix="sft_dist_checkpoint_"))
     try:
-        engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state},
+        engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state.to_json()},
                                exclude_frozen_parameters=has_frozen_parameters(engine))
         torch.save(rng_state(), staging / f"rng_rank{ctx.rank}.pt")
         if ctx.rank == 0:
@@ -52,14 +53,13 @@ def save(engine: TrainEngine, ctx: RunContext, loop_state: dict[str, Any], metri
         for rank_files in all_gather(_file_sizes(staging)):
             files.update(rank_files)
         if ctx.rank == 0:
-            manifest = {"step": loop_state["step"], "world_size": ctx.world_size, "files": files,
-                        "metrics": metrics, **loop_state}
-            write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
-        ctx.report_checkpoint(staging, folder_name(loop_state["step"]), metrics)
+            manifest = Manifest(ctx.world_size, files, metrics, loop_state)
+            write_text(staging / MANIFEST, json.dumps(manifest.to_json(), indent=1))
+        ctx.report_checkpoint(staging, folder_name(loop_state.step), metrics)
     except Exception as err:
         if not out_of_space(err):
             raise
-        raise CheckpointSaveError(f"no space left on device while saving checkpoint {loop_state['step']} "
+        raise CheckpointSaveError(f"no space left on device while saving checkpoint {loop_state.step} "
                                   f"(writing {_failed_path(err)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -75,13 +75,13 @@ def _failed_path(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def load(engine: TrainEngine, ctx: RunContext, folder: Location | Path) -> dict[str, Any]:
+def load(engine: TrainEngine, ctx: RunContext, folder: Location | Path) -> LoopState:
     """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved loop state.
 
     Collective: every rank loads the same folder.
     """
     manifest = read_manifest(folder)
-    same_world = manifest["world_size"] == ctx.world_size
+    same_world = manifest.world_size == ctx.world_size
     with local_copy(folder, ctx.rank if same_world else None) as local:
         # A universal copy (see universal_copy) loads through the same call when the engine was built with
         # DeepSpeed's `checkpoint.load_universal`.
@@ -92,7 +92,7 @@ def load(engine: TrainEngine, ctx: RunContext, folder: Location | Path) -> dict[
         rng_file = local / f"rng_rank{ctx.rank}.pt"
         if same_world and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
-    return manifest
+    return manifest.loop
 
 
 def has_frozen_parameters(engine: TrainEngine) -> bool:
@@ -137,15 +137,14 @@ def convert_to_universal(source: Path, out: Path) -> None:
         shutil.copy(source / RECORDS, out / RECORDS)
     # The manifest, copied last, marks a finished conversion; it lists the universal files and, to tell
     # one checkpoint of this name from another, the source's.
-    source_manifest = json.loads((source / MANIFEST).read_text())
-    manifest = {**source_manifest, "files": _file_sizes(out), "source_files": source_manifest["files"]}
-    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    manifest = read_manifest(source).universal(_file_sizes(out))
+    write_text(out / MANIFEST, json.dumps(manifest.to_json(), indent=1))
 
 
 def _converted_from(out: Location, folder: Location) -> bool:
     if not out.join(MANIFEST).is_file():
         return False
-    return read_manifest(out).get("source_files") == read_manifest(folder)["files"]
+    return read_manifest(out).source_files == read_manifest(folder).files
 
 
 def rng_state() -> dict[str, Any]:

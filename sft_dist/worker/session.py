@@ -18,6 +18,7 @@ from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
 from sft_dist.modeling import adapters
 from sft_dist.modeling import model as model_lib
+from sft_dist.records import LoopState
 from sft_dist.storage import Location
 from sft_dist.tasks import task_of
 from sft_dist.worker import checkpoint, faults, preflight
@@ -79,7 +80,7 @@ class Session:
 
 
 def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Location | None, skipped: list[str] = (),
-           own_checkpoint: bool = False) -> tuple[Session, dict[str, Any]]:
+           own_checkpoint: bool = False) -> tuple[Session, LoopState]:
     """Build the session, restored from `restart` when given; returns it with the saved loop state.
     `own_checkpoint`: `restart` is this run's, so its records are this run's history too."""
     set_seed(cfg.seed)
@@ -127,20 +128,20 @@ def is_own(ctx: RunContext, restart: Location | None) -> bool:
 def build_and_restore(
     ctx: RunContext, cfg: RunConfig, steps: int, restart: Location | None, skipped: list[str] = (),
     own_checkpoint: bool = False,
-) -> tuple[TrainEngine, dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[TrainEngine, LoopState, list[dict[str, Any]]]:
     """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0, for
     the run's own checkpoint) the records it carries, which the resume event hands to the driver to fill
     in what metrics.jsonl lacks."""
-    other_world_size = restart is not None and checkpoints.read_manifest(restart)["world_size"] != ctx.world_size
+    other_world_size = restart is not None and checkpoints.read_manifest(restart).world_size != ctx.world_size
     if other_world_size:
         # Into this run's own folder: the source may be another run's, which is not ours to write to.
         restart = checkpoint.universal_copy(restart, ctx, ctx.storage)
     engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
     if restart is None:
-        return engine, {}, []
+        return engine, LoopState(), []  # a fresh start
     loop_state = checkpoint.load(engine, ctx, restart)
     records = checkpoints.read_records(restart) if ctx.rank == 0 and own_checkpoint else []
-    ctx.emit({"step": loop_state["step"], "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
+    ctx.emit({"step": loop_state.step, "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
               "records": records})
     return engine, loop_state, records
 

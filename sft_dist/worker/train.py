@@ -48,7 +48,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     collectives stay symmetric; every stop decision is agreed by all ranks before it is acted on."""
     restart, skipped = resume_point(ctx, cfg, resume_from)
     session, loop_state = set_up(ctx, cfg, data, restart, skipped, is_own(ctx, restart))
-    loop = Loop.of(session, LoopState.from_json(loop_state), data.fingerprint, stop_on_divergence)
+    loop = Loop.of(session, loop_state, data.fingerprint, stop_on_divergence)
     loop.begin()
     step, reason = loop.start, None
     for step in range(loop.start + 1, loop.steps + 1):  # `step` counts optimizer steps completed after this one
@@ -111,7 +111,7 @@ class Checkpointer:
         state = LoopState(step, step * plan.global_batch_size, cfg.seed, step // plan.steps_per_epoch,
                           self.tracker.state(), self.fingerprint, cfg.model_dump(mode="json"))
         score = self.tracker.score(metrics)
-        checkpoint.save(self.session.engine, self.session.ctx, state.to_json(),
+        checkpoint.save(self.session.engine, self.session.ctx, state,
                         {"step": step, **metrics, checkpoints.SCORE: checkpoints.UNSCORED if score is None else score},
                         self.session.history)
         self.saved_steps.append(step)
@@ -253,8 +253,8 @@ def agreed_stop(ctx: RunContext, local_reason: str | None) -> str | None:
 def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, folder: str) -> None:
     """`sft-dist eval`: the run's validation on a saved checkpoint, distributed like training."""
     session, loop_state = set_up(ctx, cfg, data, Location.of(folder))
-    session.validate(loop_state["step"])
-    ctx.emit({"step": loop_state["step"], "event": "end", "stop_reason": "evaluated"})
+    session.validate(loop_state.step)
+    ctx.emit({"step": loop_state.step, "event": "end", "stop_reason": "evaluated"})
 
 
 def train_step(
