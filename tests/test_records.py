@@ -110,3 +110,16 @@ def test_the_manifest_reads_a_saved_one_and_writes_it_back_byte_for_byte():
     assert json.dumps(copy.to_json()) == json.dumps({**MANIFEST, "files": {"latest": 5},
                                                      "source_files": MANIFEST["files"]})
     assert Manifest.from_json(copy.to_json()) == copy
+
+
+def test_a_validation_without_a_loss_is_shown_and_kept(tmp_path):
+    """A detector validates with eval_map and no eval_loss: still a validation (the old key test dropped it)."""
+    from sft_dist.driver.metrics import RunRecorder
+
+    out = io.StringIO()
+    recorder = RunRecorder(tmp_path, out=out)
+    for step, value in ((0, 0.125), (2, 0.5)):
+        recorder.record({"step": step, "eval_map": value, "eval_images": 3})
+    assert "eval  step 2: eval_map 0.5000" in out.getvalue()
+    assert recorder.summary({})["eval_last"] == {"step": 2, "eval_map": 0.5, "eval_images": 3}
+    assert "held-out eval_map: 0.1250 (step 0) -> 0.5000 (step 2)" in recorder.before_after()

@@ -155,8 +155,8 @@ class RunRecorder:
         lines = []
         if len(self.evals) >= 2:
             first, last = self.evals[0], self.evals[-1]
-            lines.append(f"held-out eval_loss: {first.metrics['eval_loss']:.4f} (step {first.step}) -> "
-                         f"{last.metrics['eval_loss']:.4f} (step {last.step})")
+            (name, before), (_, after) = first.headline, last.headline  # eval_loss, or a detector's eval_map
+            lines.append(f"held-out {name}: {before:.4f} (step {first.step}) -> {after:.4f} (step {last.step})")
             for key in TASK_METRICS:  # classification tasks: their metrics, before versus after
                 if key in first.metrics and key in last.metrics:
                     lines.append(f"held-out {key}: {first.metrics[key]:.4f} (step {first.step}) -> "
