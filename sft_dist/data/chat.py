@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 
 from sft_dist.data.badrows import BadRow
-from sft_dist.data.tools import tool_name
+from sft_dist.data.tool_calls import tool_name
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from sft_dist.config import FORMAT_FIELDS, ROLES, DataConfig
 from sft_dist.data.badrows import BadRow
-from sft_dist.data.tools import function_call_turn, row_tools, tool_calls
+from sft_dist.data.tool_calls import function_call_turn, row_tools, tool_calls
 
 # ShareGPT's (and LLaMA-Factory's) role names; data.roles maps any others.
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool"}
