@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable
 
 import ray
@@ -37,10 +38,11 @@ def connect(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         refuse_node_local_storage(cfg)
+        wait_for_min_workers(cfg)
         return
     per_worker = (cfg.ray.resources_per_worker or {}).get("CPU", 1)
     # Logical CPUs, not cores: workers pin their own thread counts (ray.threads_per_worker).
-    num_cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * per_worker))
+    num_cpus = max(os.cpu_count() or 1, int(cfg.ray.max_workers * per_worker))
     # The dashboard serves the state API that Ray Train's own monitors use; it listens on localhost only.
     # "local": always a new instance of our own; without it ray.init joins the last `ray start` cluster.
     context = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
@@ -61,6 +63,45 @@ def refuse_node_local_storage(cfg: RunConfig) -> None:
             "node's own disk; set ray.storage_path to storage every node reaches: an object store URI "
             "(s3://bucket/runs, gs://...) or a shared filesystem mounted at the same path on every node "
             "(NFS, EFS), and for a mount also set ray.shared_storage: true", key="ray.storage_path")
+
+
+def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
+    """A fixed worker count, or (MIN, MAX): Ray Train's elastic scaling, which restarts the worker group
+    at whatever size the cluster holds; each new group resumes from the newest complete checkpoint."""
+    return ray.train.ScalingConfig(
+        num_workers=(cfg.ray.min_workers, cfg.ray.max_workers) if cfg.ray.elastic else cfg.ray.num_workers,
+        elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
+        use_gpu=cfg.ray.use_gpu,
+        resources_per_worker=cfg.ray.resources_per_worker,
+        placement_strategy=cfg.ray.placement_strategy,
+    )
+
+
+def workers_the_cluster_holds(scaling: ray.train.ScalingConfig) -> int:
+    """Workers of `scaling` that the alive nodes hold, counted as Ray Train's elastic policy counts them
+    (per node, the fewest of each resource's total / per-worker need), so our start decision is Ray's."""
+    # Ray's own per-worker default (1 CPU, or 1 GPU with use_gpu): a private property, read not copied.
+    need = {r: n for r, n in scaling._resources_per_worker_not_none.items() if n > 0}
+    if not need:
+        return scaling.max_workers
+    held = sum(min(int(node["Resources"].get(r, 0.0) // n) for r, n in need.items())
+               for node in ray.nodes() if node["Alive"])
+    return min(held, scaling.max_workers)
+
+
+def wait_for_min_workers(cfg: RunConfig, poll_s: float = 2.0) -> None:
+    """An elastic run waits for the cluster to hold MIN workers (nodes may still be joining); after
+    ray.min_workers_timeout_s it is refused, instead of Ray waiting for them forever."""
+    if not cfg.ray.elastic:
+        return
+    scaling, deadline = scaling_config(cfg), time.monotonic() + cfg.ray.min_workers_timeout_s
+    while (held := workers_the_cluster_holds(scaling)) < cfg.ray.min_workers:
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"needs at least {cfg.ray.min_workers} workers, but after {cfg.ray.min_workers_timeout_s:g} s "
+                f"the cluster holds {held} (per worker: {scaling._resources_per_worker_not_none}); lower MIN, "
+                "add nodes, or raise ray.min_workers_timeout_s", key="ray.num_workers")
+        time.sleep(poll_s)
 
 
 def fit(
@@ -84,12 +125,7 @@ def fit(
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events,
                            "control": control, "job": dataclasses.asdict(job), "storage": str(root.join(cfg.run_name))},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers,
-            use_gpu=cfg.ray.use_gpu,
-            resources_per_worker=cfg.ray.resources_per_worker,
-            placement_strategy=cfg.ray.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=root_path,

@@ -97,7 +97,7 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Locatio
         tokenizer.chat_template = chat_template(tokenizer, here.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
-    plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
+    plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.grad_accum_at(ctx.world_size), ctx.world_size, cfg.seed,
                      grouping_lengths(train_set, cfg.data.group_by_length))
     engine, loop_state, history = build_and_restore(ctx, here, total_steps(cfg, plan), restart, skipped,
                                                     own_checkpoint)
@@ -159,7 +159,8 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
         saved_steps.append(step)
 
     def train_metrics(step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
-        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, **window.reduce(),
+        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": steps, "world_size": ctx.world_size,
+                **window.reduce(),
                 "lr": engine.get_lr()[0], **grad_norm(engine), **timer.metrics()}
 
     if cfg.eval.at_start and start == 0:
@@ -172,6 +173,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
         loss_sum, tokens, supervised = train_step(engine, ctx, session.train_set, plan, step - 1,
                                                   supervised_per_example, session.batches, loss_fn, timer)
         window.add(loss_sum, tokens, supervised)
+        faults.pace(cfg.debug)
         train_log = train_metrics(step) if step % cfg.logging.every_steps == 0 or step == steps else None
         if train_log:
             session.emit(train_log)
