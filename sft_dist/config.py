@@ -558,7 +558,8 @@ class RunConfig(Section):
         if all(isinstance(n, int) and n > 0 for n in (workers, global_batch, micro)) \
                 and global_batch % (micro * workers) == 0:
             return {**raw, "train": {**train, "grad_accum": global_batch // (micro * workers)}}
-        return raw
+        # Not derivable: the checks below say why, naming the world sizes that would keep the batch.
+        return {**raw, "train": {k: v for k, v in train.items() if k != "grad_accum"}}
 
     @model_validator(mode="after")
     def _global_batch_fits_every_world_size(self) -> "RunConfig":

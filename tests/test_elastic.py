@@ -1,0 +1,180 @@
+"""Elastic runs (`ray.num_workers: [MIN, MAX]`): the global batch is fixed and grad_accum follows the world
+size, so a run that loses a node, trains on at fewer workers and grows back follows the uninterrupted
+run's loss curve.
+
+The drills run on a real two-node cluster of this machine (cluster/local/start.sh: a head and a worker
+node of one CPU each, so each node holds one worker). Stopping the worker node's `ray start` ends its
+raylet and the worker on it; Ray Train restarts the group on the one node left; starting the node again
+lets Ray's elastic policy grow the group back. The cluster has its own ports and temp dir and its
+address reaches only the driver subprocesses here, so it never meets the session's in-process Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sft_dist import config as config_lib
+from sft_dist.errors import UserError
+
+from conftest import BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, train_losses, train_tiny
+
+pytestmark = pytest.mark.timeout(900)
+
+PORT = 6450
+BIN = Path(sys.executable).parent
+ELASTIC = ["ray.num_workers=[1,2]", "train.grad_accum=", "train.global_batch_size=8"]
+DRILL_STEPS = 40
+
+
+def test_grad_accum_follows_the_world_size_and_keeps_the_global_batch():
+    cfg = config_lib.load(TINY_CONFIG, ELASTIC)
+    assert cfg.ray.num_workers == (1, 2) and cfg.global_batch_size() == 8
+    assert [cfg.grad_accum_at(w) for w in (1, 2)] == [2, 1]  # micro-batch 4: 4 x 2 x 1 = 4 x 1 x 2
+    saved = config_lib.RunConfig.model_validate(cfg.model_dump(mode="json"))  # as a worker re-validates it
+    assert saved.grad_accum_at(1) == 2 and saved.ray.num_workers == (1, 2)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["ray.num_workers=[1,3]"], "includes 3 worker(s), which cannot keep train.global_batch_size 8 "
+                                "(train.micro_batch_size 4 x grad_accum x workers); the world sizes that keep it: 1, 2"),
+    (["ray.num_workers=[2,1]"], "0 < MIN <= MAX"),
+    (["ray.num_workers=[1,2]", "train.grad_accum=2"], "train.global_batch_size: 8 but"),
+])
+def test_a_range_that_cannot_keep_the_global_batch_is_refused_naming_the_sizes_that_can(overrides, words):
+    with pytest.raises(UserError) as refused:
+        config_lib.load(TINY_CONFIG, [*ELASTIC, *overrides])
+    assert words in str(refused.value)
+
+
+def test_one_worker_follows_the_two_worker_trajectory(zero2_run, tmp_path):
+    """The exactness core, without Ray: one process of the elastic config (grad_accum 2) against the
+    session's uninterrupted 2-worker run (grad_accum 1) over the same global batches."""
+    one = train_tiny(tmp_path, f"train.max_steps={BASELINE_STEPS}", *ELASTIC, extra_args=("--no-ray",))
+    assert [e["world_size"] for e in read_events(one) if "loss" in e] == [1] * BASELINE_STEPS
+    assert train_losses(one) == pytest.approx(train_losses(zero2_run), rel=1e-4)
+    assert eval_losses(one) == pytest.approx(eval_losses(zero2_run), rel=1e-4)
+
+
+# ---------------------------------------------------------------- the two-node drills
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp_dir = tempfile.mkdtemp(prefix="sftel-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(SFT_DIST_RAY_PORT=str(PORT), SFT_DIST_RAY_DASHBOARD_PORT="8299", SFT_DIST_RAY_CLIENT_PORT="6451",
+               SFT_DIST_RAY_TEMP_DIR=temp_dir, SFT_DIST_RAY_WORKER_NODES="1", SFT_DIST_RAY_CPUS_PER_NODE="1",
+               RAY_BIN=str(BIN / "ray"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO))
+    try:
+        start_nodes(env)
+        yield env
+    finally:
+        subprocess.run(["bash", "cluster/local/stop.sh"], cwd=REPO, env=env, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def start_nodes(env: dict) -> None:
+    """Start the cluster, or (running) the worker node again after it was stopped."""
+    started = subprocess.run(["bash", "cluster/local/start.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=400)
+    assert started.returncode == 0, started.stderr
+
+
+def stop_worker_node(env: dict) -> None:
+    """What a lost node does to the run: its `ray start` (raylet, agents, the worker on it) ends."""
+    pid = int((Path(env["SFT_DIST_RAY_TEMP_DIR"]) / "sft_dist_nodes" / "worker-1.pid").read_text())
+    os.killpg(pid, signal.SIGTERM)
+
+
+@dataclass
+class Drill:
+    run_dir: Path
+    exit_code: int
+    out: str
+
+
+def drill(env: dict, output_dir: Path, *overrides: str, timeout_s: float = 600) -> Drill:
+    """An elastic run that loses the worker node after step 3 and gets it back once the run goes on
+    at one worker; every wait is bounded by `timeout_s`."""
+    run_dir = output_dir / "drill"
+    args = [a for o in [f"output_dir={output_dir}", "run_name=drill", f"ray.address=127.0.0.1:{PORT}",
+                        "ray.shared_storage=true", *ELASTIC, "ray.max_failures=3", "ray.resize_interval_s=5",
+                        f"train.max_steps={DRILL_STEPS}", "debug.step_sleep_s=1", "checkpoint.every_steps=2",
+                        "eval.generate=null", *overrides] for a in ("--set", o)]
+    driver_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    # A restart right after the loss may still see the lost node's resources for a few seconds (Ray's
+    # autoscaling coordinator refreshes them every 20 s): a short start timeout makes that try cheap.
+    driver_env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    log = output_dir / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "sft-dist"), "train", str(TINY_CONFIG), *args], cwd=REPO, env=driver_env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline, phase, restart = time.monotonic() + timeout_s, "lose", None
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"the drill did not finish ({phase}): {log.read_text()[-3000:]}"
+            events = read_events(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            if phase == "lose" and sum("loss" in e for e in events) >= 3:
+                stop_worker_node(env)
+                phase = "regain"
+            elif phase == "regain" and any(e.get("event") == "resume" for e in events):
+                restart = threading.Thread(target=start_nodes, args=(env,), daemon=True)
+                restart.start()  # takes a while: the run trains on at one worker meanwhile
+                phase = "grow"
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        if restart is not None:
+            restart.join(timeout=400)
+    return Drill(run_dir, proc.returncode, log.read_text())
+
+
+def world_sizes(run_dir: Path) -> list[int]:
+    """The train records' world sizes, each run of equal sizes once: [2, 1, 2] for lost and regained."""
+    sizes = [e["world_size"] for e in read_events(run_dir) if "loss" in e]
+    return [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    """The drill's reference: the same run at a fixed 2 workers, nothing lost."""
+    return train_tiny(tmp_path_factory.mktemp("uninterrupted"), "ray.num_workers=2", "train.global_batch_size=8",
+                      f"train.max_steps={DRILL_STEPS}", "checkpoint.every_steps=2", "eval.generate=null")
+
+
+def test_a_lost_node_shrinks_the_run_and_a_regained_one_grows_it_on_the_same_curve(cluster, uninterrupted,
+                                                                                   tmp_path):
+    result = drill(cluster, tmp_path)
+    assert result.exit_code == 0, result.out[-3000:]
+    assert world_sizes(result.run_dir) == [2, 1, 2], result.out[-3000:]
+    steps = [e["step"] for e in read_events(result.run_dir) if "loss" in e]
+    assert steps == list(range(1, DRILL_STEPS + 1))  # steps trained again after a restart are recorded once
+    assert train_losses(result.run_dir) == pytest.approx(train_losses(uninterrupted), rel=1e-4)
+    assert eval_losses(result.run_dir) == pytest.approx(eval_losses(uninterrupted), rel=1e-4)
+
+
+def test_min_workers_the_cluster_does_not_hold_are_refused_after_the_timeout(cluster, tmp_path):
+    args = [a for o in [f"output_dir={tmp_path}", "run_name=big", f"ray.address=127.0.0.1:{PORT}",
+                        "ray.shared_storage=true", "ray.num_workers=[4,4]", "train.grad_accum=",
+                        "train.global_batch_size=16", "ray.min_workers_timeout_s=3"] for a in ("--set", o)]
+    env = {k: v for k, v in cluster.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([str(BIN / "sft-dist"), "train", str(TINY_CONFIG), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ray.num_workers: needs at least 4 workers, but after 3 s the cluster holds 2" in lines[0]
+    assert not (tmp_path / "big").exists()
