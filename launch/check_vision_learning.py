@@ -28,7 +28,7 @@ from sft_dist.data.detection import DetectionBatches, DetectionEncoder
 from sft_dist.data.images import decoded, undecoded
 from sft_dist.data.segmentation import SegmentationBatches, SegmentationEncoder
 from sft_dist.data.vlm import VlmBatches, VlmEncoder
-from sft_dist.vision_metrics import DetectionScores, SegmentationCounts
+from sft_dist.tasks.vision_metrics import DetectionScores, SegmentationCounts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA = REPO_ROOT / "configs" / "data" / "shapes"

@@ -28,7 +28,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from sft_dist import model as model_lib
 from sft_dist.config import ModelConfig, PeftConfig
 from sft_dist.errors import UserError
-from sft_dist.tasks import IMAGE_HEADS, PEFT_TASK_TYPES
+from sft_dist.tasks import TASKS
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter; it appears inside parameter names
 
@@ -48,12 +48,12 @@ def method_config(cfg: PeftConfig, task: str = "causal_lm") -> PeftMethodConfig:
                         key=f"peft.options.{unknown[0]}")
     # A text classification task type makes peft train and save the new head in full (modules_to_save);
     # peft has no image task type, so an image classifier's head is named here.
-    heads = IMAGE_HEADS if task == "image_classification" else []
+    heads = list(TASKS[task].head_modules)
     if (cfg.modules_to_save or heads) and "modules_to_save" not in known:
         raise UserError(f"peft's {config_class.__name__} trains no extra modules in full"
                         + (", which an image classifier's new head needs" if heads else ""),
                         key="peft.modules_to_save" if cfg.modules_to_save else "peft.method")
-    common = {"task_type": PEFT_TASK_TYPES[task], "target_modules": cfg.target_modules}
+    common = {"task_type": TASKS[task].peft_task_type, "target_modules": cfg.target_modules}
     if "modules_to_save" in known:
         common["modules_to_save"] = [*heads, *cfg.modules_to_save] or None
     if config_class is LoraConfig:

@@ -114,10 +114,13 @@ def data_command(config_path: str, overrides: list[str]) -> int:
     from sft_dist.data import stats
     from sft_dist.data.prepare import first_example
 
-    causal = cfg.model.task == "causal_lm"  # a classifier's labels are ids, not tokens to mark
-    example = stats.marked_example(driver.text_tokenizer(cfg.model), *first_example(data.train_dir)) if causal else None
+    from sft_dist.tasks import task_of
+
+    task = task_of(cfg)  # a classifier's labels are ids, not tokens to mark
+    example = stats.marked_example(driver.text_tokenizer(cfg.model), *first_example(data.train_dir)) \
+        if task.labels_are_tokens else None
     print(stats.report(data.stats, example))
-    if not causal:
+    if task.labelled:
         print(f"labels: {', '.join(cfg.model.labels)}")
     print(f"tokenized rows: {Path(data.train_dir).parent}")
     return 0

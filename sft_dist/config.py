@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 from sft_dist.errors import UserError
 from sft_dist.local_paths import first_problem, is_local_source
 from sft_dist.storage import is_uri
+from sft_dist.tasks import FORMAT_TASKS, TASKS
 
 
 class Section(BaseModel):
@@ -40,9 +41,7 @@ def first_non_finite(value: Any, key: str) -> str | None:
 class ModelConfig(Section):
     name_or_path: str
     gguf_file: str | None = None
-    task: Literal["causal_lm", "sequence_classification", "token_classification", "image_classification"] = (
-        "causal_lm"
-    )
+    task: Literal[tuple(TASKS)] = "causal_lm"  # type: ignore[valid-type]
     # "auto" follows train.precision; DeepSpeed keeps fp32 master weights either way.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
@@ -110,21 +109,9 @@ class PeftConfig(Section):
 LORA_ONLY_KEYS = ("r", "alpha", "dropout", "use_dora", "use_rslora")
 
 
-# The canonical field names of each data.format; data.fields maps them to a dataset's own column names.
-FORMAT_FIELDS = {
-    "messages": ("messages", "role", "content"),
-    "alpaca": ("instruction", "input", "output", "system"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-    "classification": ("text", "text_pair", "label"),  # a text (or a pair) and a label name or id
-    "token_classification": ("tokens", "tags"),  # words and one tag (BIO/IOB2, name or id) per word
-    # An image (a path, relative to the data file's folder or absolute, or the bytes of an image file,
-    # e.g. a `datasets` Image column) and a label name or id.
-    "image_classification": ("image", "label"),
-}
-# The data format each model.task trains on (causal_lm: any of the others).
-TASK_FORMATS = {"sequence_classification": "classification", "token_classification": "token_classification",
-                "image_classification": "image_classification"}
+# The canonical field names of each data.format (each task's own); data.fields maps them to a dataset's
+# own column names.
+FORMAT_FIELDS = {fmt: fields for task in TASKS.values() for fmt, fields in task.formats.items()}
 ROLES = ("system", "user", "assistant")
 
 
@@ -253,7 +240,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _augment_needs_images(self) -> "DataConfig":
-        if self.image_augment is not None and self.format != "image_classification":
+        if self.image_augment is not None and TASKS[FORMAT_TASKS[self.format]].preprocessor != "image_processor":
             raise ValueError(f"data.image_augment: augments images; data.format {self.format} has none")
         return self
 
@@ -387,8 +374,9 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
-EVAL_METRICS = ("eval_loss", "eval_ppl", "eval_token_acc", "eval_exact_match", "eval_match",
-                "eval_accuracy", "eval_macro_f1", "eval_entity_precision", "eval_entity_recall", "eval_entity_f1")
+# Every task's validation metrics, and whether lower or higher is better.
+METRIC_DIRECTIONS = {name: side for task in TASKS.values() for name, side in task.metrics.items()}
+EVAL_METRICS = tuple(METRIC_DIRECTIONS)
 
 
 class EvalConfig(Section):
@@ -407,7 +395,7 @@ class EvalConfig(Section):
     timeout_s: float | None = Field(None, gt=0)
 
     def direction(self) -> Literal["min", "max"]:
-        return self.mode or ("min" if self.metric in ("eval_loss", "eval_ppl") else "max")
+        return self.mode or METRIC_DIRECTIONS[self.metric]
 
     @model_validator(mode="after")
     def _generation_metric_needs_generation(self) -> "EvalConfig":
@@ -632,26 +620,26 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _format_fits_task(self) -> "RunConfig":
-        task, fmt = self.model.task, self.data.format
-        wanted = TASK_FORMATS.get(task)
-        if wanted and fmt != wanted:
-            raise ValueError(f"data.format: model.task {task} trains on data.format: {wanted}, not {fmt}")
-        if not wanted and fmt in TASK_FORMATS.values():
-            raise ValueError(f"data.format: {fmt} data needs model.task: "
-                             f"{next(t for t, f in TASK_FORMATS.items() if f == fmt)}")
-        return self
+        task, fmt = TASKS[self.model.task], self.data.format
+        if fmt in task.formats:
+            return self
+        if len(task.formats) == 1:
+            raise ValueError(f"data.format: model.task {task.name} trains on data.format: {next(iter(task.formats))}, "
+                             f"not {fmt}")
+        raise ValueError(f"data.format: {fmt} data needs model.task: {FORMAT_TASKS[fmt]}")
 
     @model_validator(mode="after")
     def _classification_settings(self) -> "RunConfig":
-        if self.model.task == "causal_lm":
+        task = TASKS[self.model.task]
+        if self.data.packing and not task.packs:
+            raise ValueError(f"data.packing: {task.name} classifies whole examples; set data.packing: false")
+        if self.eval.generate is not None and not task.generates:
+            raise ValueError(f"eval.generate: {task.name} models do not generate; remove eval.generate")
+        if not task.labelled:
             if self.train.class_weights or self.model.labels or self.model.num_labels:
                 raise ValueError("train.class_weights: model.labels, model.num_labels and train.class_weights are "
-                                 "for classification tasks, not causal_lm")
+                                 f"for classification tasks, not {task.name}")
             return self
-        if self.data.packing:
-            raise ValueError(f"data.packing: {self.model.task} classifies whole examples; set data.packing: false")
-        if self.eval.generate is not None:
-            raise ValueError(f"eval.generate: {self.model.task} models do not generate; remove eval.generate")
         known = self.model.labels and len(self.model.labels) or self.model.num_labels
         if self.train.class_weights and known and len(self.train.class_weights) != known:
             raise ValueError(f"train.class_weights: {len(self.train.class_weights)} weights for {known} labels")

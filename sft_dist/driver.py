@@ -28,6 +28,7 @@ from sft_dist.atomic_files import write_text
 from sft_dist.config import ModelConfig, RunConfig
 from sft_dist.errors import UserError
 from sft_dist.storage import Location, StorageError, check_reachable, run_location
+from sft_dist.tasks import task_of
 
 if TYPE_CHECKING:
     from sft_dist.data.prepare import PreparedData
@@ -60,7 +61,7 @@ def prepare_data(cfg: RunConfig, use_ray: bool = True) -> PreparedData:
 
     if adapters.enabled(cfg.peft):
         adapters.check(cfg.peft, cfg.model, zero3=cfg.deepspeed.stage == 3)
-    tokenizer = None if cfg.model.task == "image_classification" else text_tokenizer(cfg.model)
+    tokenizer = text_tokenizer(cfg.model) if task_of(cfg).needs_tokenizer else None
     data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data", cfg.model.labels)
     t = cfg.train
     lengths = row_lengths(data.train_dir)

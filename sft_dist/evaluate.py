@@ -21,13 +21,13 @@ from sft_dist import model_folder
 from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import eval_batches, model_inputs
 from sft_dist.runtime import RunContext, all_reduce_sum
-from sft_dist.tasks import TokenCounts
+from sft_dist.tasks.heads import TokenCounts
 
 
 def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
              counter: Any = None) -> dict[str, float]:
     """The task's metrics over the whole eval set, from counts summed over ranks (`counter`, from
-    `tasks.eval_counts`; by default the causal LM's token-weighted loss, perplexity and token accuracy).
+    the task's `counts`; by default the causal LM's token-weighted loss, perplexity and token accuracy).
     `batches` makes model inputs of saved rows (`TextBatches`, `ImageBatches`), unaugmented here.
 
     Collective: every rank calls it at the same step (each forward under ZeRO-3 gathers parameters).

@@ -22,11 +22,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
 
-from sft_dist import adapters, checkpoint, model_folder, tasks
+from sft_dist import adapters, checkpoint, model_folder
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
+from sft_dist.tasks import task_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_SHARD_SIZE = "2GB"
@@ -58,7 +59,7 @@ def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = Fals
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     base = cfg.model.name_or_path if adapter_only else None
-    return folder, model_folder.usage(out, cfg.model.task, tasks.AUTO_CLASSES[cfg.model.task].__name__, base)
+    return folder, model_folder.usage(out, task_of(cfg), base)
 
 
 def write_folder(folder: Path, out: Path, cfg: RunConfig, dtype: torch.dtype, merge_lora: bool) -> bool:
@@ -118,16 +119,16 @@ def tied_aliases(model: torch.nn.Module) -> list[str]:
 
 
 def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
-    m = cfg.model
+    m, task = cfg.model, task_of(cfg)
     config = AutoConfig.from_pretrained(m.name_or_path, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code,
-                                        **tasks.head_config(m))  # a classifier's label names go with it
+                                        **task.head_config(m))  # a classifier's label names go with it
     config.dtype = dtype
-    if m.task != "causal_lm":
-        config.architectures = [tasks.architecture(config, m.task)]
+    if task.names_architecture:
+        config.architectures = [task.architecture(config)]
     model_folder.write_config(config, out)
     tokenizer = write_preprocessor(cfg, out)
-    if m.task != "causal_lm":
-        return  # classifiers do not generate
+    if not task.generates:
+        return
     try:
         generation = GenerationConfig.from_pretrained(m.name_or_path)
     except OSError:  # no generation_config.json (e.g. a GGUF source): derive it from the model config
@@ -140,12 +141,12 @@ def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
 def write_preprocessor(cfg: RunConfig, out: Path) -> Any:
     """The tokenizer the run trained with, its chat template `data.chat_template` when set; or an image
     classifier's image processor (what `pipeline(...)` needs besides the model). Returns the tokenizer."""
-    m = cfg.model
-    if m.task == "image_classification":
+    m, task = cfg.model, task_of(cfg)
+    if task.preprocessor == "image_processor":
         model_lib.load_image_processor(m).save_pretrained(out)
         return None
     tokenizer = model_lib.load_tokenizer(m)
-    if m.task == "causal_lm" and cfg.data.chat_template:
+    if task.generates and cfg.data.chat_template:
         tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
     model_folder.write_tokenizer(tokenizer, out)
     return tokenizer

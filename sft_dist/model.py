@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.integrations.neftune import neftune_post_forward_hook
 from transformers.utils import is_torchvision_available
 
-from sft_dist import tasks
 from sft_dist.config import ModelConfig
+from sft_dist.tasks import task_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,13 +51,13 @@ def build(
     built inside `construction` (e.g. ZeRO-3 partitioned init); `load_kwargs` are further `from_pretrained`
     arguments (e.g. QLoRA's quantization)."""
     config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
-                                        trust_remote_code=cfg.trust_remote_code, **tasks.head_config(cfg))
+                                        trust_remote_code=cfg.trust_remote_code, **task_of(cfg).head_config(cfg))
     if cfg.dropout is not None:
         for name, value in vars(config).items():
             if "dropout" in name and isinstance(value, float):
                 setattr(config, name, cfg.dropout)
     with construction or contextlib.nullcontext():
-        model = tasks.AUTO_CLASSES[cfg.task].from_pretrained(
+        model = task_of(cfg).auto_model().from_pretrained(
             cfg.name_or_path,
             config=config,
             gguf_file=cfg.gguf_file,
@@ -82,6 +82,6 @@ def skeleton(cfg: ModelConfig) -> torch.nn.Module:
     """The model's modules without weights (on the meta device): for checks of its structure that should
     not cost a load, such as where adapters can go."""
     config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
-                                        trust_remote_code=cfg.trust_remote_code, **tasks.head_config(cfg))
+                                        trust_remote_code=cfg.trust_remote_code, **task_of(cfg).head_config(cfg))
     with torch.device("meta"):
-        return tasks.AUTO_CLASSES[cfg.task].from_config(config, trust_remote_code=cfg.trust_remote_code)
+        return task_of(cfg).auto_model().from_config(config, trust_remote_code=cfg.trust_remote_code)

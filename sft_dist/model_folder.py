@@ -93,21 +93,18 @@ def readable_as_normal_files(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-PIPELINES = {"causal_lm": "text-generation", "sequence_classification": "text-classification",
-             "token_classification": "token-classification", "image_classification": "image-classification"}
-
-
-def usage(out: Path, task: str, auto_class: str, adapter_base: str | None = None) -> str:
-    """How to load the folder (`auto_class`: the task's `AutoModelFor...`): what `sft-dist export` and the
-    demo print after writing it."""
+def usage(out: Path, task: Any, adapter_base: str | None = None) -> str:
+    """How to load the folder of a `task` (a `sft_dist.tasks.Task`): what `sft-dist export` and the demo
+    print after writing it."""
+    auto_class = task.auto_class
     where = str(out.resolve())
     if adapter_base is not None:
         return (f"adapter folder: {where}\nload it on its base:\n"
                 f"  from peft import PeftModel\n  from transformers import {auto_class}\n"
                 f"  model = PeftModel.from_pretrained({auto_class}.from_pretrained({adapter_base!r}), {where!r})")
-    if task != "causal_lm":
+    if not task.generates:
         return (f"model folder: {where}\nuse it:\n  from transformers import pipeline\n"
-                f"  print(pipeline({PIPELINES[task]!r}, model={where!r})(...))")
+                f"  print(pipeline({task.pipeline!r}, model={where!r})(...))")
     return (f"model folder: {where}\nchat with it:\n  from transformers import pipeline\n"
             f"  chat = pipeline('text-generation', model={where!r})\n"
             "  print(chat([{'role': 'user', 'content': 'Hello!'}], max_new_tokens=64)[0]['generated_text'][-1]['content'])")

@@ -26,6 +26,7 @@ from typing import Any
 
 from sft_dist.config import RunConfig
 from sft_dist.errors import UserError
+from sft_dist.tasks import TASKS, task_of
 
 GiB = 2**30
 # Kept free of the device's memory: CUDA context, allocator fragmentation, communication buckets.
@@ -157,22 +158,20 @@ def model_shape(source: Path | str, trust_remote_code: bool = False, task: str =
     import torch
     from transformers import AutoConfig
 
-    from sft_dist.tasks import AUTO_CLASSES
-
-    head = {} if task == "causal_lm" else {"num_labels": num_labels}
+    head = {} if TASKS[task].labels_are_tokens else {"num_labels": num_labels}
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, **head)
     except OSError as err:
         raise UserError(f"cannot read the model's config from {source} ({err}); pass --model-config DIR "
                         "(a folder with the model's config.json)", key="model.name_or_path") from None
     with torch.device("meta"):
-        model = AUTO_CLASSES[task].from_config(config, trust_remote_code=trust_remote_code)
+        model = TASKS[task].auto_model().from_config(config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     # Convolutional vision models have no transformer layers: their activations are not estimated.
     layers = [getattr(text, name, 0) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads")]
-    return ModelShape(total, largest, *layers, text.vocab_size if task == "causal_lm" else num_labels,
+    return ModelShape(total, largest, *layers, text.vocab_size if TASKS[task].labels_are_tokens else num_labels,
                       image_positions(config))
 
 
@@ -235,7 +234,7 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
     lines = [
         f"model: {cfg.model.name_or_path}: {shape.total_params / 1e9:.3f} B parameters "
         f"({shape.total_params:,}; largest layer {shape.largest_layer_params:,}), {shape.layers} layers, "
-        f"hidden {shape.hidden}, {'vocab' if cfg.model.task == 'causal_lm' else 'labels'} {shape.vocab}",
+        f"hidden {shape.hidden}, {'vocab' if task_of(cfg).labels_are_tokens else 'labels'} {shape.vocab}",
         f"run: {cfg.ray.num_workers_text()} workers, {t.precision}, micro-batch {t.micro_batch_size} x "
         f"{shape.positions or cfg.data.max_seq_len} {'patches' if shape.positions else 'tokens'}, "
         f"configured ZeRO-{ds.stage}"

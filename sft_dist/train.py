@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sft_dist import adapters, checkpoint, faults, preflight, quiet, shipping, tasks
+from sft_dist import adapters, checkpoint, faults, preflight, quiet, shipping
 from sft_dist import engine as engine_lib
 from sft_dist import model as model_lib
 from sft_dist.config import RunConfig
-from sft_dist.data.batches import BatchPlan, TextBatches, attention_of, grouping_lengths, model_inputs
+from sft_dist.data.batches import BatchPlan, TextBatches, grouping_lengths, model_inputs
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
@@ -27,6 +27,8 @@ from sft_dist.loss import token_loss_sums
 from sft_dist.lr_find import Divergence
 from sft_dist.runtime import Job, RunContext, all_gather, all_reduce_sum
 from sft_dist.storage import Location
+from sft_dist.tasks import task_of
+from sft_dist.tasks.heads import LossFn
 from sft_dist.timing import OFF, StepTimer
 
 
@@ -69,7 +71,7 @@ class Session:
                 faults.maybe_hang(cfg.debug, ctx.rank, step)
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
                 metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
-                                        tasks.eval_counts(cfg.model)))
+                                        task_of(cfg).counts(cfg.model)))
         if cfg.eval.generate and self.prompts:
             with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
@@ -92,7 +94,7 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Locatio
     # Loading uses the shipped folders as this node has them; the session (and so every checkpoint)
     # keeps the driver's config.
     here, data = fetch_shipment(ctx, cfg, data)
-    tokenizer = None if cfg.model.task == "image_classification" else model_lib.load_tokenizer(here.model)
+    tokenizer = model_lib.load_tokenizer(here.model) if task_of(cfg).needs_tokenizer else None
     if cfg.data.chat_template:  # generation prompts render as the training data did
         tokenizer.chat_template = chat_template(tokenizer, here.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
@@ -117,11 +119,8 @@ def fetch_shipment(ctx: RunContext, cfg: RunConfig, data: PreparedData) -> tuple
 
 
 def batch_maker(cfg: RunConfig, tokenizer: Any, module: torch.nn.Module) -> TextBatches | ImageBatches:
-    """How saved rows become this model's inputs: padded tokens, or the image processor's pixels."""
-    if cfg.model.task == "image_classification":
-        dtype = next(module.parameters()).dtype  # not every vision model casts its pixels itself
-        return ImageBatches(model_lib.load_image_processor(cfg.model), cfg.data.image_augment, cfg.seed, dtype)
-    return TextBatches(tokenizer.pad_token_id, attention_of(module))
+    """How saved rows become this model's inputs: padded tokens, or the image processor's pixels (the task's)."""
+    return task_of(cfg).batches(cfg, tokenizer, module)
 
 
 def run_job(ctx: RunContext, cfg: RunConfig, data: PreparedData, job: Job) -> None:
@@ -145,7 +144,7 @@ def run(ctx: RunContext, cfg: RunConfig, data: PreparedData, resume_from: str | 
     tracker = BestTracker.for_config(cfg.eval, loop_state.get("best"))
     supervised_per_example = np.asarray(session.train_set["num_supervised"])
     timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
-    loss_fn = tasks.training_loss(cfg.model.task, cfg.train)
+    loss_fn = task_of(cfg).loss(cfg.train)
     saved_steps = [start] if start else []  # a resumed run's checkpoint is a saved state too
 
     def save(step: int, metrics: dict[str, Any]) -> None:
@@ -323,7 +322,7 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
 
 def train_step(
     engine: Any, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
-    batches: TextBatches | ImageBatches, loss_fn: tasks.LossFn = token_loss_sums, timer: StepTimer = OFF,
+    batches: TextBatches | ImageBatches, loss_fn: LossFn = token_loss_sums, timer: StepTimer = OFF,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 

@@ -22,7 +22,7 @@ from transformers import (AutoFeatureExtractor, AutoModelForAudioClassification,
 from sft_dist.config import DataConfig
 from sft_dist.data.audio import AudioAugment, AudioBatches, AudioEncoder, at_rate, undecoded
 from sft_dist.data.chat import IGNORE_INDEX
-from sft_dist.speech_metrics import SpeechCounts, transcript_words, word_edits
+from sft_dist.tasks.speech_metrics import SpeechCounts, transcript_words, word_edits
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH, COMMANDS = REPO / "configs" / "data" / "speech", REPO / "configs" / "data" / "commands"

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sft_dist import config as config_lib
-from sft_dist import driver, tasks
+from sft_dist import driver
+from sft_dist.tasks import heads as tasks
 from sft_dist.data.labels import with_labels
 from sft_dist.data.prepare import prepare as prepare_rows
 from sft_dist.errors import UserError

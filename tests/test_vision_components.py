@@ -23,7 +23,7 @@ from sft_dist.data.detection import DetectionBatches, DetectionEncoder
 from sft_dist.data.images import undecoded
 from sft_dist.data.segmentation import SegmentationBatches, SegmentationEncoder
 from sft_dist.data.vlm import VlmBatches, VlmEncoder
-from sft_dist.vision_metrics import DetectionScores, SegmentationCounts, mean_iou
+from sft_dist.tasks.vision_metrics import DetectionScores, SegmentationCounts, mean_iou
 
 from conftest import REPO
 

@@ -37,7 +37,8 @@ import torch
 from sft_dist.config import DataConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX
-from sft_dist.data.encode import FEATURES, Encoder, raw_row
+from sft_dist.data.encode import FEATURES, drop, encode_rows
+from sft_dist.data.images import file_bytes, part_folder
 from sft_dist.data.labels import LabelEncoder
 
 AUDIO_FEATURES = datasets.Features({**FEATURES, "audio": datasets.Value("binary"),
@@ -68,23 +69,11 @@ class AudioEncoder:
 
     def for_part(self, part_name: str) -> "AudioEncoder":
         """The encoder of one source part: a data file (paths relative to its folder), or a saved folder."""
-        where = Path(part_name)
-        folder = where if where.is_dir() else where.parent if where.exists() else Path.cwd()
         return AudioEncoder(self.data, self.names, self.tokenizer, self.decoder_start_id, self.max_duration_s,
-                            self.max_target_tokens, folder)
+                            self.max_target_tokens, part_folder(part_name))
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = {name: [None] * len(indices) for name in AUDIO_FEATURES}
-        for j in range(len(indices)):
-            out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
-            try:
-                row = raw_row(batch, j)
-                if not isinstance(row, dict):
-                    raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
-                self._keep(out, j, *self._row(row))
-            except BadRow as bad:
-                Encoder._drop(out, j, bad.reason, bad.detail, bad=True)
-        return out
+        return encode_rows(batch, indices, AUDIO_FEATURES, lambda out, j, row: self._keep(out, j, *self._row(row)))
 
     def _row(self, row: dict) -> tuple[bytes, float, list[int], list[int]]:
         if row.get(self.target_key) is None:
@@ -112,10 +101,10 @@ class AudioEncoder:
     def _keep(self, out: dict, j: int, data: bytes, duration_s: float, ids: list[int], labels: list[int]) -> None:
         out["audio"][j], out["duration_s"][j] = data, duration_s
         if self.max_duration_s is not None and duration_s > self.max_duration_s:
-            Encoder._drop(out, j, "too_long", f"{duration_s:.2f} s of audio > {self.max_duration_s:g} s")
+            drop(out, j, "too_long", f"{duration_s:.2f} s of audio > {self.max_duration_s:g} s")
             return
         if self.max_target_tokens is not None and len(ids) > self.max_target_tokens:
-            Encoder._drop(out, j, "too_long", f"{len(ids)} transcript tokens > {self.max_target_tokens}")
+            drop(out, j, "too_long", f"{len(ids)} transcript tokens > {self.max_target_tokens}")
             return
         out["input_ids"][j], out["labels"][j], out["truncated"][j], out["bad"][j] = ids, labels, False, False
         out["num_supervised"][j] = 1 if self.labels is not None else sum(t != IGNORE_INDEX for t in labels[1:])
@@ -131,19 +120,7 @@ def audio_bytes(value: Any, key: str, folder: Path | None) -> bytes:
     decoded samples ({array, sampling_rate}, kept losslessly as a 32-bit float WAV)."""
     if isinstance(value, dict) and value.get("array") is not None:
         return samples_as_wav(value["array"], value.get("sampling_rate"), key)
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if not isinstance(value, str) or not value:
-        kind = "missing_field" if value is None else "wrong_type"
-        raise BadRow(kind, f"'{key}' must be an audio file's path or bytes, got {type(value).__name__}")
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() or folder is None else folder / path
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise BadRow("missing_audio", f"'{key}': cannot read {path} ({err.strerror})") from None
+    return file_bytes(value, key, folder, "an audio file's path or bytes", "missing_audio")
 
 
 def samples_as_wav(array: Any, rate: Any, key: str) -> bytes:

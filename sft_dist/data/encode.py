@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import numpy as np
@@ -30,9 +30,9 @@ FEATURES = datasets.Features({
     "line": datasets.Value("int64"), "row": datasets.Value("int64"),
     "heldout_u": datasets.Value("float64"),  # a uniform number from the example's content (held-out split)
 })
-SAVED_COLUMNS = ("input_ids", "labels", "num_supervised", "length")
-# Saved as well when an encoder makes them: a classifier's token type ids, an image's bytes.
-EXTRA_COLUMNS = ("token_type_ids", "image")
+# The bookkeeping columns, not saved; every other column an encoder makes is (a classifier's token type
+# ids, an image's bytes, a regression row's value...).
+BOOKKEEPING = ("truncated", "reason", "bad", "detail", "line", "row", "heldout_u")
 
 
 class Encoder:
@@ -50,7 +50,7 @@ class Encoder:
                 example = normalize(raw_row(batch, j), self.data)
                 texts.append((j, *self._text(example), example))
             except BadRow as bad:
-                self._drop(out, j, bad.reason, bad.detail, bad=True)
+                drop(out, j, bad.reason, bad.detail, bad=True)
         for kind in (Chat, Plain):
             chosen = [t for t in texts if isinstance(t[3], kind)]
             if chosen:
@@ -85,28 +85,45 @@ class Encoder:
     def _keep(self, out: dict, j: int, ids: list[int], labels: list[int], example: Example) -> None:
         full_length = len(ids)
         if full_length > self.data.max_seq_len and self.data.truncation == "drop":
-            self._drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}")
+            drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}")
             out["length"][j] = full_length
             return
         ids, labels = ids[: self.data.max_seq_len], labels[: self.data.max_seq_len]
         num_supervised = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 predicts nothing
         if num_supervised == 0:
             if full_length > len(ids):  # the cut took every supervised token (e.g. a long prompt): say so
-                self._drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}, "
+                drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}, "
                            "and cutting on the right leaves no supervised token")
                 out["length"][j] = full_length
             else:
-                self._drop(out, j, "no_supervised_tokens", "no supervised token in the example")
+                drop(out, j, "no_supervised_tokens", "no supervised token in the example")
             return
         out["input_ids"][j], out["labels"][j], out["num_supervised"][j] = ids, labels, num_supervised
         out["length"][j], out["truncated"][j], out["bad"][j] = len(ids), full_length > len(ids), False
         out["heldout_u"][j] = _uniform(example)
 
-    @staticmethod
-    def _drop(out: dict, j: int, reason: str, detail: str, bad: bool = False) -> None:
-        out["input_ids"][j], out["labels"][j], out["num_supervised"][j], out["truncated"][j] = [], [], 0, False
-        out["reason"][j], out["detail"][j], out["bad"][j], out["length"][j] = reason, detail, bad, 0
-        out["heldout_u"][j] = 1.0
+def drop(out: dict, j: int, reason: str, detail: str, bad: bool = False) -> None:
+    """Row j comes out without tokens, with the reason (and whether that is a bad row)."""
+    out["input_ids"][j], out["labels"][j], out["num_supervised"][j], out["truncated"][j] = [], [], 0, False
+    out["reason"][j], out["detail"][j], out["bad"][j], out["length"][j] = reason, detail, bad, 0
+    out["heldout_u"][j] = 1.0
+
+
+def encode_rows(batch: dict[str, list], indices: list[int], features: Any,
+                keep: Callable[[dict, int, dict], None]) -> dict[str, list]:
+    """The row loop of every encoder of JSON-object rows: row j parsed (`raw_row`) and checked to be an
+    object, then `keep(out, j, row)` fills its columns; a BadRow it raises drops the row with its reason."""
+    out = {name: [None] * len(indices) for name in features}
+    for j in range(len(indices)):
+        out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
+        try:
+            row = raw_row(batch, j)
+            if not isinstance(row, dict):
+                raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+            keep(out, j, row)
+        except BadRow as bad:
+            drop(out, j, bad.reason, bad.detail, bad=True)
+    return out
 
 
 def raw_row(batch: dict[str, list], j: int) -> Any:

@@ -31,17 +31,17 @@ Example = Chat | Plain
 
 
 def normalize(row: Any, data: DataConfig) -> Example:
+    """The row as a chat or as plain text, by `data.format` (one of causal_lm's formats)."""
     if not isinstance(row, dict):
         raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
-    def fields(name: str) -> str:
-        return data.fields.get(name, name)
+    return NORMALIZERS[data.format](row, data, lambda name: data.fields.get(name, name))
 
-    if data.format == "messages":
-        return Chat(_turns(_required(row, fields("messages"), list), data, "messages"))
-    if data.format == "alpaca":
-        return _alpaca(row, fields)
-    if data.format == "prompt_completion":
-        return _prompt_completion(row, data, fields)
+
+def _messages(row: dict, data: DataConfig, fields) -> Chat:
+    return Chat(_turns(_required(row, fields("messages"), list), data, "messages"))
+
+
+def _text(row: dict, data: DataConfig, fields) -> Plain:
     text = _required(row, fields("text"), str)
     if not text.strip():
         raise BadRow("empty_text", f"'{fields('text')}' is empty")
@@ -79,7 +79,7 @@ def _turns(messages: list, data: DataConfig, field: str, need_assistant: bool = 
     return turns
 
 
-def _alpaca(row: dict, fields) -> Chat:
+def _alpaca(row: dict, data: DataConfig, fields) -> Chat:
     instruction = _required(row, fields("instruction"), str)
     output = _required(row, fields("output"), str)
     extra = _optional_text(row, fields("input"))
@@ -108,3 +108,7 @@ def _prompt_completion(row: dict, data: DataConfig, fields) -> Example:
     if not completion:
         raise BadRow("empty_completion", f"'{fields('completion')}' is empty")
     return Plain([(prompt, data.loss_on == "all"), (completion, True)])
+
+
+# Each text format's reader (the formats of causal_lm; the classifiers' formats have their own encoders).
+NORMALIZERS = {"messages": _messages, "alpaca": _alpaca, "prompt_completion": _prompt_completion, "text": _text}

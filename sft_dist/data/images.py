@@ -26,7 +26,7 @@ from PIL import Image
 
 from sft_dist.config import DataConfig, ImageAugmentConfig
 from sft_dist.data.badrows import BadRow
-from sft_dist.data.encode import FEATURES, Encoder, raw_row
+from sft_dist.data.encode import FEATURES, encode_rows
 from sft_dist.data.labels import LabelEncoder
 
 IMAGE_FEATURES = datasets.Features({**FEATURES, "image": datasets.Value("binary")})
@@ -50,17 +50,7 @@ class ImageEncoder:
         return ImageEncoder(self.data, self.names, part_folder(part_name))
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = {name: [None] * len(indices) for name in IMAGE_FEATURES}
-        for j in range(len(indices)):
-            out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
-            try:
-                row = raw_row(batch, j)
-                if not isinstance(row, dict):
-                    raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
-                self._store(out, j, *self._row(row))
-            except BadRow as bad:
-                Encoder._drop(out, j, bad.reason, bad.detail, bad=True)
-        return out
+        return encode_rows(batch, indices, IMAGE_FEATURES, lambda out, j, row: self._store(out, j, *self._row(row)))
 
     def _row(self, row: dict) -> tuple[bytes, int]:
         if row.get(self.label_key) is None:
@@ -85,22 +75,23 @@ def part_folder(part_name: str) -> Path:
     return where if where.is_dir() else where.parent if where.exists() else Path.cwd()
 
 
-def file_bytes(value: Any, key: str, folder: Path | None) -> bytes:
-    """An image (or mask) field's file content: a path (relative to `folder`), raw bytes, or a `datasets`
-    Image value ({bytes, path}: bytes when present, else the path)."""
+def file_bytes(value: Any, key: str, folder: Path | None, wanted: str = "an image path or image bytes",
+               unreadable: str = "missing_image") -> bytes:
+    """An image (or mask, or audio) field's file content: a path (relative to `folder`), raw bytes, or a
+    `datasets` Image/Audio value ({bytes, path}: bytes when present, else the path)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, bytes):
-        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
     if not isinstance(value, str) or not value:
         kind = "missing_field" if value is None else "wrong_type"
-        raise BadRow(kind, f"'{key}' must be an image path or image bytes, got {type(value).__name__}")
+        raise BadRow(kind, f"'{key}' must be {wanted}, got {type(value).__name__}")
     path = Path(value).expanduser()
     path = path if path.is_absolute() or folder is None else folder / path
     try:
         return path.read_bytes()
     except OSError as err:
-        raise BadRow("missing_image", f"'{key}': cannot read {path} ({err.strerror})") from None
+        raise BadRow(unreadable, f"'{key}': cannot read {path} ({err.strerror})") from None
 
 
 def check_decodes(data: bytes, where: str) -> tuple[int, int]:

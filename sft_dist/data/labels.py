@@ -25,9 +25,10 @@ import datasets
 from sft_dist.config import DataConfig, ModelConfig, RunConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX
-from sft_dist.data.encode import FEATURES, Encoder, raw_row
+from sft_dist.data.encode import FEATURES, drop, encode_rows, raw_row
 from sft_dist.data.sources import open_source
 from sft_dist.errors import UserError
+from sft_dist.tasks import task_of
 
 OUTSIDE = "O"  # the BIO tag of a word outside every entity
 # With a tokenizer whose model takes token type ids (BERT: 0 for the text, 1 for its pair).
@@ -37,7 +38,7 @@ TYPED_FEATURES = datasets.Features({**FEATURES, "token_type_ids": datasets.List(
 def with_labels(cfg: RunConfig) -> RunConfig:
     """The config with `model.labels` filled in for a classification task, so that every worker, every
     checkpoint's config and the exported model name the same labels in the same order."""
-    if cfg.model.task == "causal_lm":
+    if not task_of(cfg).labelled:
         return cfg
     names = label_names(cfg.data, cfg.model)
     weights = cfg.train.class_weights
@@ -54,7 +55,7 @@ def label_names(data: DataConfig, model: ModelConfig) -> list[str]:
         return list(model.labels)
     names, ids = _training_labels(data)
     if names:
-        ordered = sorted(names, key=lambda n: (n != OUTSIDE, n)) if data.format == "token_classification" \
+        ordered = sorted(names, key=lambda n: (n != OUTSIDE, n)) if _tagged(data) \
             else sorted(names)
         if model.num_labels is not None and model.num_labels != len(ordered):
             raise UserError(f"{model.num_labels} labels asked for, but the training data names {len(ordered)}: "
@@ -70,8 +71,13 @@ def label_names(data: DataConfig, model: ModelConfig) -> list[str]:
 
 
 def _label_field(data: DataConfig) -> str:
-    canonical = "tags" if data.format == "token_classification" else "label"
+    canonical = task_of(data).label_field
     return data.fields.get(canonical, canonical)
+
+
+def _tagged(data: DataConfig) -> bool:
+    """The rows name a label per word (BIO tags), not one per row."""
+    return task_of(data).label_field == "tags"
 
 
 def _training_labels(data: DataConfig) -> tuple[set[str], set[int]]:
@@ -88,7 +94,7 @@ def _training_labels(data: DataConfig) -> tuple[set[str], set[int]]:
                         except BadRow:
                             continue
                         value = row.get(field) if isinstance(row, dict) else None
-                        tags = isinstance(value, list) and data.format == "token_classification"
+                        tags = isinstance(value, list) and _tagged(data)
                         for item in value if tags else [value]:
                             if isinstance(item, str):
                                 names.add(item)
@@ -113,20 +119,13 @@ class LabelEncoder:
         self.features = TYPED_FEATURES if typed else FEATURES
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = {name: [None] * len(indices) for name in self.features}
-        for j in range(len(indices)):
-            out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
-            try:
-                row = raw_row(batch, j)
-                if not isinstance(row, dict):
-                    raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
-                if self.data.format == "classification":
-                    self._keep_sequence(out, j, *self._sequence_row(row))
-                else:
-                    self._keep_tokens(out, j, *self._token_row(row))
-            except BadRow as bad:
-                Encoder._drop(out, j, bad.reason, bad.detail, bad=True)
-        return out
+        return encode_rows(batch, indices, self.features, self._keep)
+
+    def _keep(self, out: dict, j: int, row: dict) -> None:
+        if _tagged(self.data):
+            self._keep_tokens(out, j, *self._token_row(row))
+        else:
+            self._keep_sequence(out, j, *self._sequence_row(row))
 
     def _field(self, name: str) -> str:
         return self.data.fields.get(name, name)
@@ -197,7 +196,7 @@ class LabelEncoder:
         labels = aligned_labels(encoded.word_ids(), tags, self.data.label_all_subtokens)
         supervised = sum(label != IGNORE_INDEX for label in labels)
         if supervised == 0:
-            Encoder._drop(out, j, "no_supervised_tokens", "no word left with a label (after truncation)")
+            drop(out, j, "no_supervised_tokens", "no word left with a label (after truncation)")
             return
         self._store(out, j, encoded, labels, supervised, truncated, [words, tags])
 
@@ -206,7 +205,7 @@ class LabelEncoder:
     def _dropped_as_too_long(self, out: dict, j: int, length: int) -> bool:
         if self.data.truncation != "drop":
             return False
-        Encoder._drop(out, j, "too_long", f"{length} tokens > data.max_seq_len {self.data.max_seq_len}")
+        drop(out, j, "too_long", f"{length} tokens > data.max_seq_len {self.data.max_seq_len}")
         out["length"][j] = length
         return True
 

@@ -23,14 +23,14 @@ from sft_dist.config import DataConfig, EvalConfig, SourceConfig
 from sft_dist.data import stats as stats_lib
 from sft_dist.data.badrows import BadRow, Origin, bad_row_error
 from sft_dist.data.chat import generation_prompt
-from sft_dist.data.encode import EXTRA_COLUMNS, SAVED_COLUMNS, Encoder, raw_row
+from sft_dist.data.encode import BOOKKEEPING, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
 from sft_dist.data.images import ImageEncoder, undecoded
-from sft_dist.data.labels import LabelEncoder
 from sft_dist.data.packing import pack
 from sft_dist.data.sources import Part, content_digest, first_line, fingerprint, open_source
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
+from sft_dist.tasks import task_of
 
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
@@ -102,9 +102,7 @@ def prepare(data: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, cache_root: 
 
 
 def _encoder(data: DataConfig, tokenizer: Any, template: str | None, labels: list[str] | None) -> Any:
-    if data.format == "image_classification":
-        return ImageEncoder(data, labels)
-    return LabelEncoder(data, tokenizer, labels) if labels else Encoder(data, tokenizer, template)
+    return task_of(data).encoder(data, tokenizer, template, labels)
 
 
 def _template(data: DataConfig, tokenizer: Any) -> str | None:
@@ -146,7 +144,7 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
         raise _nothing_usable(split, encoded, data)
     # (concatenate_datasets hashes its inputs for a fingerprint: seconds, for nothing, with one input)
     examples = weighted[0] if len(weighted) == 1 else datasets.concatenate_datasets(weighted)
-    saved = examples.select_columns([*SAVED_COLUMNS, *(c for c in EXTRA_COLUMNS if c in examples.column_names)])
+    saved = examples.select_columns([c for c in examples.column_names if c not in BOOKKEEPING])
     if data.packing:
         saved = pack(saved, data.max_seq_len, out / "work" / split)
     saved.save_to_disk(str(out / split))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from sft_dist.config import DataConfig
 from sft_dist.data.badrows import BadRow
-from sft_dist.data.encode import FEATURES, Encoder, raw_row
+from sft_dist.data.encode import FEATURES, encode_rows
 from sft_dist.data.images import check_decodes, decoded, file_bytes, part_folder
 
 SEGMENTATION_FEATURES = datasets.Features({**FEATURES, "image": datasets.Value("binary"),
@@ -47,17 +47,7 @@ class SegmentationEncoder:
         return SegmentationEncoder(self.data, self.names, part_folder(part_name), self.ignore_index)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = {name: [None] * len(indices) for name in SEGMENTATION_FEATURES}
-        for j in range(len(indices)):
-            out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
-            try:
-                row = raw_row(batch, j)
-                if not isinstance(row, dict):
-                    raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
-                self._store(out, j, *self._row(row))
-            except BadRow as bad:
-                Encoder._drop(out, j, bad.reason, bad.detail, bad=True)
-        return out
+        return encode_rows(batch, indices, SEGMENTATION_FEATURES, lambda out, j, row: self._store(out, j, *self._row(row)))
 
     def _row(self, row: dict) -> tuple[bytes, bytes]:
         image = file_bytes(row.get(self.image_key), self.image_key, self.folder)

@@ -38,7 +38,7 @@ from sft_dist.config import ROLES, DataConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.batches import collate
 from sft_dist.data.chat import IGNORE_INDEX, render_with_spans
-from sft_dist.data.encode import FEATURES, Encoder, _labels, raw_row
+from sft_dist.data.encode import FEATURES, _labels, drop, raw_row
 from sft_dist.data.images import check_decodes, decoded, file_bytes, part_folder
 
 VLM_FEATURES = datasets.Features({**FEATURES, "images": datasets.List(datasets.Value("binary"))})
@@ -69,7 +69,7 @@ class VlmEncoder:
                 ids, labels = self.tokens(messages, images)
                 self._keep(out, j, ids, labels, messages, images)
             except BadRow as bad:
-                Encoder._drop(out, j, bad.reason, bad.detail, bad=True)
+                drop(out, j, bad.reason, bad.detail, bad=True)
         return out
 
     # ---------------------------------------------------------------- rows to conversations
@@ -173,13 +173,13 @@ class VlmEncoder:
             cuts_image = any(i in self.image_ids for i in ids[limit:])
             if self.data.truncation == "drop" or cuts_image:
                 why = " and would cut an image's tokens" if cuts_image and self.data.truncation == "right" else ""
-                Encoder._drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {limit}{why}")
+                drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {limit}{why}")
                 out["length"][j] = full_length
                 return
             ids, labels = ids[:limit], labels[:limit]
         num_supervised = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 predicts nothing
         if num_supervised == 0:
-            Encoder._drop(out, j, "no_supervised_tokens", "no supervised token left (after truncation)")
+            drop(out, j, "no_supervised_tokens", "no supervised token left (after truncation)")
             return
         out["input_ids"][j], out["labels"][j], out["num_supervised"][j], out["images"][j] = ids, labels, num_supervised, images
         out["length"][j], out["truncated"][j], out["bad"][j] = len(ids), full_length > len(ids), False

@@ -1,7 +1,7 @@
 """Speech recognition's validation counts: the teacher-forced loss over the transcript tokens and the
 word error rate of the generated transcripts. Imports neither Ray nor DeepSpeed.
 
-As for every task's metrics (tasks.py), WER is made from counts summed over ranks, never from per-rank
+As for every task's metrics (sft_dist.tasks.heads), WER is made from counts summed over ranks, never from per-rank
 rates: word edits (substitutions + deletions + insertions, the Levenshtein distance between word
 sequences) summed over clips, over the reference words summed over clips. So `eval_wer` equals the
 corpus WER of a single process over the whole validation set (jiwer's `wer` of the two lists), not a
@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from sft_dist.tasks import tag_loss_sums
+from sft_dist.tasks.heads import tag_loss_sums
 
 # Word characters and apostrophes ("don't" is one word); everything else separates words.
 _NOT_WORD = re.compile(r"[^\w']+")

@@ -1,5 +1,5 @@
-"""What differs between `model.task`s: the transformers class, the head's label config, the training
-loss, and the validation counts and metrics. Imports neither Ray nor DeepSpeed.
+"""The heavy half of the built-in tasks (torch): classifier label configs, training losses, and the
+validation counts and metrics. `sft_dist.tasks` describes the tasks and imports this lazily.
 
 Every validation metric is made from counts that are summed over ranks (one all-reduce in
 `evaluate.validate`), never from per-rank metrics: accuracy from correct/total, macro F1 from the
@@ -15,59 +15,29 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification)
 
 from sft_dist.config import ModelConfig, TrainConfig
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.loss import token_loss_sums
 
-AUTO_CLASSES = {
-    "causal_lm": AutoModelForCausalLM,
-    "sequence_classification": AutoModelForSequenceClassification,
-    "token_classification": AutoModelForTokenClassification,
-    "image_classification": AutoModelForImageClassification,
-}
-# peft has no image task type: image heads are named in modules_to_save instead (IMAGE_HEADS).
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS",
-                   "token_classification": "TOKEN_CLS", "image_classification": None}
-# The new head's module name in transformers' image classifiers (ViT, DeiT, BEiT, Swin, ConvNeXT, ResNet...).
-IMAGE_HEADS = ["classifier"]
-# Tasks that classify a whole example (one label id per row): the same loss and the same metrics.
-WHOLE_EXAMPLE_TASKS = ("sequence_classification", "image_classification")
-
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def head_config(cfg: ModelConfig) -> dict[str, Any]:
-    """`AutoConfig.from_pretrained` arguments of the task's head: the labels, named (saved with the model,
+def label_config(cfg: ModelConfig) -> dict[str, Any]:
+    """`AutoConfig.from_pretrained` arguments of a classifier's head: the labels, named (saved with the model,
     so `pipeline(...)` answers with names)."""
-    if cfg.task == "causal_lm":
-        return {}
     assert cfg.labels, "data.labels.with_labels names the labels on the driver"
     return {"num_labels": len(cfg.labels), "id2label": dict(enumerate(cfg.labels)),
             "label2id": {name: i for i, name in enumerate(cfg.labels)}}
 
 
-def architecture(config: Any, task: str) -> str:
-    """The class name `from_pretrained` of an exported folder should build (e.g. BertForSequenceClassification)."""
-    return AUTO_CLASSES[task]._model_mapping[type(config)].__name__
-
-
 # ---------------------------------------------------------------- training loss
 
 
-def training_loss(task: str, train: TrainConfig) -> LossFn:
-    """(summed loss, supervised count, correct) of a micro-batch; the loop divides the sum by the
-    global batch's supervised count (tokens for causal LM, examples for sequence classification,
-    labelled tokens for token classification)."""
-    if task == "causal_lm":
-        return lambda logits, labels: token_loss_sums(logits, labels, train.label_smoothing)
+def class_loss(train: TrainConfig, loss_sums: Callable) -> LossFn:
+    """A classifier's training loss with `train.class_weights` and `train.label_smoothing`."""
     weights = torch.tensor(train.class_weights, dtype=torch.float32) if train.class_weights else None
-    smoothing = train.label_smoothing
-    if task in WHOLE_EXAMPLE_TASKS:
-        return lambda logits, labels: sequence_loss_sums(logits, labels, weights, smoothing)
-    return lambda logits, labels: tag_loss_sums(logits, labels, weights, smoothing)
+    return lambda logits, labels: loss_sums(logits, labels, weights, train.label_smoothing)
 
 
 def sequence_loss_sums(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
@@ -171,14 +141,6 @@ class EntityCounts:
         return {"eval_loss": loss_sum / tokens, "eval_token_acc": correct / tokens,
                 "eval_entity_precision": precision, "eval_entity_recall": recall, "eval_entity_f1": f1,
                 "eval_entities": int(true)}
-
-
-def eval_counts(cfg: ModelConfig) -> TokenCounts | SequenceCounts | EntityCounts:
-    if cfg.task in WHOLE_EXAMPLE_TASKS:
-        return SequenceCounts(len(cfg.labels))
-    if cfg.task == "token_classification":
-        return EntityCounts(list(cfg.labels))
-    return TokenCounts()
 
 
 def entities(tags: list[str]) -> list[tuple[str, int, int]]:

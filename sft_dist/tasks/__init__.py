@@ -1,0 +1,88 @@
+"""The tasks sft_dist trains, as data: one `Task` description per `model.task`, in `TASKS`.
+
+A description is light (names, data formats, flags, metric names) so that `sft_dist.config` can read
+it without torch; its callables (row encoder, batch maker, loss, validation counts, head config) import
+torch and transformers only when called. Everything that differs between tasks is a field here, so the
+rest of the code asks the task (`task_of(cfg).needs_tokenizer`, `.loss(train)`, `.counts(model)`)
+instead of branching on its name, and a new task is one module plus one line in `TASKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    from sft_dist.config import ModelConfig
+
+
+def no_head_config(model: "ModelConfig") -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # the `model.task` value
+    auto_class: str  # the transformers auto class, by name (imported when a model is built)
+    # data.format -> its canonical field names (data.fields maps them to a dataset's columns); the formats
+    # this task trains on, and no other task does.
+    formats: dict[str, tuple[str, ...]]
+    metrics: dict[str, Literal["min", "max"]]  # the validation metrics it reports (eval.metric), and their better side
+    pipeline: str  # the `transformers.pipeline(...)` task name of an exported folder
+    # Callables, importing torch/transformers when called:
+    encoder: Callable[..., Any]  # (data, tokenizer, template, labels) -> what datasets.map runs over raw rows
+    batches: Callable[..., Any]  # (cfg, tokenizer, module) -> saved rows to model inputs
+    loss: Callable[..., Any]  # (train cfg) -> (logits, labels) -> (summed loss, supervised count, correct)
+    counts: Callable[..., Any]  # (model cfg) -> validation counts (summed over ranks) and their metrics
+    head_config: Callable[..., dict[str, Any]] = no_head_config  # (model cfg) -> AutoConfig arguments of the head
+    peft_task_type: str | None = None  # peft's TaskType (None: peft has none; the head goes in head_modules)
+    preprocessor: Literal["tokenizer", "image_processor"] = "tokenizer"  # what the model reads; what export saves
+    # The row field that names a row's label(s) ("label", or "tags": one per word); the label names come
+    # from model.labels or the training data. None: the task has no label names.
+    label_field: str | None = None
+    generates: bool = False  # eval.generate, a generation config in exports, the chat template in exports
+    packs: bool = False  # data.packing is allowed
+    head_modules: tuple[str, ...] = ()  # trained in full next to adapters (peft's modules_to_save)
+    labels_are_tokens: bool = False  # the labels are token ids (the head's width is the vocab), not label ids
+    names_architecture: bool = True  # exports name the task's class in config.architectures (a new head)
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        return self.preprocessor == "tokenizer"
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_field is not None
+
+    def auto_model(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def architecture(self, config: Any) -> str:
+        """The class name `from_pretrained` of an exported folder should build (e.g. BertForSequenceClassification)."""
+        return self.auto_model()._model_mapping[type(config)].__name__
+
+
+# The task modules (sft_dist/tasks/NAME.py, each with its `TASK`), in the order errors list them.
+TASK_MODULES = ("causal_lm", "sequence_classification", "token_classification", "image_classification", "regression")
+
+
+def _registry() -> dict[str, Task]:
+    modules = [importlib.import_module(f"sft_dist.tasks.{name}") for name in TASK_MODULES]
+    return {module.TASK.name: module.TASK for module in modules}
+
+
+TASKS = _registry()
+# Every data.format, and the task that trains on it.
+FORMAT_TASKS = {fmt: task.name for task in TASKS.values() for fmt in task.formats}
+
+
+def task_of(cfg: Any) -> Task:
+    """The task of a ModelConfig, a RunConfig, or a data.format (a DataConfig)."""
+    if hasattr(cfg, "model"):
+        cfg = cfg.model
+    if hasattr(cfg, "task"):
+        return TASKS[cfg.task]
+    return TASKS[FORMAT_TASKS[cfg.format]]
