@@ -43,6 +43,8 @@ class Progress:
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} (step {step})"
+        if "world_size" in e:  # an elastic run's changes show here
+            text += f" | {e['world_size']} workers"
         if "time_forward_s" in e:  # logging.timing: mean seconds per step of each phase
             text += " | s/step " + " ".join(f"{p} {e[f'time_{p}_s']:.3f}" for p in TIMED_PHASES)
             if "time_comm_s" in e:  # part of backward and optimizer
@@ -91,6 +93,8 @@ class LiveProgress(Progress):
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} @{step}"
+        if "world_size" in e:
+            text += f" | {e['world_size']} workers"
         return text
 
     def close(self) -> None:
