@@ -15,6 +15,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sft_dist import quiet, shipping, storage, watchdog
 from sft_dist.checkpoint import SCORE
@@ -119,7 +120,7 @@ def fit(
     # Ray Train writes the checkpoints through the same filesystem (endpoint, scheme, region) as ours;
     # credentials are not part of it: each node resolves its own.
     filesystem, root_path = root.filesystem()
-    events, control = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
+    events, control = Queue(actor_options=_on_this_node()), Queue(actor_options=_on_this_node())
     trainer = TorchTrainer(
         train_loop_per_worker=ray_worker_main,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events,
@@ -154,6 +155,13 @@ def fit(
         ray.kill(control.actor)
         _disconnect()
     return error
+
+
+def _on_this_node() -> dict[str, Any]:
+    """Actor options that keep a queue on the driver's node: anywhere else, losing that node (which an
+    elastic run survives) would take the run's events with it. Ray Train pins its controller alike."""
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False)}
 
 
 def _disconnect() -> None:
