@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(900)
 PORT = 6450
 BIN = Path(sys.executable).parent
 ELASTIC = ["ray.num_workers=[1,2]", "train.grad_accum=", "train.global_batch_size=8"]
-DRILL_STEPS = 40
+DRILL_STEPS = 60
 
 
 def test_grad_accum_follows_the_world_size_and_keeps_the_global_batch():
@@ -99,14 +99,15 @@ def assert_same_state(restored: dict, saved: dict) -> None:
     assert any(bool(s["exp_avg"].abs().sum()) for s in saved.values())  # the moments are not all zero
 
 
-def test_zero3_adam_moments_survive_2_to_1_to_2_workers(tmp_path):
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_zero3_adam_moments_survive_2_to_1_to_2_workers(peft, tmp_path):
     """What a world-size change restores under ZeRO-3, gathered, equals what was saved: Adam's exp_avg and
     exp_avg_sq and the fp32 master weights of every parameter (DeepSpeed's own universal-checkpoint test
     skips the ZeRO-3 optimizer comparison). Saved at 2 processes, restored at 1 through a universal copy,
-    saved again at 1 and restored at 2."""
+    saved again at 1 and restored at 2. With LoRA the frozen base is not in the checkpoint at all."""
     from sft_dist.driver import prepare_data
 
-    cfg = config_lib.load(TINY_CONFIG, [f"output_dir={tmp_path}", *ELASTIC, "deepspeed.stage=3"])
+    cfg = config_lib.load(TINY_CONFIG, [f"output_dir={tmp_path}", *ELASTIC, "deepspeed.stage=3", f"peft.method={peft}"])
     config = tmp_path / "config.json"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
     train_dir = prepare_data(cfg, use_ray=False).train_dir
@@ -208,22 +209,36 @@ def world_sizes(run_dir: Path) -> list[int]:
     return [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size]
 
 
+# Full fine-tuning under ZeRO-2 (the tiny config's), and LoRA under ZeRO-3 (one run for both: each
+# drill takes minutes on 2 cores).
+VARIANTS = {"full-zero2": [], "lora-zero3": ["deepspeed.stage=3", "peft.method=lora"]}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request) -> list[str]:
+    return VARIANTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, tmp_path_factory):
+def uninterrupted(ray_cluster, variant, tmp_path_factory):
     """The drill's reference: the same run at a fixed 2 workers, nothing lost."""
     return train_tiny(tmp_path_factory.mktemp("uninterrupted"), "ray.num_workers=2", "train.global_batch_size=8",
-                      f"train.max_steps={DRILL_STEPS}", "checkpoint.every_steps=2", "eval.generate=null")
+                      f"train.max_steps={DRILL_STEPS}", "checkpoint.every_steps=2", "eval.generate=null", *variant)
 
 
-def test_a_lost_node_shrinks_the_run_and_a_regained_one_grows_it_on_the_same_curve(cluster, uninterrupted,
+def test_a_lost_node_shrinks_the_run_and_a_regained_one_grows_it_on_the_same_curve(cluster, variant, uninterrupted,
                                                                                    tmp_path):
-    result = drill(cluster, tmp_path)
+    result = drill(cluster, tmp_path, *variant)
     assert result.exit_code == 0, result.out[-3000:]
     assert world_sizes(result.run_dir) == [2, 1, 2], result.out[-3000:]
     steps = [e["step"] for e in read_events(result.run_dir) if "loss" in e]
     assert steps == list(range(1, DRILL_STEPS + 1))  # steps trained again after a restart are recorded once
     assert train_losses(result.run_dir) == pytest.approx(train_losses(uninterrupted), rel=1e-4)
     assert eval_losses(result.run_dir) == pytest.approx(eval_losses(uninterrupted), rel=1e-4)
+    resizes = [(e["from_world_size"], e["world_size"], e["grad_accum"]) for e in read_events(result.run_dir)
+               if e.get("event") == "resize"]
+    assert resizes == [(2, 1, 2), (1, 2, 1)]
+    assert "resized: 2 -> 1 workers at step" in result.out and "universal checkpoint converted in" in result.out
 
 
 def test_min_workers_the_cluster_does_not_hold_are_refused_after_the_timeout(cluster, tmp_path):
