@@ -4,6 +4,7 @@
 # trying the multi-node path (placement over nodes, job submission) without hardware.
 #
 #   eval "$(bash cluster/local/start.sh)"     # starts it (or finds it running) and exports its address
+#   bash cluster/local/start.sh               # running: starts again the worker nodes that have stopped
 #   ray job submit --working-dir . -- sft-dist train configs/tiny-cpu.yaml ...
 #   bash cluster/local/stop.sh
 #
