@@ -23,8 +23,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import soundfile
 import torch
-from transformers import (AutoFeatureExtractor, AutoModelForAudioClassification, AutoModelForSpeechSeq2Seq,
-                          AutoTokenizer, get_linear_schedule_with_warmup)
+from transformers import (
+    AutoFeatureExtractor,
+    AutoModelForAudioClassification,
+    AutoModelForSpeechSeq2Seq,
+    AutoTokenizer,
+    get_linear_schedule_with_warmup,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA, MODELS = REPO_ROOT / "configs" / "data", REPO_ROOT / "configs" / "models"
@@ -121,7 +126,8 @@ def train(model: torch.nn.Module, inputs: dict, evaluate, steps: int, lr: float,
         schedule.step()
         if step % (steps // NUM_EVALS) == 0 or step == steps:
             model.eval()
-            print(f"step {step}: loss {loss.item():.3f}, {evaluate()}, {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"step {step}: loss {loss.item():.3f}, {evaluate()}, {time.perf_counter() - started:.0f} s",
+                  flush=True)
             model.train()
         if step == steps:
             return

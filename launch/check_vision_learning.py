@@ -18,8 +18,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoModelForObjectDetection,
-                          AutoModelForSemanticSegmentation, AutoProcessor)
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoModelForObjectDetection,
+    AutoModelForSemanticSegmentation,
+    AutoProcessor,
+)
 
 from sft_dist.config import DataConfig
 from sft_dist.data.batches import eval_batches
@@ -83,8 +88,10 @@ class VlmTask:
             logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             supervised = labels != IGNORE_INDEX
-            hits, total = hits + ((logits.argmax(-1) == labels) & supervised).sum().item(), total + supervised.sum().item()
-        exact = [self._answer(messages, images) == messages[-1]["content"][0]["text"] for messages, images in self.prompts]
+            hits += ((logits.argmax(-1) == labels) & supervised).sum().item()
+            total += supervised.sum().item()
+        exact = [self._answer(messages, images) == messages[-1]["content"][0]["text"]
+                 for messages, images in self.prompts]
         return {"exact_match": sum(exact) / len(exact), "answer_token_acc": hits / total}
 
     def _answer(self, messages: list[dict], images: list[bytes]) -> str:
@@ -127,7 +134,8 @@ class SegmentationTask:
         self.processor = AutoImageProcessor.from_pretrained(MODELS / "tiny-segformer", backend="pil")
         self.model = AutoModelForSemanticSegmentation.from_pretrained(MODELS / "tiny-segformer")
         encoder = SegmentationEncoder(DataConfig(train=["unused.jsonl"]), ["background", *SHAPES], DATA)
-        self.train, self.eval = encoded(encoder, "segmentation_train.jsonl"), encoded(encoder, "segmentation_eval.jsonl")
+        self.train = encoded(encoder, "segmentation_train.jsonl")
+        self.eval = encoded(encoder, "segmentation_eval.jsonl")
         self.batches, self.counter = SegmentationBatches(self.processor), SegmentationCounts(1 + len(SHAPES))
 
     def loss(self, batch):
@@ -161,7 +169,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--evals", type=int, default=4, help="validations after step 0")
     args = parser.parse_args()
-    lr, steps, batch_size = (a if a is not None else d for a, d in zip((args.lr, args.steps, args.batch), DEFAULTS[args.task]))
+    given = (args.lr, args.steps, args.batch)
+    lr, steps, batch_size = (a if a is not None else d for a, d in zip(given, DEFAULTS[args.task]))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     task = TASKS[args.task]()
@@ -178,7 +187,8 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
         if step % max(steps // args.evals, 1) == 0 or step == steps:
-            print(f"step {step}: loss {loss.item():.3f} {fmt(evaluated(task))} ({time.time() - started:.0f} s)", flush=True)
+            print(f"step {step}: loss {loss.item():.3f} {fmt(evaluated(task))} ({time.time() - started:.0f} s)",
+                  flush=True)
 
 
 def fmt(metrics: dict[str, float]) -> str:

@@ -28,10 +28,23 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, ConditionalDetrConfig, ConditionalDetrForObjectDetection,
-                          ConditionalDetrImageProcessor, GenerationConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast, ResNetConfig,
-                          SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    ConditionalDetrConfig,
+    ConditionalDetrForObjectDetection,
+    ConditionalDetrImageProcessor,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    ResNetConfig,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
+    SegformerImageProcessor,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from staged_folder import staged_folder  # noqa: E402
@@ -110,7 +123,8 @@ def build_vlm(tok: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
 
 
 def vlm_processor(tok: PreTrainedTokenizerFast) -> LlavaProcessor:
-    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
+                                                                               "width": IMAGE_SIZE},
                                 **NORMALISE)
     # 16 patches + CLS from the tower, CLS dropped by the "default" feature selection: 16 image tokens.
     return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
@@ -144,7 +158,8 @@ def write_detector(out: Path) -> int:
 
 
 def write_segformer(out: Path) -> int:
-    config = SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+    config = SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16,
+                                                                                                                  32],
                              patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
                              decoder_hidden_size=32, **labels_of(SEGMENT_CLASSES))
     torch.manual_seed(0)

@@ -17,9 +17,8 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
 from staged_folder import staged_folder
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"

@@ -8,4 +8,6 @@ bash launch/setup.sh
 .venv/bin/python launch/prepare_minilm.py
 # The real SmolLM2-135M-Instruct the export test fine-tunes and exports once (the demo's model).
 .venv/bin/python launch/prepare_demo_model.py
+# The linter first (pyproject [tool.ruff]): seconds, and a style slip fails before the suite's minutes.
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

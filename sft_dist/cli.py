@@ -1,5 +1,6 @@
-"""`sft-dist`: argument parsing, and the mapping of outcomes to exit codes
-(0 success; 2 bad config, data or arguments, found before training; 1 a run that started and failed).
+"""`sft-dist`: argument parsing, and the mapping of outcomes to exit codes (sft_dist.errors.Exit:
+0 success; 2 bad config, data or arguments, found before training; 1 a run that started and failed;
+143 a run stopped by SIGTERM, saved).
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sft_dist.errors import UserError
+from sft_dist.errors import Exit, UserError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key by dotted path, e.g. --set train.lr=1e-4")
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
-    export.add_argument("checkpoint", help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
+    export.add_argument("checkpoint",
+                        help="a checkpoint folder or object-store URI, or a run's (its best, else latest)")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     export.add_argument("--merge-lora", action="store_true",
@@ -67,70 +69,68 @@ def main(argv: list[str] | None = None) -> int:
     quiet.driver()  # before anything imports Ray or DeepSpeed: both read their log settings on import
     args = parser().parse_args(argv)
     try:
-        if args.command == "train":
-            from sft_dist import driver
-
-            return driver.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
-        if args.command == "eval":
-            from sft_dist import driver
-
-            return driver.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
-        if args.command == "tune":
-            from sft_dist import tuning
-
-            return tuning.tune_command(args.config, args.overrides, args.space, args.resume)
-        if args.command == "lr-find":
-            from sft_dist import driver
-
-            return driver.find_learning_rate(args.config, args.overrides, args.lr_min, args.lr_max, args.steps,
-                                             use_ray=not args.no_ray)
-        if args.command == "data":
-            return data_command(args.config, args.overrides)
-        if args.command == "export":
-            return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora, args.trust_remote_code)
-        if args.command == "plan":
-            from sft_dist import plan
-
-            print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node))
-            return 0
-        if args.command == "bench":
-            from sft_dist import bench
-
-            return bench.main(args.config, args.quick, args.out, args.device, args.peak_tflops)
-    except UserError as err:
+        return Exit(run_command(args))
+    except UserError as err:  # the one place an exception becomes an exit code
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 2
+        return Exit.BAD_INPUT
 
 
-def data_command(config_path: str, overrides: list[str]) -> int:
+def run_command(args: argparse.Namespace) -> Exit:
+    """The command's own exit code (errors.Exit); bad input raises UserError."""
+    if args.command in ("train", "eval", "lr-find"):
+        from sft_dist.driver import commands
+
+        if args.command == "train":
+            return commands.train(args.config, args.overrides, use_ray=not args.no_ray, resume=args.resume)
+        if args.command == "eval":
+            return commands.evaluate(args.config, args.overrides, args.checkpoint, use_ray=not args.no_ray)
+        return commands.find_learning_rate(args.config, args.overrides, args.lr_min, args.lr_max, args.steps,
+                                         use_ray=not args.no_ray)
+    if args.command == "tune":
+        from sft_dist.driver import tuning
+
+        return tuning.tune_command(args.config, args.overrides, args.space, args.resume)
+    if args.command == "data":
+        return data_command(args.config, args.overrides)
+    if args.command == "export":
+        return export_command(args.checkpoint, args.out, args.dtype, args.merge_lora, args.trust_remote_code)
+    if args.command == "plan":
+        from sft_dist.tools import plan
+
+        print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node))
+        return Exit.OK
+    from sft_dist.tools import bench  # argparse allows no other command
+
+    return Exit(bench.main(args.config, args.quick, args.out, args.device, args.peak_tflops))
+
+
+def data_command(config_path: str, overrides: list[str]) -> Exit:
     """Prepare the data exactly as `train` would (and cache it); print its statistics and one example."""
     from pathlib import Path
 
-    from sft_dist import driver
+    from sft_dist.driver import commands
 
-    cfg = driver.load_checked(config_path, overrides, fresh_run=False, needs_weights=False)
-    data = driver.prepare_data(cfg)
+    cfg = commands.load_checked(config_path, overrides, fresh_run=False, needs_weights=False)
+    data = commands.prepare_data(cfg)
     from sft_dist.data import stats
     from sft_dist.data.prepare import first_example
-
     from sft_dist.tasks import task_of
 
     task = task_of(cfg)  # a classifier's labels are ids, not tokens to mark
-    example = stats.marked_example(driver.text_tokenizer(cfg.model), *first_example(data.train_dir)) \
+    example = stats.marked_example(commands.text_tokenizer(cfg.model), *first_example(data.train_dir)) \
         if task.labels_are_tokens else None
     print(stats.report(data.stats, example))
     if task.labelled:
         print(f"labels: {', '.join(cfg.model.labels)}")
     print(f"tokenized rows: {Path(data.train_dir).parent}")
-    return 0
+    return Exit.OK
 
 
 def export_command(source: str, out: str, dtype: str, merge_lora: bool = False, trust_remote_code: bool = False
-                   ) -> int:
+                   ) -> Exit:
     from pathlib import Path
 
-    from sft_dist import driver
+    from sft_dist.driver import commands
 
-    driver.export_checkpoint(source, Path(out), dtype, merge_lora, trust_remote_code)
-    return 0
+    commands.export_checkpoint(source, Path(out), dtype, merge_lora, trust_remote_code)
+    return Exit.OK

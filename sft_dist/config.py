@@ -12,15 +12,24 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sft_dist.errors import UserError
 from sft_dist.local_paths import first_problem, is_local_source
-from sft_dist.storage import is_uri
+from sft_dist.storage import Location
 from sft_dist.tasks import FORMAT_TASKS, TASKS
 
 
@@ -55,7 +64,7 @@ class ModelConfig(Section):
     labels: list[str] | None = None
 
     @model_validator(mode="after")
-    def _labels_match_their_number(self) -> "ModelConfig":
+    def _labels_match_their_number(self) -> ModelConfig:
         if self.labels is not None and (len(set(self.labels)) != len(self.labels) or len(self.labels) < 2):
             raise ValueError("model.labels: needs two or more distinct label names")
         if self.labels is not None and self.num_labels is not None and self.num_labels != len(self.labels):
@@ -84,7 +93,7 @@ class PeftConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _lora_keys_only_for_lora(self) -> "PeftConfig":
+    def _lora_keys_only_for_lora(self) -> PeftConfig:
         if self.method in ("none", "lora", "qlora"):
             return self
         defaults = PeftConfig.model_construct()
@@ -95,7 +104,7 @@ class PeftConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _options_do_not_repeat_keys(self) -> "PeftConfig":
+    def _options_do_not_repeat_keys(self) -> PeftConfig:
         typed = {"task_type", "target_modules", "modules_to_save"}
         if self.method in ("lora", "qlora"):
             typed |= {"r", "lora_alpha", "lora_dropout", *LORA_ONLY_KEYS}
@@ -124,7 +133,7 @@ class SourceConfig(Section):
     config: str | None = None  # hub dataset configuration (subset)
     split: str = "train"  # hub dataset or DatasetDict split
 
-    def resolved(self) -> "SourceConfig":
+    def resolved(self) -> SourceConfig:
         if not is_local_source(self.path):
             return self
         return self.model_copy(update={"path": str(Path(self.path).expanduser().resolve())})
@@ -133,11 +142,11 @@ class SourceConfig(Section):
 # A source is written as a plain path or as a mapping. The tags name the union members the way
 # config._user_error already drops from error locations, so a bad key reads `data.train.0.weight`.
 SourceEntry = Annotated[
-    Union[Annotated[str, Tag("str")], Annotated[SourceConfig, Tag("dict[source]")]],
+    Annotated[str, Tag("str")] | Annotated[SourceConfig, Tag("dict[source]")],
     Discriminator(lambda v: "str" if isinstance(v, str) else "dict[source]"),
 ]
 EvalEntry = Annotated[
-    Union[Annotated[float, Tag("float")], Annotated[list[SourceEntry], Tag("list[sources]")]],
+    Annotated[float, Tag("float")] | Annotated[list[SourceEntry], Tag("list[sources]")],
     Discriminator(lambda v: "float" if isinstance(v, (int, float)) and not isinstance(v, bool) else "list[sources]"),
 ]
 
@@ -200,7 +209,7 @@ class DataConfig(Section):
     def eval_fraction(self) -> float | None:
         return self.eval if isinstance(self.eval, float) else None
 
-    def resolved(self) -> "DataConfig":
+    def resolved(self) -> DataConfig:
         """Local source paths made absolute; plain paths stay plain strings."""
         def absolute(entry: str | SourceConfig) -> str | SourceConfig:
             if isinstance(entry, str):
@@ -211,20 +220,20 @@ class DataConfig(Section):
         return self.model_copy(update={"train": [absolute(s) for s in self.train], "eval": eval_})
 
     @model_validator(mode="after")
-    def _eval_fraction_in_range(self) -> "DataConfig":
+    def _eval_fraction_in_range(self) -> DataConfig:
         fraction = self.eval_fraction()
         if fraction is not None and not 0 < fraction < 1:
             raise ValueError(f"data.eval: a held-out fraction must be between 0 and 1, got {fraction}")
         return self
 
     @model_validator(mode="after")
-    def _eval_sources_unweighted(self) -> "DataConfig":
+    def _eval_sources_unweighted(self) -> DataConfig:
         if any(s.weight != 1 for s in self.eval_sources()):
             raise ValueError("data.eval: mixing weights apply to training sources only; remove weight")
         return self
 
     @model_validator(mode="after")
-    def _fields_belong_to_format(self) -> "DataConfig":
+    def _fields_belong_to_format(self) -> DataConfig:
         unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
         if unknown:
             raise ValueError(f"data.fields: {', '.join(unknown)} is not a field of data.format {self.format} "
@@ -232,20 +241,20 @@ class DataConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _roles_map_to_known_roles(self) -> "DataConfig":
+    def _roles_map_to_known_roles(self) -> DataConfig:
         wrong = sorted(v for v in self.roles.values() if v not in ROLES)
         if wrong:
             raise ValueError(f"data.roles: maps to {', '.join(wrong)}; map each dataset role to one of {ROLES}")
         return self
 
     @model_validator(mode="after")
-    def _augment_needs_images(self) -> "DataConfig":
+    def _augment_needs_images(self) -> DataConfig:
         if self.image_augment is not None and TASKS[FORMAT_TASKS[self.format]].preprocessor != "image_processor":
             raise ValueError(f"data.image_augment: augments images; data.format {self.format} has none")
         return self
 
     @model_validator(mode="after")
-    def _grouping_needs_unpacked_rows(self) -> "DataConfig":
+    def _grouping_needs_unpacked_rows(self) -> DataConfig:
         if self.group_by_length and self.packing:
             raise ValueError("data.group_by_length: packed rows are all about data.max_seq_len long, so grouping "
                              "them by length does nothing; set data.packing or data.group_by_length to false")
@@ -298,13 +307,13 @@ class TrainConfig(Section):
         return weights
 
     @model_validator(mode="after")
-    def _exponential_has_an_end(self) -> "TrainConfig":
+    def _exponential_has_an_end(self) -> TrainConfig:
         if self.scheduler == "exponential" and not self.scheduler_kwargs.get("end_lr"):
             raise ValueError("train.scheduler_kwargs: the exponential schedule needs end_lr")
         return self
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> "TrainConfig":
+    def _one_warmup(self) -> TrainConfig:
         if self.warmup_steps is not None and self.warmup_ratio:
             raise ValueError("train.warmup_steps: set it or train.warmup_ratio, not both")
         return self
@@ -332,13 +341,13 @@ class DeepSpeedConfig(Section):
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _offload_params_needs_stage3(self) -> "DeepSpeedConfig":
+    def _offload_params_needs_stage3(self) -> DeepSpeedConfig:
         if self.offload_params and self.stage != 3:
             raise ValueError("deepspeed.offload_params: needs deepspeed.stage: 3")
         return self
 
     @model_validator(mode="after")
-    def _offload_optimizer_needs_zero(self) -> "DeepSpeedConfig":
+    def _offload_optimizer_needs_zero(self) -> DeepSpeedConfig:
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
         return self
@@ -356,7 +365,7 @@ class GenerateConfig(Section):
     pattern: str | None = None
 
     @model_validator(mode="after")
-    def _pattern_compiles(self) -> "GenerateConfig":
+    def _pattern_compiles(self) -> GenerateConfig:
         if self.pattern is not None:
             if self.match != "regex":
                 raise ValueError("eval.generate.pattern: only used with eval.generate.match: regex")
@@ -398,13 +407,13 @@ class EvalConfig(Section):
         return self.mode or METRIC_DIRECTIONS[self.metric]
 
     @model_validator(mode="after")
-    def _generation_metric_needs_generation(self) -> "EvalConfig":
+    def _generation_metric_needs_generation(self) -> EvalConfig:
         if self.metric in ("eval_exact_match", "eval_match") and self.generate is None:
             raise ValueError(f"eval.metric: {self.metric} comes from generation; set eval.generate")
         return self
 
     @model_validator(mode="after")
-    def _early_stopping_needs_periodic_validation(self) -> "EvalConfig":
+    def _early_stopping_needs_periodic_validation(self) -> EvalConfig:
         if self.early_stopping and not (self.every_steps or self.at_epoch_end):
             raise ValueError("eval.early_stopping: needs periodic validation (eval.every_steps or eval.at_epoch_end)")
         return self
@@ -417,7 +426,7 @@ class CheckpointConfig(Section):
     export_at_end: bool = False  # write the final checkpoint as a Hugging Face folder, {run}/model
 
     @model_validator(mode="after")
-    def _export_needs_checkpoints(self) -> "CheckpointConfig":
+    def _export_needs_checkpoints(self) -> CheckpointConfig:
         if self.export_at_end and self.every_steps is None:
             raise ValueError("checkpoint.export_at_end: needs checkpoint.every_steps (there is nothing to export)")
         return self
@@ -468,7 +477,8 @@ class RayConfig(Section):
     def _workers_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
         low, high = (value, value) if isinstance(value, int) else value
         if not 0 < low <= high:
-            raise ValueError(f"expected a positive number of workers or [MIN, MAX] with 0 < MIN <= MAX, got {list(value) if isinstance(value, tuple) else value}")
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"expected a positive number of workers or [MIN, MAX] with 0 < MIN <= MAX, got {shown}")
         return value
 
     @property
@@ -523,7 +533,7 @@ class RunConfig(Section):
         return name
 
     @model_validator(mode="after")
-    def _free_form_numbers_finite(self) -> "RunConfig":
+    def _free_form_numbers_finite(self) -> RunConfig:
         for key, value in (("train.scheduler_kwargs", self.train.scheduler_kwargs),
                            ("deepspeed.extra", self.deepspeed.extra), ("peft.options", self.peft.options)):
             found = first_non_finite(value, key)
@@ -550,7 +560,7 @@ class RunConfig(Section):
         return {**raw, "train": {k: v for k, v in train.items() if k != "grad_accum"}}
 
     @model_validator(mode="after")
-    def _global_batch_fits_every_world_size(self) -> "RunConfig":
+    def _global_batch_fits_every_world_size(self) -> RunConfig:
         t, global_batch = self.train, self.train.global_batch_size
         if global_batch is None or not self.ray.elastic:
             global_batch = t.micro_batch_size * t.grad_accum * self.ray.max_workers
@@ -566,7 +576,7 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _global_batch_matches(self) -> "RunConfig":
+    def _global_batch_matches(self) -> RunConfig:
         # An elastic run's train.grad_accum is the accumulation at ray.num_workers' MAX.
         t, workers = self.train, self.ray.max_workers
         made = t.micro_batch_size * t.grad_accum * workers
@@ -589,20 +599,20 @@ class RunConfig(Section):
         return self.global_batch_size() // (self.train.micro_batch_size * world_size)
 
     @model_validator(mode="after")
-    def _fp16_needs_gpu(self) -> "RunConfig":
+    def _fp16_needs_gpu(self) -> RunConfig:
         if self.train.precision == "fp16" and not self.ray.use_gpu:
             raise ValueError("train.precision: fp16 needs GPU workers (ray.use_gpu: true); use bf16 or fp32 on CPU")
         return self
 
     @model_validator(mode="after")
-    def _qlora_needs_gpu(self) -> "RunConfig":
+    def _qlora_needs_gpu(self) -> RunConfig:
         if self.peft.method == "qlora" and not self.ray.use_gpu:
             raise ValueError("peft.method: qlora needs GPU workers (ray.use_gpu: true): bitsandbytes 4-bit "
                              "weights run on CUDA only; use peft.method: lora on CPU workers")
         return self
 
     @model_validator(mode="after")
-    def _qlora_below_stage3(self) -> "RunConfig":
+    def _qlora_below_stage3(self) -> RunConfig:
         # A 4-bit base is not built partitioned (transformers skips ZeRO-3 init for quantized models),
         # so ZeRO-3 would have to partition bitsandbytes' packed tensors: unsupported here.
         if self.peft.method == "qlora" and self.deepspeed.stage == 3:
@@ -611,7 +621,7 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _periodic_validation_has_data(self) -> "RunConfig":
+    def _periodic_validation_has_data(self) -> RunConfig:
         e = self.eval
         asked = "eval.early_stopping" if e.early_stopping else "eval.every_steps" if e.every_steps else None
         if asked and self.data.eval is None:
@@ -619,7 +629,7 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _format_fits_task(self) -> "RunConfig":
+    def _format_fits_task(self) -> RunConfig:
         task, fmt = TASKS[self.model.task], self.data.format
         if fmt in task.formats:
             return self
@@ -629,7 +639,7 @@ class RunConfig(Section):
         raise ValueError(f"data.format: {fmt} data needs model.task: {FORMAT_TASKS[fmt]}")
 
     @model_validator(mode="after")
-    def _classification_settings(self) -> "RunConfig":
+    def _classification_settings(self) -> RunConfig:
         task = TASKS[self.model.task]
         if self.data.packing and not task.packs:
             raise ValueError(f"data.packing: {task.name} classifies whole examples; set data.packing: false")
@@ -646,13 +656,13 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _fail_rank_exists(self) -> "RunConfig":
+    def _fail_rank_exists(self) -> RunConfig:
         if self.debug.fail_rank >= self.ray.min_workers:
             raise ValueError(f"debug.fail_rank: {self.debug.fail_rank} but there are {self.ray.min_workers} workers")
         return self
 
     @model_validator(mode="after")
-    def _hang_is_bounded(self) -> "RunConfig":
+    def _hang_is_bounded(self) -> RunConfig:
         hang = self.debug.hang_in_validation
         if hang and hang.rank >= self.ray.min_workers:
             raise ValueError(f"debug.hang_in_validation.rank: {hang.rank} but there are {self.ray.min_workers} workers")
@@ -733,7 +743,7 @@ def resolve(config: RunConfig, config_path: Path, name_run: bool = True) -> RunC
     }
     if Path(config.model.name_or_path).expanduser().is_dir():
         updates["model"] = config.model.model_copy(update={"name_or_path": absolute(config.model.name_or_path)})
-    if config.ray.storage_path and not is_uri(config.ray.storage_path):
+    if config.ray.storage_path and not Location.of(config.ray.storage_path).is_remote:
         updates["ray"] = config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)})
     return config.model_copy(update=updates)
 

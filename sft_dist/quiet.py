@@ -19,9 +19,9 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Iterator
 
 SHOW_ALL = "SFT_DIST_LIBRARY_LOGS"
 # Ray Train's own INFO lines (resources requested, worker group started, process group set up) say

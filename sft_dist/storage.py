@@ -17,10 +17,11 @@ import functools
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from sft_dist.errors import UserError
@@ -41,7 +42,7 @@ class StorageError(OSError):
         self.reason = reason
 
 
-def is_uri(where: str) -> bool:
+def _is_uri(where: str) -> bool:  # the one "is this remote" test: everything else asks a Location
     return "://" in where
 
 
@@ -57,7 +58,7 @@ class Location:
         if isinstance(where, Location):
             return where
         text = str(where)
-        if not is_uri(text):
+        if not _is_uri(text):
             return cls(str(Path(text).expanduser().absolute()))
         base, _, query = text.partition("?")
         refuse_credentials(base, query, key)
@@ -68,7 +69,7 @@ class Location:
 
     @property
     def is_remote(self) -> bool:
-        return is_uri(self.base)
+        return _is_uri(self.base)
 
     @property
     def name(self) -> str:
@@ -208,7 +209,8 @@ def check_reachable(root: Location, probe_name: str, key: str = "ray.storage_pat
             raise StorageError("read back", probe, "its content differs")
         probe.delete()
     except StorageError as err:
-        raise UserError(f"cannot write to {root}: {err.reason} (credentials come from each node's environment, AWS profile or instance role; "
+        raise UserError(f"cannot write to {root}: {err.reason} (credentials come from each node's environment, "
+                        "AWS profile or instance role; "
                         "the endpoint from ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
                         key=key) from None
 
@@ -238,7 +240,7 @@ def with_env_endpoint(base: str, query: str) -> str:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if urlsplit(base).scheme != "s3" or "endpoint_override" in options or not endpoint:
         return query
-    parts = urlsplit(endpoint if is_uri(endpoint) else f"https://{endpoint}")
+    parts = urlsplit(endpoint if _is_uri(endpoint) else f"https://{endpoint}")
     options["endpoint_override"] = parts.netloc
     options.setdefault("scheme", parts.scheme)
     return urlencode(options, safe=":")

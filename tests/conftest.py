@@ -14,9 +14,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -155,7 +155,7 @@ def eval_losses(run_dir: Path) -> list[float]:
 
 def model_loss_sum(model, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
     """One example's loss by the model's own `labels=` path (transformers shifts the labels itself): the
-    sum over its supervised tokens, and their count. The oracle for sft_dist.loss, which it never calls."""
+    sum over its supervised tokens, and their count. The oracle for sft_dist.modeling.loss, which it never calls."""
     import torch
 
     ids, target = torch.tensor([input_ids]), torch.tensor([labels])

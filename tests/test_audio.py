@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from transformers import (AutoFeatureExtractor, AutoModelForAudioClassification, AutoModelForSpeechSeq2Seq,
-                          AutoTokenizer, pipeline)
+from transformers import (
+    AutoFeatureExtractor,
+    AutoModelForAudioClassification,
+    AutoModelForSpeechSeq2Seq,
+    AutoTokenizer,
+    pipeline,
+)
 
 from sft_dist.config import DataConfig
 from sft_dist.data.audio import AudioAugment, AudioBatches, AudioEncoder, at_rate, undecoded
@@ -41,7 +46,8 @@ def rows_of(path: Path) -> list[dict]:
 
 def encode(encoder: AudioEncoder, rows: list[dict]) -> dict[str, list]:
     """The encoder as `datasets.map` calls it on a JSONL part (one JSON text per row, with its line)."""
-    batch = {"_json": [json.dumps(r) for r in rows], "_line": list(range(1, len(rows) + 1)), "_error": [None] * len(rows)}
+    batch = {"_json": [json.dumps(r) for r in rows], "_line": list(range(1, len(rows) + 1)),
+             "_error": [None] * len(rows)}
     return encoder(batch, list(range(len(rows))))
 
 

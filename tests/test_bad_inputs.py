@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.data import DATES, TINY_MODEL, chat, rows, run_prepare, write_jsonl
-
 from conftest import REPO, TINY_CONFIG, subprocess_env
+from fixtures.data import DATES, TINY_MODEL, chat, rows, run_prepare, write_jsonl
 
 TIMEOUT_S = 120
 

@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
-from sft_dist import mfu
 from sft_dist.errors import UserError
+from sft_dist.tools import mfu
+
+from conftest import REPO, subprocess_env
 
 NAMES = ["1 framework overhead", "2a vs HF, unpacked", "2b vs HF, packed", "2c packing gain", "3 packing",
          "4 preprocessing", "5 checkpoint", "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory"]
@@ -28,7 +29,8 @@ def part_ratios(note: str) -> dict[str, float]:
 def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # Its own process: the bench starts a process group and a DeepSpeed engine in the process it runs in.
-    result = subprocess.run([sys.executable, "-m", "sft_dist", "bench", "--quick", "--device", "cpu", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "sft_dist", "bench", "--quick", "--device", "cpu", "--out",
+                             str(out)],
                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())

@@ -14,11 +14,19 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from sft_dist import checkpoint
+from sft_dist import checkpoints
 from sft_dist.cli import main
 
-from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env,
-                      train_losses, train_tiny)
+from conftest import (
+    BASELINE_STEPS,
+    REPO,
+    TINY_CONFIG,
+    eval_losses,
+    read_events,
+    subprocess_env,
+    train_losses,
+    train_tiny,
+)
 from fixtures.exported import hf_eval_loss, saved_rows
 
 RTOL = 1e-5  # CPU, fp32: a resumed run must retrace the uninterrupted one
@@ -61,9 +69,9 @@ def learning_rates(run_dir: Path) -> list[float]:
 
 def tear(folder: Path) -> None:
     """What a crash in the middle of writing a checkpoint leaves: a shard cut short."""
-    shard = next((folder / checkpoint.TAG).glob("*optim_states.pt"))
+    shard = next((folder / checkpoints.TAG).glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])
-    assert "truncated" in checkpoint.problem(folder)
+    assert "truncated" in checkpoints.problem(folder)
 
 
 def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, tmp_path):
@@ -71,11 +79,12 @@ def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, t
     scheduler's state must come back), and the short run's newest checkpoint torn: --resume auto starts
     from the older one, and so does the recovery from a worker failure after it."""
     # A warmup then constant: the same schedule for 4 steps and for 8, so the runs compare step by step.
-    same = ("train.scheduler=constant_with_warmup", "train.warmup_ratio=0", "train.warmup_steps=2", "checkpoint.every_steps=3",
+    same = ("train.scheduler=constant_with_warmup", "train.warmup_ratio=0", "train.warmup_steps=2",
+            "checkpoint.every_steps=3",
             "eval.generate=null", "model.dropout=0.1")
     longer = train_tiny(tmp_path / "long", "train.max_steps=8", *same)
     short = train_tiny(tmp_path / "short", "train.max_steps=4", *same)
-    tear(short / checkpoint.folder_name(4))
+    tear(short / checkpoints.folder_name(4))
     resumed = train_tiny(tmp_path / "short", "train.max_steps=8", *same, "debug.fail_at_step=6", "ray.max_failures=1",
                          extra_args=("--resume", "auto"))
     assert resumed == short and (resumed / ".debug-failed-at-step-6").exists()
@@ -140,7 +149,7 @@ def test_export_picks_the_best_checkpoint_and_a_torn_one_is_skipped_for_the_prev
     rows = saved_rows(run, "eval")
     model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     assert hf_eval_loss(model, rows) == pytest.approx(evals[2], rel=1e-5)
-    latest = run / checkpoint.folder_name(4)
+    latest = run / checkpoints.folder_name(4)
     tear(latest)
     resumed = train_tiny(tmp_path, "train.max_steps=4", "checkpoint.every_steps=2", "eval.generate=null",
                          extra_args=("--no-ray", "--resume", str(run)), run_name="again")
@@ -170,16 +179,18 @@ def test_resume_at_another_world_size_continues_the_trajectory(stage, run, basel
     run_dir, baseline_dir = request.getfixturevalue(run), request.getfixturevalue(baseline)
     one = train_tiny(tmp_path, f"train.max_steps={BASELINE_STEPS}", f"deepspeed.stage={stage}",
                      "train.grad_accum=2", "eval.generate=null",
-                     extra_args=("--no-ray", "--resume", str(run_dir / checkpoint.folder_name(10))))
+                     extra_args=("--no-ray", "--resume", str(run_dir / checkpoints.folder_name(10))))
     assert [e["step"] for e in read_events(one) if e.get("event") == "resume"] == [10]
     assert train_losses(one) == pytest.approx(train_losses(baseline_dir)[10:], rel=1e-4)
 
 
 def test_sigterm_finishes_the_step_saves_and_stops_then_resume_continues(tmp_path):
     """What `ray job stop`, `scancel` or a node shutdown do to the driver: the run saves and exits 143."""
-    command = [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), "--no-ray", "--set", f"output_dir={tmp_path}",
+    command = [sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), "--no-ray", "--set",
+               f"output_dir={tmp_path}",
                "--set", "run_name=r", "--set", "train.max_steps=100000", "--set", "eval.generate=null"]
-    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
@@ -191,7 +202,7 @@ def test_sigterm_finishes_the_step_saves_and_stops_then_resume_continues(tmp_pat
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert (summary["status"], summary["stop_reason"]) == ("stopped", "stop")
     stopped_at = summary["steps"]
-    assert checkpoint.problem(tmp_path / "r" / checkpoint.folder_name(stopped_at)) is None
+    assert checkpoints.problem(tmp_path / "r" / checkpoints.folder_name(stopped_at)) is None
     resumed = train_tiny(tmp_path, f"train.max_steps={stopped_at + 2}", "eval.generate=null",
                          extra_args=("--no-ray", "--resume", "auto"), run_name="r")
     assert [e["step"] for e in read_events(resumed) if e.get("event") == "resume"] == [stopped_at]

@@ -8,11 +8,11 @@ import json
 import pandas as pd
 import pytest
 
-from fixtures.data import chat, rows, run_prepare, write_jsonl
 from sft_dist import config as config_lib
 from sft_dist.errors import UserError
 
 from conftest import TINY_CONFIG
+from fixtures.data import chat, rows, run_prepare, write_jsonl
 
 BAD_LINES = {
     "malformed_json": '{"messages": [{"role": "user", "content": "unterminated',

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from fixtures.data import DATES
 from sft_dist.cli import main
 
 from conftest import TINY_CONFIG, train_tiny
+from fixtures.data import DATES
 
 
 @pytest.fixture

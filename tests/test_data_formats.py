@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.data import DATES, data_config
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.formats import Chat, Plain, normalize
+
+from fixtures.data import DATES, data_config
 
 TRAIN = str(DATES / "train.jsonl")
 

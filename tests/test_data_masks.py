@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from fixtures.data import DATES, TINY_MODEL, data_config, tokenizer
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.data.encode import Encoder
 from sft_dist.data.templates import NAMED_TEMPLATES, chat_template
 from sft_dist.errors import UserError
+
+from fixtures.data import DATES, TINY_MODEL, data_config, tokenizer
 
 MISTRAL = (  # Mistral-7B-Instruct-v0.1's template: no system role, strict alternation
     "{{ bos_token }}{% for message in messages %}"

@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import model_loss_sum
-from fixtures.data import TINY_MODEL, rows, run_prepare, write_jsonl
 from sft_dist.data.batches import BatchPlan, collate, model_inputs
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.data.packing import best_fit_bins
 from sft_dist.data.stats import batching_stats
-from sft_dist.loss import token_loss_sums
+from sft_dist.modeling.loss import token_loss_sums
+
+from conftest import model_loss_sum
+from fixtures.data import TINY_MODEL, rows, run_prepare, write_jsonl
 
 
 def test_best_fit_bins_hold_every_example_once_within_capacity():
@@ -142,7 +143,8 @@ def test_packed_plain_text_never_supervises_the_next_examples_first_token(tmp_pa
     packed after another example, that first token must not become the target of the one before it."""
     items = [{"text": f"Tale {i}: " + "a b " * (i % 4 + 1)} for i in range(24)]
     path = str(write_jsonl(tmp_path / "text.jsonl", items))
-    packed = datasets.load_from_disk(run_prepare(tmp_path, path, packing=True, format="text", max_seq_len=128).train_dir)
+    packed = datasets.load_from_disk(run_prepare(tmp_path, path, packing=True, format="text",
+                                                 max_seq_len=128).train_dir)
     several = [row for row in packed if len(row["seq_lens"]) > 2][:3]
     assert several, "no packed row holds several examples"
     model = tiny_models["eager"]

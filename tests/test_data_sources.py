@@ -10,9 +10,10 @@ import datasets
 import pandas as pd
 import pytest
 
-from fixtures.data import chat, rows, run_prepare, write_jsonl
 from sft_dist.data import prepare as prepare_lib
 from sft_dist.errors import UserError
+
+from fixtures.data import chat, rows, run_prepare, write_jsonl
 
 
 def saved_ids(prepared, split: str = "train") -> list[list[int]]:

@@ -24,13 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zero3_moments
 
 from sft_dist import config as config_lib
 from sft_dist.errors import UserError
 
-import zero3_moments
-from conftest import (BASELINE_STEPS, REPO, TINY_CONFIG, eval_losses, read_events, subprocess_env, train_losses,
-                      train_tiny)
+from conftest import (
+    BASELINE_STEPS,
+    REPO,
+    TINY_CONFIG,
+    eval_losses,
+    read_events,
+    subprocess_env,
+    train_losses,
+    train_tiny,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -50,7 +58,8 @@ def test_grad_accum_follows_the_world_size_and_keeps_the_global_batch():
 
 @pytest.mark.parametrize("overrides, words", [
     (["ray.num_workers=[1,3]"], "includes 3 worker(s), which cannot keep train.global_batch_size 8 "
-                                "(train.micro_batch_size 4 x grad_accum x workers); the world sizes that keep it: 1, 2"),
+                                "(train.micro_batch_size 4 x grad_accum x workers); the world sizes that keep it: "
+                                "1, 2"),
     (["ray.num_workers=[2,1]"], "0 < MIN <= MAX"),
     (["ray.num_workers=[1,2]", "train.grad_accum=2"], "train.global_batch_size: 8 but"),
 ])
@@ -73,7 +82,7 @@ def zero3_group(world_size: int, tmp_path: Path, config: Path, train_dir: str, r
                 name: str) -> dict:
     """Run tests/zero3_moments.py as a process group of `world_size` (torchrun's environment); returns the
     Adam moments and fp32 weights it gathered after its steps, and saves its checkpoint in tmp_path/name."""
-    from sft_dist.runtime import _free_port
+    from sft_dist.worker.runtime import _free_port
 
     env = {**subprocess_env(), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
@@ -105,7 +114,7 @@ def test_zero3_adam_moments_survive_2_to_1_to_2_workers(peft, tmp_path):
     exp_avg_sq and the fp32 master weights of every parameter (DeepSpeed's own universal-checkpoint test
     skips the ZeRO-3 optimizer comparison). Saved at 2 processes, restored at 1 through a universal copy,
     saved again at 1 and restored at 2. With LoRA the frozen base is not in the checkpoint at all."""
-    from sft_dist.driver import prepare_data
+    from sft_dist.driver.commands import prepare_data
 
     cfg = config_lib.load(TINY_CONFIG, [f"output_dir={tmp_path}", *ELASTIC, "deepspeed.stage=3", f"peft.method={peft}"])
     config = tmp_path / "config.json"
@@ -250,5 +259,6 @@ def test_min_workers_the_cluster_does_not_hold_are_refused_after_the_timeout(clu
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ray.num_workers: needs at least 4 workers, but after 3 s the cluster holds 2" in lines[0]
+    assert len(lines) == 1
+    assert "ray.num_workers: needs at least 4 workers, but after 3 s the cluster holds 2" in lines[0]
     assert not (tmp_path / "big").exists()

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from sft_dist.cli import main
-from sft_dist.evaluate import BestTracker
+from sft_dist.worker.evaluate import BestTracker
 
 from conftest import REPO, TINY_CONFIG, eval_losses, eval_set_loss, read_events, train_losses, train_tiny
 
@@ -71,7 +71,8 @@ def test_validation_leaves_the_training_trajectory_alone(early_stopped_run, zero
 
 def test_eval_command_reproduces_the_logged_eval_loss(early_stopped_run, tmp_path, capsys):
     code = main(["eval", str(TINY_CONFIG), "--checkpoint", str(early_stopped_run),
-                 "--set", f"output_dir={tmp_path}", "--set", f"data.eval={early_stopped_run.parent / 'uneven-eval.jsonl'}"])
+                 "--set", f"output_dir={tmp_path}",
+                 "--set", f"data.eval={early_stopped_run.parent / 'uneven-eval.jsonl'}"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["checkpoint"].endswith("checkpoint_step_0000006") and result["step"] == 6
@@ -125,13 +126,13 @@ def test_an_empty_validation_set_is_refused_before_training(tmp_path, capsys):
 ])
 def test_generation_match_rules(rule, pattern, answer, expected, hit):
     from sft_dist.config import GenerateConfig
-    from sft_dist.evaluate import matches
+    from sft_dist.worker.evaluate import matches
 
     assert matches(answer, expected, GenerateConfig(match=rule, pattern=pattern)) is hit
 
 
 def test_best_tracker_counts_patience_from_the_last_real_improvement():
-    from sft_dist.evaluate import BestTracker
+    from sft_dist.worker.evaluate import BestTracker
 
     tracker = BestTracker("eval_loss", "min", patience=2, min_delta=0.1)
     for step, loss in [(0, 3.0), (1, 2.5), (2, 2.45), (3, 2.6)]:

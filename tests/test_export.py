@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
-from sft_dist import checkpoint
+from sft_dist import checkpoints
 from sft_dist.cli import main
 from sft_dist.data.templates import NAMED_TEMPLATES
 
@@ -174,11 +174,11 @@ def test_a_run_without_checkpoints_says_how_to_get_one(tmp_path, capsys):
 def test_a_checkpoint_that_does_not_fit_its_model_leaves_no_folder(base_run, tmp_path, capsys):
     """A checkpoint whose recorded model is another architecture (here Qwen2, with attention biases the
     Llama checkpoint lacks): one line naming the keys, exit 2, and neither the folder nor its staging copy."""
-    copy = tmp_path / checkpoint.folder_name(1)
-    shutil.copytree(base_run / checkpoint.folder_name(1), copy)
-    manifest = checkpoint.read_manifest(copy)
+    copy = tmp_path / checkpoints.folder_name(1)
+    shutil.copytree(base_run / checkpoints.folder_name(1), copy)
+    manifest = checkpoints.read_manifest(copy)
     manifest["config"]["model"]["name_or_path"] = str(REPO / "configs" / "models" / "tiny-qwen2")
-    (copy / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    (copy / checkpoints.MANIFEST).write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(["export", str(copy), "--out", str(tmp_path / "model")]) == 2
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sft_dist.config import ModelConfig
-from sft_dist.model import build, load_tokenizer
+from sft_dist.modeling.model import build, load_tokenizer
 
 from conftest import REPO, eval_losses, eval_set_loss, read_events, train_tiny
 from fixtures.gguf_model import write_tiny_llama_gguf

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_tasks import reference_macro_f1
 
 from sft_dist import config as config_lib
-from sft_dist import driver, model
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.labels import with_labels
+from sft_dist.driver import commands
 from sft_dist.errors import UserError
+from sft_dist.modeling import model
 
 from conftest import REPO, read_events
-from test_tasks import reference_macro_f1
 
 IMAGE_CONFIG = REPO / "configs" / "image-tiny.yaml"
 DATA = REPO / "configs" / "data" / "colours"
@@ -89,10 +90,10 @@ def test_bad_images_name_file_and_row_and_skip_counts_them(tmp_path):
     for split, path, where, words in cases:
         cfg = load(f"data.{split}={path}", f"output_dir={tmp_path}")
         with pytest.raises(UserError) as err:
-            driver.prepare_data(cfg)
+            commands.prepare_data(cfg)
         assert (err.value.file, err.value.line) == where[:2] and where[2] in str(err.value), str(err.value)
         assert words in str(err.value), str(err.value)
-        skipped = driver.prepare_data(load(f"data.{split}={path}", f"output_dir={tmp_path}", "data.on_bad_row=skip"))
+        skipped = commands.prepare_data(load(f"data.{split}={path}", f"output_dir={tmp_path}", "data.on_bad_row=skip"))
         assert skipped.stats[split]["rows_skipped"] == 1 and skipped.stats[split]["dropped"] == {where[2]: 1}
 
 

@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sft_dist import checkpoint
+from sft_dist import checkpoints
 from sft_dist.cli import main
 
 from conftest import BASELINE_STEPS as STEPS
@@ -121,9 +121,9 @@ def tensor_bytes(saved: object) -> int:
 
 @pytest.mark.parametrize("run", ["lora_zero2_run", "lora_zero3_run"])
 def test_a_lora_checkpoint_holds_the_adapter_and_its_optimizer_state_not_the_base(run, request):
-    folder = request.getfixturevalue(run) / checkpoint.folder_name(STEPS)
+    folder = request.getfixturevalue(run) / checkpoints.folder_name(STEPS)
     held = sum(tensor_bytes(torch.load(p, map_location="cpu", weights_only=False))
-               for p in (folder / checkpoint.TAG).glob("*.pt"))
+               for p in (folder / checkpoints.TAG).glob("*.pt"))
     adapter_bytes = 4 * expected_adapter_elements()  # fp32
     # Adam's state is three fp32 copies of what it trains (master weights, two moments); ZeRO-2's module
     # file adds the weights themselves (ZeRO-3's holds empty placeholders). A full fine-tune's checkpoint
@@ -200,8 +200,8 @@ def test_a_wrapped_model_with_tied_embeddings_keeps_its_frozen_base_out_of_its_s
     """A tied output head is a second name for the frozen embeddings, which `named_parameters()` hides."""
     from transformers import AutoConfig
 
-    from sft_dist import adapters
     from sft_dist.config import PeftConfig
+    from sft_dist.modeling import adapters
 
     config = AutoConfig.from_pretrained(BASE, tie_word_embeddings=True)
     model = adapters.wrap(AutoModelForCausalLM.from_config(config), PeftConfig(method="lora", r=R), torch.float32,

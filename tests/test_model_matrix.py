@@ -21,7 +21,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_dist import checkpoint
+from sft_dist import checkpoints
 from sft_dist.cli import main
 
 from conftest import REPO, eval_losses, read_events, train_losses, train_tiny
@@ -62,10 +62,11 @@ def chain(case: tuple[str, int, str], root: Path) -> Chain:
         out = root / key
         first = train_tiny(out, *settings, extra_args=("--no-ray",), run_name="first")
         resumed = train_tiny(out, *settings, run_name="resumed",
-                             extra_args=("--no-ray", "--resume", str(first / checkpoint.folder_name(2))))
+                             extra_args=("--no-ray", "--resume", str(first / checkpoints.folder_name(2))))
         exports = {"adapter": out / "adapter", "merged": out / "merged"} if mode == "lora" else {"model": out / "model"}
         for name, folder in exports.items():
-            assert main(["export", str(resumed), "--out", str(folder), *(["--merge-lora"] if name == "merged" else [])]) == 0
+            assert main(["export", str(resumed), "--out", str(folder),
+                         *(["--merge-lora"] if name == "merged" else [])]) == 0
         _chains[key] = Chain(family, first, resumed, exports)
     return _chains[key]
 
@@ -139,7 +140,8 @@ def test_an_older_transformers_reads_every_export_as_this_one_does(root):
         assert theirs["transformers"].startswith("4.57") and ours["transformers"].startswith("5.")
         assert (theirs["text"], theirs["ids"], theirs["rope_theta"], theirs["eos_token"]) == (
             ours["text"], ours["ids"], ours["rope_theta"], ours["eos_token"]), folder
-        assert torch.allclose(torch.tensor(theirs["logits"]), torch.tensor(ours["logits"]), rtol=1e-5, atol=1e-5), folder
+        assert torch.allclose(torch.tensor(theirs["logits"]), torch.tensor(ours["logits"]), rtol=1e-5,
+                              atol=1e-5), folder
 
 
 def test_a_tied_head_partitioned_over_two_zero3_workers_exports(ray_cluster, tmp_path):

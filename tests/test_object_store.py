@@ -89,7 +89,8 @@ OUTPUTS: list[str] = []  # every submission's stdout and stderr, for the secrets
 
 def submit(cluster: Cluster, job_id: str, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
     files = cluster.driver_files
-    args = [f"output_dir={files / 'runs'}", f"ray.storage_path={cluster.storage}", f"model.name_or_path={files / 'model'}",
+    args = [f"output_dir={files / 'runs'}", f"ray.storage_path={cluster.storage}",
+            f"model.name_or_path={files / 'model'}",
             f"data.train={files / 'data' / 'train.jsonl'}", f"data.eval={files / 'data' / 'eval.jsonl'}",
             "ray.placement_strategy=STRICT_SPREAD", *overrides]
     command = ["bash", "launch/submit.sh", str(TINY_CONFIG.relative_to(REPO)), "--submission-id", job_id,
@@ -204,7 +205,8 @@ def test_a_lora_run_on_the_store_exports_its_adapter(cluster, tmp_path):
 
     submit(cluster, "lora", "peft.method=lora", "peft.r=8", "train.lr=1e-2", "train.max_steps=3",
            "checkpoint.every_steps=3", "eval.generate=null", "eval.at_start=false", "run_name=lora")
-    assert main(["export", f"{cluster.storage.replace('/runs?', '/runs/lora?')}", "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["export", f"{cluster.storage.replace('/runs?', '/runs/lora?')}", "--out",
+                 str(tmp_path / "adapter")]) == 0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(MODEL)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL), tmp_path / "adapter")

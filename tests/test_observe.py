@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
+from sft_dist.driver.metrics import RunRecorder
+
 from conftest import REPO, TINY_CONFIG, read_events, train_tiny
-from sft_dist.metrics import RunRecorder
 
 STEPS = 6
 
@@ -58,7 +59,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(observed_run):
 def test_mlflow_file_store_has_the_run(observed_run):
     from mlflow.tracking import MlflowClient
 
-    from sft_dist.sinks import mlflow_uri
+    from sft_dist.driver.sinks import mlflow_uri
 
     run_dir, store = observed_run
     client = MlflowClient(tracking_uri=mlflow_uri(str(store)))

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+from sft_dist.tools import plan
+
 from conftest import REPO, TINY_CONFIG
-from sft_dist import plan
 
 LLAMA3_8B = REPO / "configs" / "models" / "meta-llama--Meta-Llama-3-8B-Instruct"
 

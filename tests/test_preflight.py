@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from sft_dist import preflight
+from sft_dist.worker import preflight
 
 from conftest import REPO, TINY_CONFIG, subprocess_env
 

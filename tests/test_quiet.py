@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sft_dist import quiet
+
 from conftest import REPO, subprocess_env
 
 # Lines (or parts) that each filter keeps out of a run's output.

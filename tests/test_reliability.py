@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_dist import checkpoint
+from sft_dist import checkpoints
 from sft_dist.cli import main
 
 from conftest import REPO, TINY_CONFIG, read_events, subprocess_env
@@ -31,7 +31,7 @@ def sets(*overrides: str) -> list[str]:
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    return [checkpoint.read_manifest(f)["step"] for f in checkpoint.complete_checkpoints(run_dir, log=lambda _: None)]
+    return [checkpoints.read_manifest(f)["step"] for f in checkpoints.complete_checkpoints(run_dir, log=lambda _: None)]
 
 
 def test_non_finite_numbers_are_refused_in_every_float_key(tmp_path):
@@ -83,7 +83,7 @@ def test_a_dead_model_is_warned_about_and_no_ray_keeps_checkpoint_keep(tmp_path)
 
 
 def test_a_resume_fills_in_records_the_driver_never_wrote_and_drops_retrained_ones(tmp_path):
-    from sft_dist.metrics import RunRecorder
+    from sft_dist.driver.metrics import RunRecorder
 
     def train(step: int) -> dict:
         return {"step": step, "loss": 1.0 / step, "lr": 0.1}
@@ -144,7 +144,7 @@ def killed_and_resumed(tmp_path_factory):
             "loss" in e for e in read_events(run_dir)), 300, "the first training record")
         driver.send_signal(signal.SIGSTOP)  # the driver writes no more records; the workers train on
         ready = run_dir / "checkpoint_step_0000004"
-        wait_for(lambda: ready.is_dir() and checkpoint.problem(ready) is None, 300, "checkpoint 4")
+        wait_for(lambda: ready.is_dir() and checkpoints.problem(ready) is None, 300, "checkpoint 4")
         driver.kill()
         driver.wait(timeout=30)
         time.sleep(10)  # the watchdog's grace period is 5 s
@@ -176,7 +176,7 @@ def test_a_killed_driver_loses_no_record_and_leaves_no_ray_process(killed_and_re
 @pytest.mark.timeout(900)
 def test_another_world_size_converts_into_the_resuming_runs_folder(killed_and_resumed):
     out = killed_and_resumed["out"]
-    assert (out / "other" / ".universal" / "checkpoint_step_0000004" / checkpoint.MANIFEST).is_file()
+    assert (out / "other" / ".universal" / "checkpoint_step_0000004" / checkpoints.MANIFEST).is_file()
     assert not killed_and_resumed["source_written"]  # the source run's folder was not written to
     # A new run from another's checkpoint: its records start after it (the source's are not its own).
     assert [e["step"] for e in read_events(out / "other") if "loss" in e] == [5, 6, 7, 8]

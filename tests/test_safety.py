@@ -102,8 +102,9 @@ def test_resume_and_eval_refuse_the_payload_before_anything_starts(planted, tmp_
 def test_universal_conversion_refuses_the_payload_and_so_does_deepspeed_itself(planted, tmp_path):
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    from sft_dist import checkpoint, runtime, safe_loading
+    from sft_dist import safe_loading
     from sft_dist.errors import UserError
+    from sft_dist.worker import checkpoint, runtime
 
     folder, marker = planted
     ctx = runtime.LocalRunContext(0, 1, 0, torch.device("cpu"), lambda e: None, tmp_path, threading.Event())
@@ -143,11 +144,11 @@ def test_a_restarted_ray_worker_refuses_a_payload_planted_in_the_runs_own_checkp
     planted = threading.Event()
 
     def plant_when_saved() -> None:
-        from sft_dist import checkpoint
+        from sft_dist import checkpoints
 
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not planted.is_set():
-            if ready.is_dir() and checkpoint.problem(ready) is None:  # every rank's files complete
+            if ready.is_dir() and checkpoints.problem(ready) is None:  # every rank's files complete
                 poison(ready, marker)
                 planted.set()
             time.sleep(0.05)

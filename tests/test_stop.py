@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from sft_dist import checkpoint
+from sft_dist import checkpoints
 
 from conftest import read_events
 from fixtures.ranks import agree_on_stops, run_ranks
@@ -43,7 +43,7 @@ def test_a_stop_only_rank_0_sees_stops_every_rank_at_the_same_step(stopped_ray_r
     assert (summary["status"], summary["stop_reason"]) == ("stopped", "stop")
     stopped_at = summary["steps"]
     assert stopped_at >= 2 and [e["step"] for e in read_events(run) if "loss" in e] == list(range(1, stopped_at + 1))
-    folder = run / checkpoint.folder_name(stopped_at)
-    assert checkpoint.problem(folder) is None and checkpoint.read_manifest(folder)["world_size"] == 2
+    folder = run / checkpoints.folder_name(stopped_at)
+    assert checkpoints.problem(folder) is None and checkpoints.read_manifest(folder)["world_size"] == 2
     assert sorted(run.glob("checkpoint_step_*")) == [folder]  # no periodic checkpoints: the stop's own
     assert f"stopped at step {stopped_at} with a checkpoint" in stopped_ray_run.out

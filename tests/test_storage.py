@@ -12,7 +12,7 @@ import sys
 import pyarrow.fs
 import pytest
 
-from sft_dist import checkpoint, shipping
+from sft_dist import checkpoints, shipping
 from sft_dist.cli import main
 from sft_dist.storage import Location
 
@@ -66,7 +66,7 @@ def fake_checkpoint(folder, step: int, world_size: int, drop: str | None = None)
         if name != drop:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(b"x" * size)
-    (folder / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "world_size": world_size, "files": files}))
+    (folder / checkpoints.MANIFEST).write_text(json.dumps({"step": step, "world_size": world_size, "files": files}))
 
 
 def test_the_store_is_scanned_as_a_folder_is(s3_store, tmp_path):
@@ -78,23 +78,23 @@ def test_the_store_is_scanned_as_a_folder_is(s3_store, tmp_path):
     remote = Location.of(store_uri(s3_store, "scan/run"))
     remote.upload(run)
     local_skips, remote_skips = [], []
-    local = checkpoint.complete_checkpoints(run, log=local_skips.append)
-    found = checkpoint.complete_checkpoints(remote, log=remote_skips.append)
+    local = checkpoints.complete_checkpoints(run, log=local_skips.append)
+    found = checkpoints.complete_checkpoints(remote, log=remote_skips.append)
     assert [f.name for f in found] == [f.name for f in local] == ["checkpoint_step_0000003"]
     assert len(remote_skips) == 1 and "missing state/zero_pp_rank_1_mp_rank_00_optim_states.pt" in remote_skips[0]
-    assert checkpoint.choose(remote).name == "checkpoint_step_0000003"
+    assert checkpoints.choose(remote).name == "checkpoint_step_0000003"
 
 
 def test_a_rank_fetches_its_own_partition_and_the_shared_files(s3_store, tmp_path):
     fake_checkpoint(tmp_path / "checkpoint_step_0000003", 3, 2)
     remote = Location.of(store_uri(s3_store, "fetch/run/checkpoint_step_0000003"))
     remote.upload(tmp_path / "checkpoint_step_0000003")
-    with checkpoint.local_copy(remote, rank=1) as local:
+    with checkpoints.local_copy(remote, rank=1) as local:
         fetched = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
-    assert fetched == sorted([checkpoint.MANIFEST, "latest", "rng_rank1.pt",
+    assert fetched == sorted([checkpoints.MANIFEST, "latest", "rng_rank1.pt",
                               "state/zero_pp_rank_1_mp_rank_00_model_states.pt",
                               "state/zero_pp_rank_1_mp_rank_00_optim_states.pt"])
-    with checkpoint.local_copy(remote) as local:  # export, conversion: every file
+    with checkpoints.local_copy(remote) as local:  # export, conversion: every file
         assert {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()} == set(
             remote.files())
 
@@ -175,9 +175,9 @@ def test_a_worker_failure_reaches_the_driver_as_one_line_naming_rank_and_host(s3
     from pydantic import ValidationError
 
     from sft_dist.config import RunConfig
-    from sft_dist.launcher import _failure_message
-    from sft_dist.runtime import one_line
+    from sft_dist.driver.launcher import _failure_message
     from sft_dist.storage import StorageError
+    from sft_dist.worker.runtime import one_line
 
     with pytest.raises(ValidationError) as invalid:
         RunConfig.model_validate({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"lr": -1}})

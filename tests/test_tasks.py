@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from sft_dist import config as config_lib
-from sft_dist import driver
-from sft_dist.tasks import heads as tasks
 from sft_dist.data.labels import with_labels
 from sft_dist.data.prepare import prepare as prepare_rows
+from sft_dist.driver import commands
 from sft_dist.errors import UserError
-from sft_dist.model import load_tokenizer
+from sft_dist.modeling.model import load_tokenizer
+from sft_dist.tasks import heads as tasks
 
 from conftest import REPO, read_events
 
@@ -198,9 +198,9 @@ def test_bad_labels_name_file_and_line(minilm, tmp_path, config, split, row, wor
     bad.write_text("\n".join(good[:2] + [json.dumps(row)] + good[2:]) + "\n")
     cfg = load(config, f"data.{split}={bad}", f"output_dir={tmp_path}")
     with pytest.raises(UserError) as err:
-        driver.prepare_data(cfg)
+        commands.prepare_data(cfg)
     assert (err.value.file, err.value.line) == (str(bad), 3) and words in str(err.value)
-    skipped = driver.prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "skip"})}))
+    skipped = commands.prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "skip"})}))
     assert skipped.stats[split]["rows_skipped"] == 1
 
 

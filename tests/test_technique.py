@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft_dist import model as model_lib
 from sft_dist.config import ModelConfig
-from sft_dist.loss import token_loss_sums
+from sft_dist.modeling import model as model_lib
+from sft_dist.modeling.loss import token_loss_sums
 
 from conftest import REPO, read_events, train_tiny
 
@@ -39,7 +39,8 @@ def test_layerwise_decay_sets_the_optimizer_groups_and_lower_blocks_move_less(st
 @pytest.mark.parametrize("stage", [2, 3])
 def test_layerwise_decay_reaches_the_lora_adapters_of_each_block(stage, tmp_path):
     run = train_tiny(tmp_path, "train.max_steps=1", f"deepspeed.stage={stage}", "peft.method=lora",
-                     "train.warmup_ratio=0", "train.scheduler=constant", f"train.lr={LR}", f"train.layerwise_lr_decay={DECAY}",
+                     "train.warmup_ratio=0", "train.scheduler=constant", f"train.lr={LR}",
+                     f"train.layerwise_lr_decay={DECAY}",
                      "eval.generate=null", "eval.at_start=false", "eval.at_end=false", extra_args=("--no-ray",))
     setup = next(e for e in read_events(run) if e.get("event") == "setup")
     # only the adapters train (no embeddings, no head): block 0's one below the top, block 1's the top
@@ -122,7 +123,8 @@ def transformers_lrs(name: str, steps: int, warmup: int, **kwargs) -> list[float
 def test_cosine_follows_transformers_step_by_step_and_validates_at_each_epoch_end(tmp_path):
     """1 worker x micro-batch 32 over 256 examples: 8 steps an epoch; 10 steps cross one epoch end."""
     run = train_tiny(tmp_path, "train.max_steps=10", "train.micro_batch_size=32", "train.scheduler=cosine",
-                     "train.warmup_ratio=0", "train.warmup_steps=2", f"train.lr={LR}", "eval.at_start=false", "eval.at_epoch_end=true",
+                     "train.warmup_ratio=0", "train.warmup_steps=2", f"train.lr={LR}", "eval.at_start=false",
+                     "eval.at_epoch_end=true",
                      "eval.generate=null", extra_args=("--no-ray",))
     assert train_lrs(run) == pytest.approx(transformers_lrs("cosine", 10, 2), rel=1e-6)
     evals = [e for e in read_events(run) if "eval_loss" in e]
@@ -131,7 +133,8 @@ def test_cosine_follows_transformers_step_by_step_and_validates_at_each_epoch_en
 
 
 def test_warmup_stable_decay_follows_transformers_step_by_step(tmp_path):
-    run = train_tiny(tmp_path, "train.max_steps=8", "train.scheduler=warmup_stable_decay", "train.warmup_ratio=0", "train.warmup_steps=2",
+    run = train_tiny(tmp_path, "train.max_steps=8", "train.scheduler=warmup_stable_decay", "train.warmup_ratio=0",
+                     "train.warmup_steps=2",
                      "train.scheduler_kwargs={num_decay_steps: 3}", f"train.lr={LR}", "eval.at_start=false",
                      "eval.at_end=false", "eval.generate=null", extra_args=("--no-ray",))
     expected = transformers_lrs("warmup_stable_decay", 8, 2, num_decay_steps=3)
@@ -163,9 +166,9 @@ def test_bf16_training_follows_fp32_within_bf16_precision(fp32_run, tmp_path):
         [e["loss"] for e in read_events(fp32_run) if "loss" in e]
     assert losses == pytest.approx(reference, rel=2e-2) and losses != pytest.approx(reference, rel=1e-6)
     # The engine trained a bf16 model: the checkpoint's module weights are bf16 (fp32 master copies aside).
-    from sft_dist import checkpoint
+    from sft_dist import checkpoints
 
-    module = torch.load(next((run / checkpoint.folder_name(3) / checkpoint.TAG).glob("*model_states.pt")),
+    module = torch.load(next((run / checkpoints.folder_name(3) / checkpoints.TAG).glob("*model_states.pt")),
                         map_location="cpu", weights_only=False)["module"]
     assert {t.dtype for t in module.values()} == {torch.bfloat16}
 

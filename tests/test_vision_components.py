@@ -178,7 +178,8 @@ def test_vlm_batches_give_each_row_the_logits_it_has_alone(vlm, data_cfg):
     processor, model = vlm
     lines = [lines_of("vlm_train.jsonl")[i] for i in (0, 2, 12, 16)]  # 16: two images
     out = encode(VlmEncoder(data_cfg, processor, folder=DATA), lines)
-    batch = VlmBatches(processor, processor.tokenizer.pad_token_id)({k: out[k] for k in ("input_ids", "labels", "images")})
+    batch = VlmBatches(processor, processor.tokenizer.pad_token_id)({k: out[k] for k in ("input_ids", "labels",
+                                                                                         "images")})
     assert batch["pixel_values"].shape == (5, 3, 32, 32)
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -211,7 +212,8 @@ def test_detection_rows_from_jsonl_names_and_parquet_ids(data_cfg):
     saved = table.map(encoder.for_part(str(DATA / "detection_train.parquet")), batched=True, with_indices=True,
                       remove_columns=table.column_names, features=encoder.features)
     assert set(saved["reason"]) == {None} and len(saved) == 320
-    assert saved[5]["categories"] == table[5]["objects"]["category"] and saved[5]["boxes"] == table[5]["objects"]["bbox"]
+    assert saved[5]["categories"] == table[5]["objects"]["category"]
+    assert saved[5]["boxes"] == table[5]["objects"]["bbox"]
     assert saved[5]["image"] == table[5]["image"]["bytes"]
 
 
@@ -247,7 +249,8 @@ def test_detection_targets_are_the_boxes_normalised(data_cfg, detector):
     batch = DetectionBatches(processor)({k: out[k] for k in ("image", "boxes", "categories")}, [7, 8, 9])
     assert batch["pixel_values"].shape == (3, 3, 64, 64)
     x, y, w, h = out["boxes"][0][0]  # [16, 15, 13, 13] in a 32x32 picture: centre and size over 32
-    assert torch.allclose(batch["labels"][0]["boxes"][0], torch.tensor([(x + w / 2) / 32, (y + h / 2) / 32, w / 32, h / 32]))
+    assert torch.allclose(batch["labels"][0]["boxes"][0], torch.tensor([(x + w / 2) / 32, (y + h / 2) / 32, w / 32,
+                                                                        h / 32]))
     assert batch["labels"][0]["class_labels"].tolist() == out["categories"][0]
     assert batch["labels"][0]["orig_size"].tolist() == [32, 32] and batch["labels"][2]["image_id"].tolist() == [9]
     with torch.no_grad():
@@ -281,7 +284,8 @@ def test_detection_map_of_a_hand_checked_shift(data_cfg, detector):
     records = scores.records(outputs, batch, rows, [0, 1])
     assert records[0]["predicted_boxes"][0] == pytest.approx([12, 10, 10, 10], abs=1e-4)
     one_shifted = scores.metrics(records[:1])
-    assert (one_shifted["eval_map"], one_shifted["eval_map_50"], one_shifted["eval_map_75"]) == pytest.approx((0.4, 1, 0))
+    assert (one_shifted["eval_map"], one_shifted["eval_map_50"], one_shifted["eval_map_75"]) == pytest.approx((0.4, 1,
+                                                                                                               0))
     # Per-category mean: the exact hit on category 2 scores 1 at every threshold.
     assert scores.metrics(records)["eval_map"] == pytest.approx((0.4 + 1) / 2)
 
@@ -310,7 +314,8 @@ def test_detection_map_gathered_over_ranks_equals_one_process(data_cfg, detector
         return scores.records(outputs, make(part, indices), part, indices)
 
     whole = scores.metrics(scored(list(range(NUM_SCORED))))
-    shards = [[r for b in eval_batches(NUM_SCORED, 4, rank, 2) for r in scored([int(i) for i in b])] for rank in range(2)]
+    shards = [[r for b in eval_batches(NUM_SCORED, 4, rank,
+                                       2) for r in scored([int(i) for i in b])] for rank in range(2)]
     assert scores.metrics(shards[0] + shards[1]) == pytest.approx(whole) and whole["eval_images"] == NUM_SCORED
     assert 0.05 < whole["eval_map"] < whole["eval_map_50"] < 1
     assert scores.metrics(shards[0])["eval_map"] != pytest.approx(whole["eval_map"])  # the shards see different things

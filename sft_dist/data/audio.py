@@ -67,7 +67,7 @@ class AudioEncoder:
         self.audio_key = data.fields.get("audio", "audio")
         self.target_key = data.fields.get("label", "label") if names is not None else data.fields.get("text", "text")
 
-    def for_part(self, part_name: str) -> "AudioEncoder":
+    def for_part(self, part_name: str) -> AudioEncoder:
         """The encoder of one source part: a data file (paths relative to its folder), or a saved folder."""
         return AudioEncoder(self.data, self.names, self.tokenizer, self.decoder_start_id, self.max_duration_s,
                             self.max_target_tokens, part_folder(part_name))

@@ -44,7 +44,7 @@ class DetectionEncoder:
         self.data, self.names, self.folder = data, names, folder
         self.image_key, self.objects_key = data.fields.get("image", "image"), data.fields.get("objects", "objects")
 
-    def for_part(self, part_name: str) -> "DetectionEncoder":
+    def for_part(self, part_name: str) -> DetectionEncoder:
         return DetectionEncoder(self.data, self.names, part_folder(part_name))
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:

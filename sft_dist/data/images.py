@@ -45,7 +45,7 @@ class ImageEncoder:
         self.labels = LabelEncoder(data, None, names)  # label names or ids, checked as for text classification
         self.image_key, self.label_key = data.fields.get("image", "image"), data.fields.get("label", "label")
 
-    def for_part(self, part_name: str) -> "ImageEncoder":
+    def for_part(self, part_name: str) -> ImageEncoder:
         """The encoder of one source part: a data file (paths relative to its folder), or a saved folder."""
         return ImageEncoder(self.data, self.names, part_folder(part_name))
 

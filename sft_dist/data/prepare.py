@@ -27,7 +27,7 @@ from sft_dist.data.encode import BOOKKEEPING, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
 from sft_dist.data.images import ImageEncoder, undecoded
 from sft_dist.data.packing import pack
-from sft_dist.data.sources import Part, content_digest, first_line, fingerprint, open_source
+from sft_dist.data.sources import Part, content_digest, fingerprint, first_line, open_source
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
 from sft_dist.tasks import task_of

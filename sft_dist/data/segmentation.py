@@ -43,11 +43,12 @@ class SegmentationEncoder:
         self.data, self.names, self.folder, self.ignore_index = data, names, folder, ignore_index
         self.image_key, self.mask_key = data.fields.get("image", "image"), data.fields.get("mask", "mask")
 
-    def for_part(self, part_name: str) -> "SegmentationEncoder":
+    def for_part(self, part_name: str) -> SegmentationEncoder:
         return SegmentationEncoder(self.data, self.names, part_folder(part_name), self.ignore_index)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        return encode_rows(batch, indices, SEGMENTATION_FEATURES, lambda out, j, row: self._store(out, j, *self._row(row)))
+        return encode_rows(batch, indices, SEGMENTATION_FEATURES, lambda out, j, row: self._store(out, j,
+                                                                                                  *self._row(row)))
 
     def _row(self, row: dict) -> tuple[bytes, bytes]:
         image = file_bytes(row.get(self.image_key), self.image_key, self.folder)

@@ -57,7 +57,7 @@ class VlmEncoder:
         self.template = template or getattr(processor, "chat_template", None)
         self.image_ids = {i for i in getattr(processor, "image_token_ids", [processor.image_token_id]) if i is not None}
 
-    def for_part(self, part_name: str) -> "VlmEncoder":
+    def for_part(self, part_name: str) -> VlmEncoder:
         return VlmEncoder(self.data, self.processor, self.template, part_folder(part_name))
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -81,7 +81,8 @@ class VlmEncoder:
         field, images_field = self._field("messages"), self._field("images")
         turns = row.get(field)
         if not isinstance(turns, list) or not turns:
-            raise BadRow("missing_field" if turns is None else "wrong_type", f"'{field}' must be a non-empty list of turns")
+            raise BadRow("missing_field" if turns is None else "wrong_type",
+                         f"'{field}' must be a non-empty list of turns")
         listed = row.get(images_field) or []
         if not isinstance(listed, list):
             raise BadRow("wrong_type", f"'{images_field}' is {type(listed).__name__}, expected a list of images")
@@ -125,7 +126,8 @@ class VlmEncoder:
                 images.append(self._image(_image_value(part, pending), f"{where}[{k}]"))
                 parts.append({"type": "image"})
             else:
-                raise BadRow("bad_content_part", f"{where}[{k}]: expected a text, image or image_url part, got {part!r:.80}")
+                raise BadRow("bad_content_part",
+                             f"{where}[{k}]: expected a text, image or image_url part, got {part!r:.80}")
         return parts
 
     def _placeholders(self, text: str, where: str, pending: Any, images: list[bytes]) -> list[dict]:
@@ -181,7 +183,8 @@ class VlmEncoder:
         if num_supervised == 0:
             drop(out, j, "no_supervised_tokens", "no supervised token left (after truncation)")
             return
-        out["input_ids"][j], out["labels"][j], out["num_supervised"][j], out["images"][j] = ids, labels, num_supervised, images
+        out["input_ids"][j], out["labels"][j] = ids, labels
+        out["num_supervised"][j], out["images"][j] = num_supervised, images
         out["length"][j], out["truncated"][j], out["bad"][j] = len(ids), full_length > len(ids), False
         out["heldout_u"][j] = _uniform(messages, images)
 

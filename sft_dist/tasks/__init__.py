@@ -10,14 +10,15 @@ instead of branching on its name, and a new task is one module plus one line in 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from sft_dist.config import ModelConfig
 
 
-def no_head_config(model: "ModelConfig") -> dict[str, Any]:
+def no_head_config(model: ModelConfig) -> dict[str, Any]:
     return {}
 
 

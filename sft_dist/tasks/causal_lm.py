@@ -20,7 +20,7 @@ def text_batches(cfg: Any, tokenizer: Any, module: Any) -> Any:
 
 
 def token_loss(train: Any) -> Any:
-    from sft_dist.loss import token_loss_sums
+    from sft_dist.modeling.loss import token_loss_sums
 
     return lambda logits, labels: token_loss_sums(logits, labels, train.label_smoothing)
 
@@ -35,7 +35,7 @@ TASK = Task(
     name="causal_lm", auto_class="AutoModelForCausalLM", peft_task_type="CAUSAL_LM", pipeline="text-generation",
     formats={"messages": ("messages", "role", "content"), "alpaca": ("instruction", "input", "output", "system"),
              "prompt_completion": ("prompt", "completion"), "text": ("text",)},
-    # exact match / match come from eval.generate's answers (sft_dist.evaluate), not from the counts.
+    # exact match / match come from eval.generate's answers (sft_dist.worker.evaluate), not from the counts.
     metrics={"eval_loss": "min", "eval_ppl": "min", "eval_token_acc": "max", "eval_exact_match": "max",
              "eval_match": "max"},
     encoder=text_encoder, batches=text_batches, loss=token_loss, counts=token_counts,

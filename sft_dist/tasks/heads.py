@@ -11,14 +11,15 @@ over the whole validation set.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from sft_dist.config import ModelConfig, TrainConfig
 from sft_dist.data.chat import IGNORE_INDEX
-from sft_dist.loss import token_loss_sums
+from sft_dist.modeling.loss import token_loss_sums
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 

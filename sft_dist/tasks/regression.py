@@ -42,7 +42,8 @@ class ValueEncoder:
 
         text, pair, value = row.get(self.text_key), row.get(self.pair_key), row.get(self.value_key)
         if not isinstance(text, str) or not text.strip():
-            raise BadRow("missing_field" if text is None else "empty_text", f"'{self.text_key}' must be a non-empty string")
+            raise BadRow("missing_field" if text is None else "empty_text",
+                         f"'{self.text_key}' must be a non-empty string")
         if pair is not None and not isinstance(pair, str):
             raise BadRow("non_string_content", f"'{self.pair_key}' is {type(pair).__name__}, expected a string")
         if value is None:

@@ -1,7 +1,7 @@
 """Checkpoint to a Hugging Face folder: safetensors weights, config, tokenizer (with the chat template the
 run trained with) or image processor, and generation config, loadable with the task's
 `AutoModelFor...from_pretrained(DIR)` and `pipeline(...)`, by transformers 5 and by the 4.x line alike
-(sft_dist.model_folder). A LoRA checkpoint becomes the adapter folder `PeftModel.from_pretrained(base, DIR)`
+(sft_dist.modeling.model_folder). A LoRA checkpoint becomes the adapter folder `PeftModel.from_pretrained(base, DIR)`
 loads, or with `merge_lora` the base with the adapter merged in, a plain model folder.
 
 ZeRO shards are consolidated by DeepSpeed's own reader in lazy mode, and written one output shard at a
@@ -22,11 +22,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
 
-from sft_dist import adapters, checkpoint, model_folder
-from sft_dist import model as model_lib
+from sft_dist import checkpoints
 from sft_dist.config import RunConfig
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
+from sft_dist.modeling import adapters, model_folder
+from sft_dist.modeling import model as model_lib
 from sft_dist.tasks import task_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -39,9 +40,9 @@ def export(source: Path, out: Path, dtype: str = "fp32", merge_lora: bool = Fals
     checkpoint folder and the lines that say how to load the result. `origin`: where the checkpoint came
     from, when `source` is a local copy of one in an object store. The checkpoint's own config never
     switches trust_remote_code on: only `trust_remote_code` (the command's flag, or the run's) does."""
-    folder = checkpoint.choose(source.resolve()).local_path()  # refuses a checkpoint whose pickles would run code
-    manifest = checkpoint.read_manifest(folder)
-    cfg = checkpoint.saved_config(folder, trust_remote_code)
+    folder = checkpoints.choose(source.resolve()).local_path()  # refuses a checkpoint whose pickles would run code
+    manifest = checkpoints.read_manifest(folder)
+    cfg = checkpoints.saved_config(folder, trust_remote_code)
     if merge_lora and not adapters.enabled(cfg.peft):
         raise UserError("--merge-lora: this checkpoint is a full fine-tune (peft.method: none), not an adapter one",
                         file=str(folder))
@@ -76,7 +77,7 @@ def consolidated(folder: Path, stage: int) -> dict[str, Any]:
     """The checkpoint's full weights by name. Under ZeRO, DeepSpeed's lazy tensors, gathered from every
     rank's fp32 optimizer partition when materialised (`.contiguous()`); without ZeRO, rank 0's module."""
     if stage > 0:
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=checkpoint.TAG, lazy_mode=True)
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=checkpoints.TAG, lazy_mode=True)
     return rank0_module(folder)
 
 
@@ -172,11 +173,11 @@ def trained_tensors(folder: Path, stage: int) -> dict[str, torch.Tensor]:
     """A checkpoint's trained parameters, whole. Under ZeRO they are gathered by DeepSpeed from every
     rank's fp32 optimizer partition: under ZeRO-3 the module file holds only empty placeholders."""
     if stage > 0:
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=checkpoint.TAG)
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=checkpoints.TAG)
     return rank0_module(folder)
 
 
 def rank0_module(folder: Path) -> dict[str, torch.Tensor]:
     """Without ZeRO every rank holds the whole module: rank 0's model-states file has it."""
-    states = torch.load(folder / checkpoint.TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    states = torch.load(folder / checkpoints.TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return dict(states["module"])

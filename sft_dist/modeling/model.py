@@ -7,7 +7,8 @@ this module knowing what it is. Imports neither Ray nor DeepSpeed.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer

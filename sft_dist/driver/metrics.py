@@ -1,9 +1,9 @@
 """The driver's record of a run: rank 0's events into `metrics.jsonl` (and generated samples into
-`samples.jsonl`), the configured sinks (sft_dist.sinks), the progress display (sft_dist.progress),
+`samples.jsonl`), the configured sinks (sft_dist.driver.sinks), the progress display (sft_dist.driver.progress),
 and what `summary.json` needs at the end.
 
 One record per step, whatever happened to the driver: a resume brings the records its checkpoint
-carries (checkpoint.RECORDS) and fills in those this file lacks (a driver killed while the workers ran
+carries (checkpoints.RECORDS) and fills in those this file lacks (a driver killed while the workers ran
 on), after dropping the records of steps trained again. A record that cannot be written (a full disk)
 is left out whole and reported at the end, never half-written and never a crash of the run.
 """
@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sft_dist import progress
 from sft_dist.atomic_files import append_line, read_jsonl, write_text
+from sft_dist.driver import progress
 
 if TYPE_CHECKING:
-    from sft_dist.sinks import Sink
+    from sft_dist.driver.sinks import Sink
 
-from sft_dist import preflight
-
+from sft_dist.worker import preflight
 
 # Validation metrics on the console line, in this order (those a record has).
 EVAL_SHOWN = ("eval_ppl", "eval_token_acc", "eval_exact_match", "eval_accuracy", "eval_macro_f1",
@@ -33,7 +32,7 @@ class RunRecorder:
     def __init__(self, run_dir: Path, out: TextIO | None = None, sinks: list[Sink] = ()):
         self.run_dir, self.out = run_dir, out  # None: whatever sys.stdout is when printing
         self.display = progress.for_stream(out)  # a live line on a terminal, plain lines otherwise
-        self.sinks = list(sinks)  # TensorBoard, MLflow, W&B as configured (sft_dist.sinks)
+        self.sinks = list(sinks)  # TensorBoard, MLflow, W&B as configured (sft_dist.driver.sinks)
         self.started_s = time.time()
         self.setup: dict[str, Any] = {}
         self.last_train: dict[str, Any] = {}

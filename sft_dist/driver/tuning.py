@@ -27,7 +27,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from sft_dist import atomic_files
 from sft_dist import config as config_lib
-from sft_dist.errors import UserError
+from sft_dist.errors import Exit, UserError
 
 TRIAL_CPU = 0.01  # a trial itself only waits on its run, whose workers ask for their own resources
 DOMAINS = {
@@ -85,13 +85,13 @@ def load_space(path: str) -> SearchSpace:
     return space
 
 
-def tune_command(config_path: str, overrides: list[str], space_path: str, resume: bool) -> int:
-    from sft_dist import driver, launcher
+def tune_command(config_path: str, overrides: list[str], space_path: str, resume: bool) -> Exit:
+    from sft_dist.driver import commands, launcher
 
     space = load_space(space_path)
     # Resolved and checked once here, as `train` does (absolute paths, inputs, storage, label names):
     # trials start in Tune's trial folders, from the base config this writes.
-    base = driver.load_checked(config_path, [*overrides, *as_overrides(space.fixed)], fresh_run=False)
+    base = commands.load_checked(config_path, [*overrides, *as_overrides(space.fixed)], fresh_run=False)
     for key in space.params:  # each searched key must be a key of the config
         _check_key(base, key)
     experiment = Path(base.output_dir) / f"tune-{Path(config_path).stem}-{Path(space_path).stem}"
@@ -99,7 +99,7 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
     mode = space.mode or (base.eval.direction() if metric == base.eval.metric else "min")
     _check_installed(space, space_path)
     _check_resume(experiment, resume)
-    driver.prepare_data(base)  # tokenize once, before any trial: trials find the cache
+    commands.prepare_data(base)  # tokenize once, before any trial: trials find the cache
     # An embedded Ray is sized by the worker count: room for the wanted number of concurrent runs.
     wanted = base.ray.max_workers * (space.max_concurrent_trials or 1) + 1
     launcher.connect(base.model_copy(update={"ray": base.ray.model_copy(update={"num_workers": wanted})}))
@@ -116,11 +116,12 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
                    *[a for o in overrides for a in ("--set", o)], "--resume"]
         print(f"the search was interrupted ({finished} of {num_trials(space)} trials finished; its state is in "
               f"{experiment}); continue it with:\n  {shlex.join(command)}", file=sys.stderr)
-        return 1
+        return Exit.FAILED
     best = results.get_best_result(metric, mode, scope="all")
     print(f"best: {metric} {best.metrics.get(metric)} with " +
-          " ".join(f"{k}={v}" for k, v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
-    return 0
+          " ".join(f"{k}={v}" for k,
+                   v in best.config["params"].items()) + f" (run folder {best.metrics.get('run_dir')})")
+    return Exit.OK
 
 
 def _new_tuner(trainable: Any, space: SearchSpace, base: Any, experiment: Path, metric: str, mode: str) -> tune.Tuner:
@@ -224,23 +225,23 @@ def _searcher(space: SearchSpace, seed: int, concurrent: int) -> Any:
 
 def run_trial(trial: dict[str, Any]) -> None:
     """One trial: an sft_dist run of the base config with the trial's values, reporting each validation."""
-    from sft_dist import driver, launcher
-    from sft_dist.metrics import RunRecorder
-    from sft_dist.runtime import Job
+    from sft_dist.driver import commands, launch_path
+    from sft_dist.worker.runtime import Job
 
     name = f"trial-{tune.get_context().get_trial_id()}"  # the name of its Tune folder too
     cfg = config_lib.load(trial["base"], [*as_overrides(trial["params"]), f"run_name={name}"])
-    data = driver.prepare_data(cfg)
+    data = commands.prepare_data(cfg)
     if cfg.run_dir().exists():  # a trial Tune restarts (--resume) starts over: Tune holds no checkpoint of it,
         shutil.rmtree(cfg.run_dir())  # and Ray Train would resume its run's own checkpoints behind Tune's clock
-    run_dir = driver.create_run_dir(cfg)
-    recorder, events, outcome = RunRecorder(run_dir), queue.Queue(), []
+    events, ended_as = queue.Queue(), []
 
-    def record(event: dict[str, Any]) -> None:
-        recorder.record(event)
-        events.put(event)
+    def run() -> None:  # ray.tune.report belongs to the trial's own thread: the run goes in this one
+        try:
+            ended_as.append(launch_path.launch(cfg, data, Job(), on_event=events.put))
+        except BaseException as err:
+            ended_as.append(err)
 
-    fit = threading.Thread(target=lambda: outcome.append(launcher.fit(cfg, data, record, Job())), daemon=True)
+    fit = threading.Thread(target=run, daemon=True)
     fit.start()
     last = []
     while fit.is_alive() or not events.empty():
@@ -249,19 +250,22 @@ def run_trial(trial: dict[str, Any]) -> None:
         except queue.Empty:
             continue
         if trial["metric"] in event and not event.get("event"):
-            result = {trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(run_dir)}
+            result = {trial["metric"]: event[trial["metric"]], "step": event["step"], "run_dir": str(cfg.run_dir())}
             if cfg.train.max_steps and event["step"] >= cfg.train.max_steps:
                 last.append(result)  # the run's final validation: reported below
             else:
                 tune.report(result)
-    error = outcome[0] if outcome else "the run ended without a result"
-    atomic_files.write_text(run_dir / "summary.json", json.dumps(recorder.summary(data.stats, error), indent=2))
+    outcome = ended_as[0] if ended_as else RuntimeError("the run ended without a result")
+    if isinstance(outcome, BaseException):
+        raise outcome
+    summary = outcome.recorder.summary(data.stats, outcome.error)
+    atomic_files.write_text(outcome.run_dir / "summary.json", json.dumps(summary, indent=2))
     # Tune stops a trial (kills its actor) as soon as it reports its last rung (ASHA's max_t): the final
     # validation goes after the run has ended, so its final checkpoint, export and summary are complete
     for result in last:
         tune.report(result)
-    if error:
-        raise RuntimeError(error)
+    if outcome.error:
+        raise RuntimeError(outcome.error)
 
 
 def ended(result: Any) -> bool:

@@ -12,7 +12,8 @@ Switched off, `lap` returns at once, so the loop pays one call per phase.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

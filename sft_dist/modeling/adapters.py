@@ -7,7 +7,8 @@ Precision (decided here, for every ZeRO stage): the adapter's forward copy has t
 base's compute (`train.precision`), so DeepSpeed's flat ZeRO buffers hold one dtype; its master weights
 and Adam moments are fp32, kept by DeepSpeed's mixed-precision optimizer for trainable parameters only.
 That is what keeps LoRA stable in bf16: bf16 keeps about three significant digits, so an update smaller
-than ~0.4% of a weight would round away, while the fp32 master accumulates it. The frozen base has no master copy and no optimizer
+than ~0.4% of a weight would round away, while the fp32 master accumulates it. The frozen base has no master copy and
+no optimizer
 state at all, which is where LoRA's memory saving comes from.
 """
 
@@ -25,9 +26,9 @@ from peft import PeftConfig as PeftMethodConfig
 from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-from sft_dist import model as model_lib
 from sft_dist.config import ModelConfig, PeftConfig
 from sft_dist.errors import UserError
+from sft_dist.modeling import model as model_lib
 from sft_dist.tasks import TASKS
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter; it appears inside parameter names

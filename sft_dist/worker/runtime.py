@@ -14,9 +14,10 @@ import shutil
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -138,8 +139,14 @@ def all_gather(value: Any) -> list[Any]:
     return gathered
 
 
+class ImportOrderError(RuntimeError):
+    """DeepSpeed chose its accelerator before configure_worker could choose it: a bug in sft_dist."""
+
+
 def configure_worker(use_gpu: bool, threads: int) -> None:
-    """Process settings every worker needs before torch/DeepSpeed work starts."""
+    """Process settings every worker needs before torch/DeepSpeed work starts. DeepSpeed picks its
+    accelerator once, on import, from DS_ACCELERATOR (set here): a process that imported it before with
+    another accelerator than this one fails here, not later with a confusing device error."""
     if not use_gpu:
         # DeepSpeed otherwise probes for accelerators; on CPU workers it must use its CPU accelerator.
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -154,8 +161,21 @@ def configure_worker(use_gpu: bool, threads: int) -> None:
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / env_key))
     quiet.worker()
-    # Last: it imports DeepSpeed's state types, and DeepSpeed reads DS_ACCELERATOR (set above) on import.
-    safe_loading.enforce()  # no checkpoint this process loads can run code
+    safe_loading.enforce()  # no checkpoint this process loads can run code (it imports DeepSpeed)
+    check_accelerator(use_gpu)
+
+
+def check_accelerator(use_gpu: bool) -> None:
+    """Refuse a DeepSpeed that already picked another accelerator than the one `use_gpu` asks for."""
+    chosen = getattr(sys.modules.get("deepspeed.accelerator.real_accelerator"), "ds_accelerator", None)
+    if chosen is None:  # not chosen yet: DeepSpeed reads DS_ACCELERATOR when it does
+        return
+    name = chosen.device_name()
+    if (name == "cpu") == use_gpu:
+        wanted = "a GPU" if use_gpu else "cpu"
+        raise ImportOrderError(f"DeepSpeed was imported before runtime.configure_worker and chose the {name} "
+                               f"accelerator, but this worker runs on {wanted}: import the modules that import "
+                               "deepspeed (train, engine, export) only after configure_worker")
 
 
 def ray_worker_main(loop_config: dict[str, Any]) -> None:
@@ -189,7 +209,7 @@ def _run_on_ray_worker(loop_config: dict[str, Any]) -> None:
         events=loop_config["events"],
         control=loop_config["control"],
     )
-    from sft_dist import train  # imported after configure_worker: DeepSpeed reads DS_ACCELERATOR on import
+    from sft_dist.worker import train
 
     train.run_job(ctx, cfg, PreparedData(**loop_config["data"]), Job(**loop_config["job"]))
 

@@ -11,20 +11,22 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from sft_dist import model_folder
 from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import eval_batches, model_inputs
-from sft_dist.runtime import RunContext, all_reduce_sum
+from sft_dist.modeling import model_folder
 from sft_dist.tasks.heads import TokenCounts
+from sft_dist.worker.runtime import RunContext, all_reduce_sum
+from sft_dist.worker.train_engine import TrainEngine
 
 
-def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
+def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
              counter: Any = None) -> dict[str, float]:
     """The task's metrics over the whole eval set, from counts summed over ranks (`counter`, from
     the task's `counts`; by default the causal LM's token-weighted loss, perplexity and token accuracy).
@@ -50,7 +52,7 @@ def validate(engine: Any, ctx: RunContext, eval_set: Any, micro_batch_size: int,
 
 
 def generate_answers(
-    engine: Any, ctx: RunContext, tokenizer: Any, prompts: list[dict], generate: GenerateConfig, zero3: bool
+    engine: TrainEngine, ctx: RunContext, tokenizer: Any, prompts: list[dict], generate: GenerateConfig, zero3: bool
 ) -> list[dict[str, Any]]:
     """Greedy answers to held-out prompts, scored by exact match and by the configured match rule; each
     sample says whether it stopped at the token limit without an end token (`hit_max_new_tokens`).
@@ -141,12 +143,13 @@ class BestTracker:
     stale_evals: int = 0
 
     @classmethod
-    def for_config(cls, cfg: EvalConfig, saved: dict[str, Any] | None = None) -> "BestTracker":
+    def for_config(cls, cfg: EvalConfig, saved: dict[str, Any] | None = None) -> BestTracker:
         stopping = cfg.early_stopping
         tracker = cls(cfg.metric, cfg.direction(), stopping and stopping.patience,
                       stopping.min_delta if stopping else 0.0)
         if saved:  # a resumed run keeps its best and its patience count
-            tracker.best, tracker.best_step, tracker.stale_evals = saved["best"], saved["best_step"], saved["stale_evals"]
+            tracker.best, tracker.best_step = saved["best"], saved["best_step"]
+            tracker.stale_evals = saved["stale_evals"]
         return tracker
 
     def update(self, metrics: dict[str, Any], step: int) -> bool:

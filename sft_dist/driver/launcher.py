@@ -9,7 +9,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 import ray.train
@@ -17,13 +18,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from sft_dist import quiet, shipping, storage, watchdog
-from sft_dist.checkpoint import SCORE
+from sft_dist import quiet, shipping, storage
+from sft_dist.checkpoints import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
+from sft_dist.driver import watchdog
 from sft_dist.errors import UserError
-from sft_dist.runtime import Job, ray_worker_main
-
+from sft_dist.worker.runtime import Job, ray_worker_main
 
 _connected_here = False  # this module called ray.init (not a caller that had initialized Ray already)
 
@@ -54,8 +55,8 @@ def refuse_node_local_storage(cfg: RunConfig) -> None:
     """Every node's workers write their checkpoint shards to ray.storage_path, and any node may have to
     read them all back: on a multi-node cluster a plain path is each node's own disk unless it is a
     shared mount, which only the user can vouch for."""
-    where = cfg.storage_path()
-    if storage.is_uri(where) or cfg.ray.shared_storage:
+    where = storage.Location.of(cfg.storage_path())
+    if where.is_remote or cfg.ray.shared_storage:
         return
     num_nodes = sum(1 for node in ray.nodes() if node["Alive"])
     if num_nodes > 1:
@@ -106,7 +107,7 @@ def wait_for_min_workers(cfg: RunConfig, poll_s: float = 2.0) -> None:
 
 
 def fit(
-    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], job: Job = Job(),
+    cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], job: Job | None = None,
     stop: threading.Event | None = None,
 ) -> str | None:
     """Run the job (training, validation of a checkpoint, a learning-rate range test) on Ray Train workers.
@@ -115,6 +116,7 @@ def fit(
     success, else the failure's message. With an object-store storage the data and model folder are
     shipped there first (sft_dist.shipping), for nodes that do not see the driver's disk.
     """
+    job = job or Job()
     root = storage.Location.of(cfg.storage_path())
     data = shipping.ship(cfg, data, root)
     # Ray Train writes the checkpoints through the same filesystem (endpoint, scheme, region) as ours;

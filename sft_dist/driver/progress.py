@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-TIMED_PHASES = ("data", "forward", "backward", "optimizer")  # sft_dist.timing.PHASES, without importing torch
+TIMED_PHASES = ("data", "forward", "backward", "optimizer")  # sft_dist.worker.timing.PHASES, without importing torch
 
 
 class Progress:

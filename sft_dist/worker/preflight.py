@@ -17,8 +17,8 @@ import psutil
 import torch
 
 from sft_dist.config import RunConfig
-from sft_dist.runtime import RunContext, all_gather, all_reduce_sum
 from sft_dist.storage import Location, StorageError
+from sft_dist.worker.runtime import RunContext, all_gather, all_reduce_sum
 
 # What must be identical on every worker: a different DeepSpeed or torch on one node can change
 # checkpoint formats or collectives in ways that fail late and obscurely.

@@ -27,7 +27,7 @@ def watch(session_dir: str) -> None:
 
     started = [(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)]
     read_end, write_end = os.pipe()  # not inheritable: children exec'd later never hold the write end
-    subprocess.Popen([sys.executable, "-m", "sft_dist.watchdog", session_dir, json.dumps(started)],
+    subprocess.Popen([sys.executable, "-m", "sft_dist.driver.watchdog", session_dir, json.dumps(started)],
                      stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.close(read_end)
     _held_open.append(write_end)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +49,8 @@ def _training_args(cfg: Any, max_steps: int, out_dir: Path, counted: str) -> dic
 
 
 def _tokenizer(cfg: Any) -> Any:
-    from sft_dist import model as model_lib
     from sft_dist.data.templates import chat_template
+    from sft_dist.modeling import model as model_lib
 
     tokenizer = model_lib.load_tokenizer(cfg.model)
     if cfg.data.chat_template:  # the template sft_dist renders with
@@ -84,7 +85,7 @@ def sft_trainer(cfg: Any, packing: bool, max_steps: int, out_dir: Path, callback
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from sft_dist import model as model_lib
+    from sft_dist.modeling import model as model_lib
 
     # Packed batches are padding-free (one flattened row): every token is real.
     args = SFTConfig(**_training_args(cfg, max_steps, out_dir, "all" if packing else "non_padding"),
@@ -108,8 +109,8 @@ def trainer_tokens_per_s(cfg: Any, data: Any, warmup: int, repeats: int, out_dir
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from sft_dist import model as model_lib
     from sft_dist.data.batches import attention_of, collate
+    from sft_dist.modeling import model as model_lib
 
     rows = datasets.load_from_disk(data.train_dir)
     rows = rows.select_columns([c for c in ("input_ids", "labels", "seq_lens") if c in rows.column_names])

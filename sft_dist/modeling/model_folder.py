@@ -107,4 +107,5 @@ def usage(out: Path, task: Any, adapter_base: str | None = None) -> str:
                 f"  print(pipeline({task.pipeline!r}, model={where!r})(...))")
     return (f"model folder: {where}\nchat with it:\n  from transformers import pipeline\n"
             f"  chat = pipeline('text-generation', model={where!r})\n"
-            "  print(chat([{'role': 'user', 'content': 'Hello!'}], max_new_tokens=64)[0]['generated_text'][-1]['content'])")
+            "  print(chat([{'role': 'user', 'content': 'Hello!'}], max_new_tokens=64)"
+            "[0]['generated_text'][-1]['content'])")

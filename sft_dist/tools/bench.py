@@ -7,10 +7,10 @@ printed as a table and written as JSON.
    installed) on the same model, conversations, batch and world size (1), without and with packing.
 3. packing: the share of real tokens in padded batches, packed over unpacked.
 4. preprocessing: sft_dist's tokenization with loss masks, rows/s, over SFTTrainer's own dataset
-   preparation of the same conversations (sft_dist.bench_baselines).
+   preparation of the same conversations (sft_dist.tools.bench_baselines).
 5. checkpoint: save and load MB/s; the share of training time spent saving at the checkpoint cadence.
 6. ZeRO memory: per-rank parameter + gradient + optimizer bytes at 2 workers over 1, stages 1-3, read
-   off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.bench_zero).
+   off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.tools.bench_zero).
 
 Threads are pinned, every timed part is warmed up first, and times are medians over repeats with their
 spread (the interquartile range over the median). CPU timings on a shared machine are noisy: compare
@@ -26,12 +26,13 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ def plain_step(model: Any, optimizer: Any, scheduler: Any, rows: list[dict], pad
     import torch
 
     from sft_dist.data.batches import attention_of, collate, model_inputs
-    from sft_dist.loss import token_loss_sums
+    from sft_dist.modeling.loss import token_loss_sums
 
     for micro in rows:
         batch = {k: v.to(model.device) for k, v in collate(micro, pad_id, attention_of(model)).items()}
@@ -95,13 +96,13 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
     import torch
     from transformers import get_scheduler
 
-    from sft_dist import checkpoint
-    from sft_dist import engine as engine_lib  # after local_context: DeepSpeed reads DS_ACCELERATOR on import
-    from sft_dist import model as model_lib
-    from sft_dist import train
+    from sft_dist.modeling import model as model_lib
+    from sft_dist.worker import checkpoint, train
+    from sft_dist.worker import engine as engine_lib
+    from sft_dist.worker import session as session_lib
 
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
-    session, _ = train.set_up(ctx, cfg, data, None)
+    session, _ = session_lib.set_up(ctx, cfg, data, None)
     plan, t = session.plan, cfg.train
     supervised = np.asarray(session.train_set["num_supervised"])
     pad_id = session.tokenizer.pad_token_id
@@ -135,13 +136,15 @@ def overhead_and_checkpoint(ctx: Any, cfg: Any, data: Any, warmup: int, repeats:
 
 def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, cadence: int, repeats: int) -> Result:
     """Save (the run's own sharded save, registered in the run folder) and load, timed; MB/s of both."""
+    from sft_dist import checkpoints
+
     saves, loads, size_mb = [], [], 0.0
     for i in range(repeats + 1):  # the first of each is a warm-up
         state = {"step": 10_000 + i, "examples_seen": 0}
         started = time.perf_counter()
         checkpoint.save(session.engine, ctx, state, {"step": state["step"]})
         saves.append(time.perf_counter() - started)
-        folder = ctx.storage.local_path() / checkpoint.folder_name(state["step"])
+        folder = ctx.storage.local_path() / checkpoints.folder_name(state["step"])
         size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
         started = time.perf_counter()
         checkpoint.load(session.engine, ctx, folder)
@@ -158,9 +161,10 @@ def checkpoint_result(session: Any, ctx: Any, checkpoint: Any, step_s: float, ca
 
 def session_tokens_per_s(ctx: Any, cfg: Any, data: Any, warmup: int, repeats: int) -> float:
     """sft_dist's training tokens/s on `data` (e.g. packed rows), a fresh session as in measurement 1."""
-    from sft_dist import train
+    from sft_dist.worker import session as session_lib
+    from sft_dist.worker import train
 
-    session, _ = train.set_up(ctx, cfg, data, None)
+    session, _ = session_lib.set_up(ctx, cfg, data, None)
     supervised = np.asarray(session.train_set["num_supervised"])
     times, tokens = [], []
     for step in range(warmup + repeats):
@@ -188,7 +192,7 @@ def alternative_results(ours: dict[bool, float], theirs: dict[bool, tuple[float,
 def mfu_result(cfg: Any, ours: dict[bool, float], theirs: dict[bool, tuple[float, float]], baseline: str,
                peak: float) -> Result:
     """GPU only: model FLOP/s utilization (6·N·tokens/s over the device's peak) of both sides' tokens/s."""
-    from sft_dist import mfu, plan
+    from sft_dist.tools import mfu, plan
 
     n = plan.model_shape(cfg.model.name_or_path).total_params
     return Result("7 MFU", "MFU, sft_dist", mfu.mfu(n, ours[False], peak), baseline, mfu.mfu(n, theirs[False][0], peak),
@@ -211,10 +215,10 @@ def preprocessing_result(cfg: Any, trl_trainer: Any, repeats: int) -> Result:
     `data.prepare` runs it, over SFTTrainer's own dataset preparation of the same conversations."""
     import datasets
 
-    from sft_dist import bench_baselines as hf
-    from sft_dist import model as model_lib
     from sft_dist.data.encode import FEATURES, Encoder
     from sft_dist.data.templates import chat_template
+    from sft_dist.modeling import model as model_lib
+    from sft_dist.tools import bench_baselines as hf
 
     tokenizer = model_lib.load_tokenizer(cfg.model)
     encoder = Encoder(cfg.data, tokenizer, chat_template(tokenizer, cfg.data.chat_template))
@@ -259,7 +263,7 @@ PARTITIONED = {1: "optimizer states (gradients once reduced)", 2: "optimizer sta
 def zero_scaling_results(ctx: Any, config: str | None, quick: bool, out_dir: Path) -> list[Result]:
     """Per-rank bytes measured on DeepSpeed engines at 2 processes over 1 (this one, `ctx`), stage by stage,
     with each part's ratio."""
-    from sft_dist import bench_zero
+    from sft_dist.tools import bench_zero
 
     one, two = bench_zero.measure_here(ctx, config, quick, out_dir), bench_zero.measure(config, quick, 2, out_dir)
     out = []
@@ -279,8 +283,10 @@ def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, p
     import datasets
     import torch
 
-    from sft_dist import bench_baselines as hf
-    from sft_dist import driver, mfu, runtime
+    from sft_dist.driver import commands
+    from sft_dist.tools import bench_baselines as hf
+    from sft_dist.tools import mfu
+    from sft_dist.worker import runtime
 
     threads = 1
     os.environ["OMP_NUM_THREADS"] = str(threads)  # else accelerate (under the Trainer) picks its own count
@@ -290,10 +296,10 @@ def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, p
     device = f"ray.use_gpu={str(use_gpu).lower()}"
     cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", device)
     peak = mfu.peak_tflops(torch.cuda.get_device_name(), cfg.train.precision, peak_tflops) if use_gpu else None
-    plain_data = driver.prepare_data(cfg)
+    plain_data = commands.prepare_data(cfg)
     packed_cfg = bench_config(config, quick, out_dir, f"ray.threads_per_worker={threads}", device,
                               "data.packing=true")
-    packed_data = driver.prepare_data(packed_cfg)
+    packed_data = commands.prepare_data(packed_cfg)
     cadence = cfg.checkpoint.every_steps or 100
     # The baselines first: once this process holds sft_dist's process group, they would wrap the model in DDP.
     theirs, trl_trainer = {}, None
