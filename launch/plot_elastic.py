@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sft_dist.plots import read_metrics  # noqa: E402
+from sft_dist.driver.plots import read_metrics  # noqa: E402
 
 
 def main(elastic: Path, uninterrupted: Path, out: Path) -> None:
