@@ -69,6 +69,17 @@ def test_a_range_that_cannot_keep_the_global_batch_is_refused_naming_the_sizes_t
     assert words in str(refused.value)
 
 
+def test_the_cli_refuses_such_a_range_in_one_line_before_ray(tmp_path):
+    env = {**subprocess_env(), "RAY_ADDRESS": "127.0.0.1:1"}  # unreachable: touching Ray would fail otherwise
+    args = [a for o in [f"output_dir={tmp_path}", *ELASTIC, "ray.num_workers=[1,3]"] for a in ("--set", o)]
+    result = subprocess.run([sys.executable, "-m", "sft_dist", "train", str(TINY_CONFIG), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ray.num_workers: [1, 3] includes 3 worker(s)" in lines[0], result.stderr
+    assert "the world sizes that keep it: 1, 2;" in lines[0] and not list(tmp_path.iterdir())
+
+
 def test_one_worker_follows_the_two_worker_trajectory(zero2_run, tmp_path):
     """The exactness core, without Ray: one process of the elastic config (grad_accum 2) against the
     session's uninterrupted 2-worker run (grad_accum 1) over the same global batches."""
