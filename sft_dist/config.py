@@ -121,7 +121,9 @@ LORA_ONLY_KEYS = ("r", "alpha", "dropout", "use_dora", "use_rslora")
 # The canonical field names of each data.format (each task's own); data.fields maps them to a dataset's
 # own column names.
 FORMAT_FIELDS = {fmt: fields for task in TASKS.values() for fmt, fields in task.formats.items()}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_TARGETS = (*ROLES, "function_call")  # data.roles may name a dataset's tool-call turns (ShareGPT's)
+CHAT_AND_TEXT_FORMATS = tuple(TASKS["causal_lm"].formats)  # what a source may set as its own format
 
 
 class SourceConfig(Section):
@@ -132,6 +134,14 @@ class SourceConfig(Section):
     weight: float = Field(1.0, gt=0)
     config: str | None = None  # hub dataset configuration (subset)
     split: str = "train"  # hub dataset or DatasetDict split
+    # This source's own data.format, data.fields and data.roles (None: the data section's), so that an
+    # alpaca file and a ShareGPT file train together. Chat and text formats only.
+    format: Literal[CHAT_AND_TEXT_FORMATS] | None = None  # type: ignore[valid-type]
+    fields: dict[str, str] | None = None
+    roles: dict[str, str] | None = None
+    # How a .txt file splits into rows (a `text` column): each line, each blank-line-separated
+    # paragraph, or the whole file (datasets' text loader's sample_by).
+    sample_by: Literal["line", "paragraph", "document"] = "line"
 
     def resolved(self) -> SourceConfig:
         if not is_local_source(self.path):
@@ -177,8 +187,11 @@ class DataConfig(Section):
     roles: dict[str, str] = Field(default_factory=dict)  # the dataset's role names -> system/user/assistant
     chat_template: str | None = None  # a named template, Jinja text or a .jinja file; else the tokenizer's
     max_seq_len: int = Field(1024, gt=0)
-    truncation: Literal["right", "drop"] = "right"
-    loss_on: Literal["assistant", "all"] = "assistant"
+    # right: cut the end; left: cut the start (the prompt), keeping the answer; drop: skip the row.
+    # (data.format text with packing: a long document is cut into max_seq_len windows instead)
+    truncation: Literal["right", "left", "drop"] = "right"
+    # assistant: every assistant turn; last_assistant: only the last one (earlier ones are context); all
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     packing: bool = False
     group_by_length: bool = False
     on_bad_row: Literal["error", "skip"] = "error"
@@ -197,6 +210,13 @@ class DataConfig(Section):
         if value is not None and not isinstance(value, list) and not fraction_ok:
             raise ValueError("expected a path, a {path, weight, config, split} mapping, or a list of them")
         return value
+
+    def for_source(self, source: SourceConfig) -> DataConfig:
+        """The data section as one source reads it: its own format, fields and roles where it sets them."""
+        own = {key: getattr(source, key) for key in ("format", "fields", "roles") if getattr(source, key) is not None}
+        if "format" in own and "fields" not in own:
+            own["fields"] = {}  # the section's fields name another format's columns
+        return self.model_copy(update=own) if own else self
 
     def train_sources(self) -> list[SourceConfig]:
         return [SourceConfig(path=s) if isinstance(s, str) else s for s in self.train]
@@ -234,18 +254,36 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _fields_belong_to_format(self) -> DataConfig:
-        unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
-        if unknown:
-            raise ValueError(f"data.fields: {', '.join(unknown)} is not a field of data.format {self.format} "
-                             f"(its fields: {', '.join(FORMAT_FIELDS[self.format])})")
+        for where, data in self._per_source():
+            unknown = sorted(set(data.fields) - set(FORMAT_FIELDS[data.format]))
+            if unknown:
+                raise ValueError(f"{where}fields: {', '.join(unknown)} is not a field of format {data.format} "
+                                 f"(its fields: {', '.join(FORMAT_FIELDS[data.format])})")
         return self
 
     @model_validator(mode="after")
     def _roles_map_to_known_roles(self) -> DataConfig:
-        wrong = sorted(v for v in self.roles.values() if v not in ROLES)
-        if wrong:
-            raise ValueError(f"data.roles: maps to {', '.join(wrong)}; map each dataset role to one of {ROLES}")
+        for where, data in self._per_source():
+            wrong = sorted(v for v in data.roles.values() if v not in ROLE_TARGETS)
+            if wrong:
+                raise ValueError(f"{where}roles: maps to {', '.join(wrong)}; map each dataset role to one of "
+                                 f"{ROLE_TARGETS}")
         return self
+
+    @model_validator(mode="after")
+    def _source_formats_are_chat_or_text(self) -> DataConfig:
+        if self.format not in CHAT_AND_TEXT_FORMATS and any(s.format for s in self.train_sources()):
+            raise ValueError(f"data.train: a source's own format is for chat and text data; data.format "
+                             f"{self.format} reads every source the same way")
+        return self
+
+    def _per_source(self) -> list[tuple[str, DataConfig]]:
+        """(where, the section as the source reads it): the section itself, then each source that sets its own."""
+        found = [("data.", self)]
+        for split, sources in (("train", self.train_sources()), ("eval", self.eval_sources())):
+            found += [(f"data.{split}.{i}.", self.for_source(s)) for i, s in enumerate(sources)
+                      if s.format or s.fields is not None or s.roles is not None]
+        return found
 
     @model_validator(mode="after")
     def _augment_needs_images(self) -> DataConfig:

@@ -123,7 +123,8 @@ def test_an_example_truncated_before_its_answer_is_dropped_as_too_long():
 def test_template_choice_config_then_tokenizer_else_a_clear_error():
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     assert chat_template(tok, None) == tok.chat_template
-    assert chat_template(tok, "llama3") == NAMED_TEMPLATES["llama3"]
+    # (with Llama 3's markers as tokens: without them the template is refused, as the test below shows)
+    assert chat_template(template_tokenizer(), "llama3") == NAMED_TEMPLATES["llama3"]
     tok.chat_template = None
     with pytest.raises(UserError) as err:
         chat_template(tok, None)
@@ -147,3 +148,11 @@ def test_plain_formats_supervise_the_completion_and_end_with_eos(fmt, row, promp
     assert encoded["input_ids"][-1] == tokenizer().eos_token_id
     assert "".join(supervised_runs(tokenizer(), encoded)) == answer
     assert tokenizer().decode(encoded["input_ids"]) == prompt + answer
+
+
+def test_a_named_template_whose_markers_the_tokenizer_lacks_is_refused():
+    # The tiny model's tokenizer has ChatML's markers but not Llama 3's: they would split into pieces.
+    assert chat_template(tokenizer(), "chatml") == NAMED_TEMPLATES["chatml"]
+    with pytest.raises(UserError) as err:
+        chat_template(tokenizer(), "llama3")
+    assert "<|eot_id|>" in str(err.value) and "pieces" in str(err.value) and "data.chat_template" in str(err.value)

@@ -14,44 +14,71 @@ from typing import Any
 import jinja2
 
 from sft_dist.data.badrows import BadRow
+from sft_dist.data.tool_calls import tool_name
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 
 
-def render(tokenizer: Any, template: str, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+        return tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except jinja2.TemplateError as err:  # the template's own raise_exception (e.g. "roles must alternate")
         raise BadRow("template_error", str(err)) from None
 
 
 def render_with_spans(
-    tokenizer: Any, template: str, messages: list[dict[str, str]], loss_on: str
+    tokenizer: Any, template: str, messages: list[dict[str, Any]], loss_on: str,
+    tools: list[dict] | None = None, unsupervised: tuple[int, ...] = (),
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans to supervise (every assistant turn, or everything)."""
-    text = render(tokenizer, template, messages)
+    """The full rendering and the character spans to supervise: every assistant turn (but the
+    `unsupervised` ones), only the last one, or everything."""
+    text = render(tokenizer, template, messages, tools=tools)
+    check_rendered(text, messages, tools)
     if loss_on == "all":
         return text, [(0, len(text))]
-    return text, [_turn_span(tokenizer, template, messages, i, text)
-                  for i, turn in enumerate(messages) if turn["role"] == "assistant"]
+    learned = [i for i, turn in enumerate(messages) if turn["role"] == "assistant" and i not in unsupervised]
+    if loss_on == "last_assistant":
+        learned = learned[-1:]
+    return text, [_turn_span(tokenizer, template, messages, i, text, tools) for i in learned]
 
 
-def _turn_span(tokenizer: Any, template: str, messages: list[dict[str, str]], i: int, text: str) -> tuple[int, int]:
+def check_rendered(text: str, messages: list[dict[str, Any]], tools: list[dict] | None) -> None:
+    """A template that ignores a row's tools, tool calls or reasoning would train the row without them:
+    each must show in the rendering (by its function name, or its text)."""
+    for tool in tools or ():
+        if tool_name(tool) not in text:
+            raise BadRow("template_drops_tools", f"the chat template does not render the row's tools "
+                         f"({tool_name(tool)!r} is not in the text); use a template with tool support")
+    for i, turn in enumerate(messages):
+        for call in turn.get("tool_calls") or ():
+            if call["function"]["name"] not in text:
+                raise BadRow("template_drops_tool_calls", f"messages[{i}].tool_calls: the chat template does "
+                             "not render tool calls; use a template with tool support")
+        if turn.get("reasoning_content") and turn["reasoning_content"].strip() not in text:
+            raise BadRow("template_drops_reasoning", f"messages[{i}].reasoning_content: the chat template does "
+                         "not render reasoning (or drops it from this turn); use a template that does, "
+                         "or remove the field")
+
+
+def _turn_span(tokenizer: Any, template: str, messages: list[dict[str, Any]], i: int, text: str,
+               tools: list[dict] | None = None) -> tuple[int, int]:
     """Character span of assistant turn i in `text`, its end marker included."""
     # The last turn's prefix is the whole conversation, already rendered: rendering it again would be
     # a third of the work for the usual single-turn row.
     last = i == len(messages) - 1
-    through = (text if last else render(tokenizer, template, messages[: i + 1])).rstrip()
+    through = (text if last else render(tokenizer, template, messages[: i + 1], tools=tools)).rstrip()
     if not text.startswith(through):
         raise BadRow("template_not_prefix_stable",
                      "the chat template renders earlier turns differently in longer conversations")
-    before = render(tokenizer, template, messages[:i], generation_prompt=True) if i else None
+    before = render(tokenizer, template, messages[:i], generation_prompt=True, tools=tools) if i else None
     if before is not None and text.startswith(before) and len(before) <= len(through):
         return len(before), len(through)
     # A leading assistant turn (nothing to render before it), or a template that adds a default system
     # prompt only to non-empty conversations: find the turn's content just before its end marker.
-    start = text.rfind(content_text(messages[i]["content"]).strip(), 0, len(through))
+    content = content_text(messages[i]["content"]).strip()
+    start = text.rfind(content, 0, len(through)) if content else -1
     if start < 0:
         raise BadRow("template_not_prefix_stable", f"cannot find assistant turn {i} in the rendered text")
     return start, len(through)
@@ -64,7 +91,7 @@ def content_text(content: str | list[dict]) -> str:
     return "".join(part["text"] for part in content if part.get("type") == "text")
 
 
-def generation_prompt(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+def generation_prompt(messages: list[dict[str, Any]]) -> tuple[list[dict[str, str]], str]:
     """Split a conversation before its last assistant turn: (prompt turns, expected answer)."""
     last = max(i for i, t in enumerate(messages) if t["role"] == "assistant")
     return messages[:last], messages[last]["content"]

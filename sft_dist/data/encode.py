@@ -15,10 +15,10 @@ from typing import Any
 import datasets
 import numpy as np
 
-from sft_dist.config import DataConfig
+from sft_dist.config import DataConfig, SourceConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX, render_with_spans
-from sft_dist.data.formats import Chat, Example, Plain, normalize
+from sft_dist.data.formats import Chat, Example, Plain, extra_fields, normalize
 
 _ids = datasets.List(datasets.Value("int32"))
 FEATURES = datasets.Features({
@@ -30,10 +30,11 @@ FEATURES = datasets.Features({
     "reason": datasets.Value("string"), "bad": datasets.Value("bool"), "detail": datasets.Value("string"),
     "line": datasets.Value("int64"), "row": datasets.Value("int64"),
     "heldout_u": datasets.Value("float64"),  # a uniform number from the example's content (held-out split)
+    "extra_fields": datasets.List(datasets.Value("string")),  # the row's columns its format does not read
 })
 # The bookkeeping columns, not saved; every other column an encoder makes is (a classifier's token type
 # ids, an image's bytes, a regression row's value...).
-BOOKKEEPING = ("truncated", "reason", "bad", "detail", "line", "row", "heldout_u")
+BOOKKEEPING = ("truncated", "reason", "bad", "detail", "line", "row", "heldout_u", "extra_fields")
 
 
 class Encoder:
@@ -41,6 +42,12 @@ class Encoder:
 
     def __init__(self, data: DataConfig, tokenizer: Any, template: str | None):
         self.data, self.tokenizer, self.template = data, tokenizer, template
+        # Plain text longer than max_seq_len, packed: windows of it train, rather than its start only.
+        self.chunks_text = data.format == "text" and data.packing and data.truncation == "right"
+
+    def for_source(self, source: SourceConfig) -> Encoder:
+        """The encoder of one source: its own format, fields and roles where it sets them."""
+        return Encoder(self.data.for_source(source), self.tokenizer, self.template)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts: list[tuple[int, str, list[tuple[int, int]], Example]] = []
@@ -48,7 +55,9 @@ class Encoder:
         for j in range(len(indices)):
             out["line"][j], out["row"][j] = (batch["_line"][j] if "_json" in batch else None), indices[j]
             try:
-                example = normalize(raw_row(batch, j), self.data)
+                row = raw_row(batch, j)
+                example = normalize(row, self.data)
+                out["extra_fields"][j] = extra_fields(row, self.data)  # of the rows used (a refused one says why)
                 texts.append((j, *self._text(example), example))
             except BadRow as bad:
                 drop(out, j, bad.reason, bad.detail, bad=True)
@@ -68,7 +77,8 @@ class Encoder:
         if isinstance(example, Chat):
             if self.template is None:
                 raise BadRow("no_chat_template", "a conversation needs a chat template; set data.chat_template")
-            return render_with_spans(self.tokenizer, self.template, example.messages, self.data.loss_on)
+            return render_with_spans(self.tokenizer, self.template, example.messages, self.data.loss_on,
+                                     example.tools, example.unsupervised)
         spans, start = [], 0
         for text, supervised in example.segments:
             if supervised:
@@ -84,17 +94,21 @@ class Encoder:
         return ids + [eos], labels + [eos if supervised else IGNORE_INDEX]
 
     def _keep(self, out: dict, j: int, ids: list[int], labels: list[int], example: Example) -> None:
-        full_length = len(ids)
-        if full_length > self.data.max_seq_len and self.data.truncation == "drop":
+        full_length, limit = len(ids), self.data.max_seq_len
+        if self.chunks_text and isinstance(example, Plain):
+            limit = full_length  # kept whole: packing cuts it into windows (packing.chunk)
+        if full_length > limit and self.data.truncation == "drop":
             drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}")
             out["length"][j] = full_length
             return
-        ids, labels = ids[: self.data.max_seq_len], labels[: self.data.max_seq_len]
+        # left: the prompt's start goes, the answer stays (a long prompt no longer drops the row)
+        kept = slice(-limit, None) if self.data.truncation == "left" else slice(limit)
+        ids, labels = ids[kept], labels[kept]
         num_supervised = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 predicts nothing
         if num_supervised == 0:
             if full_length > len(ids):  # the cut took every supervised token (e.g. a long prompt): say so
                 drop(out, j, "too_long", f"{full_length} tokens > data.max_seq_len {self.data.max_seq_len}, "
-                           "and cutting on the right leaves no supervised token")
+                     "and cutting on the right leaves no supervised token (data.truncation: left keeps the answer)")
                 out["length"][j] = full_length
             else:
                 drop(out, j, "no_supervised_tokens", "no supervised token in the example")
@@ -153,5 +167,8 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
 def _uniform(example: Example) -> float:
     """A number in [0, 1) fixed by the example's content: the same on every run and every machine, and
     equal for duplicate rows, so a held-out fraction never has a copy of an eval row in training."""
-    content = json.dumps(example.messages if isinstance(example, Chat) else example.segments, sort_keys=True)
+    if isinstance(example, Chat):
+        content = json.dumps([example.messages, example.tools] if example.tools else example.messages, sort_keys=True)
+    else:
+        content = json.dumps(example.segments, sort_keys=True)
     return int.from_bytes(hashlib.blake2b(content.encode(), digest_size=8).digest(), "big") / 2**64

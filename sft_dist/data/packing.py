@@ -48,6 +48,29 @@ def best_fit_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
+def chunk(examples: datasets.Dataset, max_seq_len: int, work_dir: Path) -> tuple[datasets.Dataset, int]:
+    """Examples longer than `max_seq_len` (plain text kept whole) cut into consecutive windows of it, each
+    its own example; and how many examples were cut."""
+    lengths = np.asarray(examples["length"])
+    if not (lengths > max_seq_len).any():
+        return examples, 0
+    windows = examples.map(_windows, batched=True, fn_kwargs={"size": max_seq_len}, features=examples.features,
+                           cache_file_name=str(work_dir / "chunked.arrow"))
+    return windows, int((lengths > max_seq_len).sum())
+
+
+def _windows(batch: dict[str, list], size: int) -> dict[str, list]:
+    out: dict[str, list] = {name: [] for name in batch}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        for start in range(0, len(ids), size):
+            window = labels[start : start + size]
+            out["input_ids"].append(ids[start : start + size])
+            out["labels"].append(window)
+            out["num_supervised"].append(sum(label != IGNORE_INDEX for label in window[1:]))
+            out["length"].append(len(window))
+    return out
+
+
 def pack(examples: datasets.Dataset, max_seq_len: int, work_dir: Path) -> datasets.Dataset:
     """Rows of packed examples (columns input_ids, labels, num_supervised, length, seq_lens)."""
     bins = best_fit_bins(np.asarray(examples["length"]), max_seq_len)

@@ -26,7 +26,7 @@ from sft_dist.data.chat import generation_prompt
 from sft_dist.data.encode import BOOKKEEPING, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
 from sft_dist.data.images import ImageEncoder, undecoded
-from sft_dist.data.packing import pack
+from sft_dist.data.packing import chunk, pack
 from sft_dist.data.sources import Part, content_digest, fingerprint, first_line, open_source
 from sft_dist.data.templates import chat_template
 from sft_dist.errors import UserError
@@ -35,7 +35,7 @@ from sft_dist.tasks import task_of
 # Per-call progress bars are noise on the driver's console; the data stats say what happened.
 datasets.disable_progress_bars()
 
-CACHE_FORMAT_VERSION = "5"  # bump when the saved layout, masking, packing rules or statistics change
+CACHE_FORMAT_VERSION = "6"  # bump when the saved layout, masking, packing rules or statistics change
 COMPLETE = "prepared.json"  # written last: a cache folder without it is incomplete
 ROWS_PER_PROCESS = 20_000  # below this, starting tokenizer processes costs more than it saves
 
@@ -106,9 +106,10 @@ def _encoder(data: DataConfig, tokenizer: Any, template: str | None, labels: lis
 
 
 def _template(data: DataConfig, tokenizer: Any) -> str | None:
-    if data.format in ("messages", "alpaca"):
+    formats = {data.for_source(s).format for s in data.train_sources() + data.eval_sources()}
+    if formats & {"messages", "alpaca"}:
         return chat_template(tokenizer, data.chat_template)
-    if data.format == "prompt_completion" and (data.chat_template or tokenizer.chat_template):
+    if "prompt_completion" in formats and (data.chat_template or tokenizer.chat_template):
         return chat_template(tokenizer, data.chat_template)  # for conversational prompt/completion rows
     return None
 
@@ -145,7 +146,10 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
     # (concatenate_datasets hashes its inputs for a fingerprint: seconds, for nothing, with one input)
     examples = weighted[0] if len(weighted) == 1 else datasets.concatenate_datasets(weighted)
     saved = examples.select_columns([c for c in examples.column_names if c not in BOOKKEEPING])
+    chunked = 0
     if data.packing:
+        (out / "work" / split).mkdir(parents=True, exist_ok=True)
+        saved, chunked = chunk(saved, data.max_seq_len, out / "work" / split)
         saved = pack(saved, data.max_seq_len, out / "work" / split)
     saved.save_to_disk(str(out / split))
     if split == "eval" and fraction:  # held out of the training rows: what was read and dropped is on train
@@ -154,16 +158,22 @@ def _save_split(split: str, encoded: list[Encoded], heldout: bool, data: DataCon
         rows_read = sum(len(t) for s in encoded for _p, t in s.parts)
         bad, dropped = sum((s.bad for s in encoded), Counter()), sum((s.dropped for s in encoded), Counter())
     stats = stats_lib.split_stats(rows_read, kept, bad, dropped, examples, saved)
+    stats["chunked"] = chunked  # plain texts longer than max_seq_len, trained as windows of it
     stats["empty_files"] = [f for s in encoded for f in s.empty_files] if split == "train" or not fraction else []
     if split == "train" and fraction:
         stats["held_out"] = sum(len(_kept(t, True, fraction)) for s in encoded for _p, t in s.parts)
+    if split == "train" or not fraction:
+        extra = sum((stats_lib.extra_field_counts(t) for s in encoded for _p, t in s.parts), Counter())
+        stats["extra_fields"] = dict(sorted(extra.items()))
     return stats
 
 
 def _content_keys(encoded: list[Encoded], heldout: bool | None, fraction: float | None) -> np.ndarray:
     """A number per kept row fixed by its content (the held-out split's own), before mixing weights
     repeat rows: equal numbers are duplicate rows."""
-    parts = [_kept(table, heldout, fraction).data.table.column("heldout_u").to_numpy()
+    # Read through the selection (`.data.table` would be the whole table: every row, dropped ones included,
+    # once the kept rows are not one contiguous run).
+    parts = [np.asarray(_kept(table, heldout, fraction)["heldout_u"], dtype=np.float64)
              for source in encoded for _part, table in source.parts]
     return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -175,6 +185,8 @@ def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: Dat
         if data.on_bad_row == "error":
             raise bad_row_error(bad.reason, bad.detail, origin)
     result = Encoded(source, [], Counter(), Counter(), [origin.file for _bad, origin in problems])
+    if isinstance(encoder, Encoder):  # chat and text rows: a source may set its own format, fields, roles
+        encoder = encoder.for_source(source)
     for k, part in enumerate(parts):
         table = _encode_part(part, encoder, data, work / f"source{index}-part{k}")
         bad, dropped = stats_lib.reason_counts(table)
@@ -261,10 +273,11 @@ def _prompts(encoded: list[Encoded], fraction: float | None, num_prompts: int, d
     for source in encoded:
         for part, table in source.parts:
             for index in _kept(table, True if fraction else None, fraction)["row"][: num_prompts - len(prompts)]:
-                example = normalize(raw_row(_raw_batch(part, index), 0), data)
+                example = normalize(raw_row(_raw_batch(part, index), 0), data.for_source(source.source))
                 if isinstance(example, Chat):
                     prompt, expected = generation_prompt(example.messages)
-                    prompts.append({"messages": prompt, "expected": expected})
+                    tools = {"tools": example.tools} if example.tools else {}  # rendered as in training
+                    prompts.append({"messages": prompt, "expected": expected, **tools})
     return prompts[:num_prompts]
 
 

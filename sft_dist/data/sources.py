@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -30,6 +31,9 @@ from sft_dist.local_paths import DATA_SUFFIXES, is_local_source
 JSON_FEATURES = datasets.Features(
     {"_json": datasets.Value("string"), "_error": datasets.Value("string"), "_line": datasets.Value("int64")}
 )
+WRAPPER_KEYS = ("data", "rows", "examples", "instances", "train")  # {"data": [rows]}: SQuAD-style files
+BUILDERS = {"txt": "text"}  # the `datasets` packaged loader of a file suffix, where the names differ
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")  # read line by line here (gzip decompressed)
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -50,7 +54,7 @@ def open_source(
         return [_open_saved(path, source.split, streaming)], []
     parts, problems = [], []
     for file in data_files(source.path):
-        part = None if _blank(file) else _open_file(file, streaming, work_dir)
+        part = None if _blank(file) else _open_file(file, streaming, work_dir, source.sample_by)
         if part is None or (isinstance(part.dataset, datasets.Dataset) and len(part.dataset) == 0):
             problems.append((BadRow("empty_file", "the file has no rows"), Origin(file)))
         else:
@@ -61,7 +65,9 @@ def open_source(
 def _blank(file: str) -> bool:
     """Nothing but whitespace (an empty file, or blank lines only): no rows. (Arrow's readers would fail
     on it with an error that names neither the file nor the problem.)"""
-    with open(file, "rb") as handle:
+    if file.endswith(".arrow"):  # binary: never blank, and an empty table is caught after opening
+        return False
+    with _open_bytes(file) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             if block.strip():
                 return False
@@ -117,8 +123,8 @@ def _sha256(file: str) -> str:
     return digest.hexdigest()
 
 
-def _open_file(file: str, streaming: bool, work_dir: Path) -> Part:
-    if file.endswith((".jsonl", ".json")):
+def _open_file(file: str, streaming: bool, work_dir: Path, sample_by: str = "line") -> Part:
+    if file.endswith(JSON_SUFFIXES):
         if streaming:
             return Part(file, datasets.IterableDataset.from_generator(
                 json_rows, features=JSON_FEATURES, gen_kwargs={"file": file}))
@@ -131,11 +137,16 @@ def _open_file(file: str, streaming: bool, work_dir: Path) -> Part:
     kind = file.rsplit(".", 1)[-1]
     # CSV cells stay strings: type inference would turn an answer "42" into a number in one file only.
     extra = {"features": _csv_strings(file)} if kind == "csv" else {}
+    if kind == "txt":
+        extra = {"sample_by": sample_by}
     try:
-        return Part(file, datasets.load_dataset(kind, data_files=[file], split="train", streaming=streaming,
-                                                cache_dir=str(work_dir / "raw"), **extra))
+        loaded = datasets.load_dataset(BUILDERS.get(kind, kind), data_files=[file], split="train", streaming=streaming,
+                                       cache_dir=str(work_dir / "raw"), **extra)
     except Exception as err:  # corrupt or unparsable files: the library's exception types vary by format
         raise UserError(f"cannot read this {kind} file: {first_line(err)}", file=file) from None
+    if kind == "txt" and sample_by != "document":  # blank lines separate documents; they are not rows
+        loaded = loaded.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
+    return Part(file, loaded)
 
 
 def _csv_strings(file: str) -> datasets.Features:
@@ -144,12 +155,43 @@ def _csv_strings(file: str) -> datasets.Features:
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 
+def _open_bytes(file: str):
+    """The file's bytes, decompressed for .gz (gzip's reader streams: a large file is never in memory)."""
+    return gzip.open(file, "rb") if file.endswith(".gz") else open(file, "rb")
+
+
 def json_rows(file: str) -> Iterator[dict[str, Any]]:
-    """A JSONL file's non-empty lines, or a JSON array's elements, as raw JSON text with line numbers."""
-    with open(file, "rb") as handle:
-        head = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    """A JSONL file's non-empty lines, a JSON array's elements, or a JSON document holding one object
+    (one row) or a wrapper of rows (`{"data": [...]}`), as raw JSON text with line numbers."""
+    with _open_bytes(file) as handle:
+        first = next((line for line in handle if line.strip(b"\xef\xbb\xbf \t\r\n")), b"")
+        head = first.lstrip(b"\xef\xbb\xbf \t\r\n")
         handle.seek(0)
-        yield from (_json_array(handle) if head.startswith(b"[") else _json_lines(handle))
+        document = _pretty_printed(handle) if head.startswith(b"{") and not _parses(first) else None
+        handle.seek(0)
+        if document is not None:
+            yield from ({"_json": json.dumps(row), "_error": None, "_line": None} for row in _wrapped_rows(document))
+        elif head.startswith(b"["):
+            yield from _json_array(handle)
+        else:
+            yield from _json_lines(handle)
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def _pretty_printed(handle) -> Any:
+    """An object spread over lines (one row, or `{"data": [...]}`), or None: then the file is JSON Lines
+    whose first line is broken, and each line is judged on its own."""
+    try:
+        return json.loads(handle.read().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def _json_lines(handle) -> Iterator[dict[str, Any]]:
@@ -175,8 +217,20 @@ def _json_array(handle) -> Iterator[dict[str, Any]]:
     except json.JSONDecodeError as err:
         yield {"_json": None, "_error": f"malformed_json: {err.msg} (column {err.colno})", "_line": err.lineno}
         return
-    for row in rows:
+    for row in _wrapped_rows(rows):
         yield {"_json": json.dumps(row), "_error": None, "_line": None}
+
+
+def _wrapped_rows(document: Any) -> list[Any]:
+    """A JSON document's rows: an array's elements; a wrapper's list of rows (`{"data": [...]}`); else the
+    document is one row. (Wrappers are known by their key: `{"messages": [...]}` is one row.)"""
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict) and len(document) == 1:
+        key, inner = next(iter(document.items()))
+        if key in WRAPPER_KEYS and isinstance(inner, list):
+            return inner
+    return [document]
 
 
 def _open_saved(path: Path, split: str, streaming: bool) -> Part:

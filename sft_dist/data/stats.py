@@ -28,6 +28,15 @@ def reason_counts(encoded: Any) -> tuple[Counter, Counter]:
     return bad, dropped
 
 
+def extra_field_counts(encoded: Any) -> Counter:
+    """Rows per column (or turn key) that the rows' format does not read, counted in Arrow."""
+    table = encoded.data.table if hasattr(encoded.data, "table") else encoded.data
+    if "extra_fields" not in table.column_names:  # the classification and image encoders' rows
+        return Counter()
+    names = pc.list_flatten(table.column("extra_fields"))
+    return Counter({item["values"]: item["counts"] for item in pc.value_counts(names).to_pylist()})
+
+
 def split_stats(
     rows_read: int, rows_kept: int, bad: Counter, dropped: Counter, examples: Any, saved: Any
 ) -> dict[str, Any]:
@@ -96,6 +105,9 @@ def warnings(stats: dict[str, Any]) -> list[str]:
     are training rows (a validation loss that measures memorisation)."""
     found = []
     for split, s in stats.items():
+        if s.get("extra_fields"):
+            found.append(f"{split} rows have columns their format does not read (ignored): "
+                         f"{_extra_fields(s['extra_fields'])}")
         if s.get("duplicate_rows"):
             found.append(f"{s['duplicate_rows']} of the {s['rows_kept']} kept {split} rows repeat an earlier row "
                          f"(data.{split})")
@@ -106,15 +118,21 @@ def warnings(stats: dict[str, Any]) -> list[str]:
     return found
 
 
+def _extra_fields(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({n} row{'s' if n != 1 else ''})" for name, n in sorted(counts.items()))
+
+
 def report(stats: dict[str, Any], example: str | None) -> str:
     """The human-readable statistics `sft-dist data` prints."""
     lines = []
     for split, s in stats.items():
         dropped = ", ".join(f"{reason} {n}" for reason, n in s["dropped"].items()) or "none"
+        held_out = f", {s['held_out']} held out for eval" if s.get("held_out") else ""
         p = s["length_percentiles"]
         lines += [
-            f"{split}: {s['rows_read']} rows read, {s['rows_kept']} kept, "
-            f"{s['rows_read'] - s['rows_kept']} dropped ({dropped}); {s['truncated']} truncated",
+            f"{split}: {s['rows_read']} rows read, {s['rows_kept']} kept{held_out}, "
+            f"{s['rows_read'] - s['rows_kept'] - s.get('held_out', 0)} dropped ({dropped}); "
+            f"{s['truncated']} truncated" + (f", {s['chunked']} cut into windows" if s.get("chunked") else ""),
             f"  tokens per example: min {p.get('min')} p50 {p.get('p50')} p90 {p.get('p90')} "
             f"p99 {p.get('p99')} max {p.get('max')}",
             f"  supervised tokens: {s['supervised_tokens']:,} of {s['tokens']:,} "
@@ -123,6 +141,8 @@ def report(stats: dict[str, Any], example: str | None) -> str:
             f"  duplicate rows: {s.get('duplicate_rows', 0)}"
             + (f"; also in train: {s['rows_in_train']}" if "rows_in_train" in s else ""),
         ]
+        if s.get("extra_fields"):
+            lines.append(f"  columns not read (ignored): {_extra_fields(s['extra_fields'])}")
         if "batching" in s:
             b = s["batching"]
             lines.append(

@@ -39,6 +39,13 @@ NAMED_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
     ),
 }
+# The markers each named template writes: its own tokenizer has each as one special token; another
+# tokenizer would split them into pieces, and the model would learn a format it was never given.
+NAMED_MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+}
 # No system turn: some templates (Mistral's) refuse one, and the data may have none.
 SAMPLE = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
 
@@ -47,6 +54,7 @@ def chat_template(tokenizer: Any, configured: str | None) -> str:
     """The template text to render with, checked once on a sample conversation."""
     if configured:
         template, key = _configured(configured), "data.chat_template"
+        _check_markers(tokenizer, configured)
     elif tokenizer.chat_template:
         template, key = tokenizer.chat_template, "model.name_or_path"
     else:
@@ -72,3 +80,14 @@ def _configured(value: str) -> str:
     raise UserError(f"{value!r} is not a known template ({', '.join(NAMED_TEMPLATES)}), Jinja text, "
                     "or a .jinja file", key="data.chat_template")
 
+
+def _check_markers(tokenizer: Any, name: str) -> None:
+    """Refuse a named template whose markers this tokenizer lacks (rather than add them: new tokens need
+    new embedding rows, trained from nothing, which the user should choose knowingly)."""
+    missing = [(marker, len(tokenizer.tokenize(marker))) for marker in NAMED_MARKERS.get(name, ())
+               if marker not in tokenizer.get_vocab()]
+    if missing:
+        pieces = ", ".join(f"{marker} ({n} pieces)" for marker, n in missing)
+        raise UserError(f"the {name} template's markers are not tokens of this tokenizer: {pieces}; use the "
+                        "model's own template (leave data.chat_template unset), a template in its own "
+                        "tokens, or a tokenizer that has them", key="data.chat_template")

@@ -33,7 +33,10 @@ def token_counts(model: Any) -> Any:
 
 TASK = Task(
     name="causal_lm", auto_class="AutoModelForCausalLM", peft_task_type="CAUSAL_LM", pipeline="text-generation",
-    formats={"messages": ("messages", "role", "content"), "alpaca": ("instruction", "input", "output", "system"),
+    # messages: a row-level system prompt (ShareGPT) and tool schemas (OpenAI, LLaMA-Factory) beside the
+    # turns; alpaca: history, the earlier [instruction, response] pairs.
+    formats={"messages": ("messages", "role", "content", "system", "tools"),
+             "alpaca": ("instruction", "input", "output", "system", "history"),
              "prompt_completion": ("prompt", "completion"), "text": ("text",)},
     # exact match / match come from eval.generate's answers (sft_dist.worker.evaluate), not from the counts.
     metrics={"eval_loss": "min", "eval_ppl": "min", "eval_token_acc": "max", "eval_exact_match": "max",

@@ -71,7 +71,8 @@ def generate_answers(
     with torch.no_grad():
         for prompt in prompts:
             inputs = tokenizer.apply_chat_template(
-                prompt["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+                prompt["messages"], tools=prompt.get("tools"), add_generation_prompt=True, return_tensors="pt",
+                return_dict=True,
             ).to(ctx.device)
             output = module.generate(
                 **inputs, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id,
