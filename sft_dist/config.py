@@ -312,7 +312,9 @@ class TrainConfig(Section):
     epochs: int = Field(1, gt=0)
     micro_batch_size: int = Field(1, gt=0)
     grad_accum: int = Field(1, gt=0)
-    # Optional restatement of micro_batch_size x grad_accum x workers; checked, never derived.
+    # micro_batch_size x grad_accum x workers (MAX workers for an elastic run): checked against
+    # grad_accum when both are given, else grad_accum is derived from it. An elastic run keeps it at
+    # every world size (sft_dist.config.RunConfig.grad_accum_at).
     global_batch_size: int | None = Field(None, gt=0)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -483,10 +485,20 @@ class DebugConfig(Section):
     fail_rank: int = Field(0, ge=0)
     fail_mode: Literal["raise", "exit"] = "raise"
     hang_in_validation: HangAt | None = None
+    # Seconds every rank sleeps after each step: paces a short run so a drill can act on it mid-way
+    # (stop a node and start it again); the numbers are unchanged.
+    step_sleep_s: float = Field(0.0, ge=0)
 
 
 class RayConfig(Section):
-    num_workers: int = Field(2, gt=0)
+    # A number, or [MIN, MAX]: an elastic run starts with as many workers as the cluster holds (at
+    # least MIN), goes on with fewer when a worker or node is lost (after ray.max_failures), and grows
+    # back to MAX when capacity returns (Ray Train's elastic ScalingConfig).
+    num_workers: int | tuple[int, int] = 2
+    # Elastic runs: how often Ray looks for capacity to grow into (ScalingConfig's
+    # elastic_resize_monitor_interval_s), and how long a start waits for MIN workers' worth of the cluster.
+    resize_interval_s: float = Field(60.0, gt=0)
+    min_workers_timeout_s: float = Field(300.0, gt=0)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     address: str | None = None
@@ -497,6 +509,33 @@ class RayConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Intra-op threads per worker: on CPU workers more threads than cores only adds contention.
     threads_per_worker: int = Field(1, gt=0)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 0 < low <= high:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"expected a positive number of workers or [MIN, MAX] with 0 < MIN <= MAX, got {shown}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def world_sizes(self) -> range:
+        return range(self.min_workers, self.max_workers + 1)
+
+    def num_workers_text(self) -> str:
+        return f"[{self.min_workers}, {self.max_workers}]" if self.elastic else str(self.num_workers)
 
 
 class LoggingConfig(Section):
@@ -540,17 +579,62 @@ class RunConfig(Section):
                 raise ValueError(f"{found}: must be a finite number (inf and nan are refused)")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _grad_accum_from_global_batch(cls, raw: Any) -> Any:
+        """train.global_batch_size without train.grad_accum: the accumulation at ray.num_workers (its MAX)
+        that keeps it, written into the config, so a saved config says what the run did."""
+        train, ray_ = (raw.get(k) if isinstance(raw, dict) else None for k in ("train", "ray"))
+        # A null grad_accum (`--set train.grad_accum=`) is left out too.
+        if not isinstance(train, dict) or train.get("grad_accum") is not None or "global_batch_size" not in train:
+            return raw
+        workers = (ray_ or {}).get("num_workers", 2) if isinstance(ray_, dict) or ray_ is None else None
+        workers = workers[-1] if isinstance(workers, (list, tuple)) and workers else workers
+        global_batch, micro = train.get("global_batch_size"), train.get("micro_batch_size", 1)
+        if all(isinstance(n, int) and n > 0 for n in (workers, global_batch, micro)) \
+                and global_batch % (micro * workers) == 0:
+            return {**raw, "train": {**train, "grad_accum": global_batch // (micro * workers)}}
+        # Not derivable: the checks below say why, naming the world sizes that would keep the batch.
+        return {**raw, "train": {k: v for k, v in train.items() if k != "grad_accum"}}
+
+    @model_validator(mode="after")
+    def _global_batch_fits_every_world_size(self) -> RunConfig:
+        t, global_batch = self.train, self.train.global_batch_size
+        if global_batch is None or not self.ray.elastic:
+            global_batch = t.micro_batch_size * t.grad_accum * self.ray.max_workers
+        unfit = [w for w in self.ray.world_sizes() if global_batch % (t.micro_batch_size * w)]
+        if unfit:
+            fit = [w for w in range(1, global_batch // t.micro_batch_size + 1)
+                   if global_batch % (t.micro_batch_size * w) == 0]
+            raise ValueError(
+                f"ray.num_workers: {self.ray.num_workers_text()} includes {', '.join(map(str, unfit))} worker(s), "
+                f"which cannot keep train.global_batch_size {global_batch} (train.micro_batch_size "
+                f"{t.micro_batch_size} x grad_accum x workers); the world sizes that keep it: "
+                f"{', '.join(map(str, fit))}; choose ray.num_workers from these")
+        return self
+
     @model_validator(mode="after")
     def _global_batch_matches(self) -> RunConfig:
-        t = self.train
-        made = t.micro_batch_size * t.grad_accum * self.ray.num_workers
+        # An elastic run's train.grad_accum is the accumulation at ray.num_workers' MAX.
+        t, workers = self.train, self.ray.max_workers
+        made = t.micro_batch_size * t.grad_accum * workers
         if t.global_batch_size is not None and t.global_batch_size != made:
             raise ValueError(
                 f"train.global_batch_size: {t.global_batch_size} but train.micro_batch_size "
                 f"({t.micro_batch_size}) x train.grad_accum ({t.grad_accum}) x ray.num_workers "
-                f"({self.ray.num_workers}) = {made}; change one of them so the product matches"
+                f"({self.ray.num_workers_text()}{', its MAX' if self.ray.elastic else ''}) = {made}; change one of "
+                "them so the product matches, or leave train.grad_accum out: it is then derived"
             )
         return self
+
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step: the same at every world size of an elastic run."""
+        t = self.train
+        return t.micro_batch_size * t.grad_accum * self.ray.max_workers
+
+    def grad_accum_at(self, world_size: int) -> int:
+        """train.grad_accum at `world_size` workers, keeping the global batch (global = micro x accum x workers)."""
+        return self.global_batch_size() // (self.train.micro_batch_size * world_size)
 
     @model_validator(mode="after")
     def _fp16_needs_gpu(self) -> RunConfig:
@@ -611,15 +695,15 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _fail_rank_exists(self) -> RunConfig:
-        if self.debug.fail_rank >= self.ray.num_workers:
-            raise ValueError(f"debug.fail_rank: {self.debug.fail_rank} but there are {self.ray.num_workers} workers")
+        if self.debug.fail_rank >= self.ray.min_workers:
+            raise ValueError(f"debug.fail_rank: {self.debug.fail_rank} but there are {self.ray.min_workers} workers")
         return self
 
     @model_validator(mode="after")
     def _hang_is_bounded(self) -> RunConfig:
         hang = self.debug.hang_in_validation
-        if hang and hang.rank >= self.ray.num_workers:
-            raise ValueError(f"debug.hang_in_validation.rank: {hang.rank} but there are {self.ray.num_workers} workers")
+        if hang and hang.rank >= self.ray.min_workers:
+            raise ValueError(f"debug.hang_in_validation.rank: {hang.rank} but there are {self.ray.min_workers} workers")
         if hang and self.eval.timeout_s is None:  # nothing would end the hang: the run would never finish
             raise ValueError("debug.hang_in_validation: needs eval.timeout_s, which ends the hung validation")
         return self

@@ -29,7 +29,6 @@ def resume_fingerprint(cfg: RunConfig, source_digests: list[Any]) -> dict[str, A
     """The values of RESUME_KEYS as JSON-able data. `source_digests`: the content of every training
     source, then every evaluation source (`prepare.PreparedData.source_digests`)."""
     dumped = cfg.model_dump(mode="json")
-    t = cfg.train
     train_sources, eval_sources = cfg.data.train_sources(), cfg.data.eval_sources()
     digests = iter(source_digests)
     identities = [{**s.model_dump(mode="json"), "path": next(digests)} for s in train_sources + eval_sources]
@@ -38,8 +37,8 @@ def resume_fingerprint(cfg: RunConfig, source_digests: list[Any]) -> dict[str, A
     values = {
         "seed": cfg.seed, "model": {**dumped["model"], "name_or_path": model_identity(cfg.model.name_or_path)},
         "peft": dumped["peft"], "data": data,
-        "train.micro_batch_size*grad_accum*num_workers": t.micro_batch_size * t.grad_accum * cfg.ray.num_workers,
-        "deepspeed.stage": cfg.deepspeed.stage, "train.precision": t.precision,
+        "train.micro_batch_size*grad_accum*num_workers": cfg.global_batch_size(),
+        "deepspeed.stage": cfg.deepspeed.stage, "train.precision": cfg.train.precision,
     }
     assert tuple(values) == RESUME_KEYS
     return values

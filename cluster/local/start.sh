@@ -4,6 +4,7 @@
 # trying the multi-node path (placement over nodes, job submission) without hardware.
 #
 #   eval "$(bash cluster/local/start.sh)"     # starts it (or finds it running) and exports its address
+#   bash cluster/local/start.sh               # running: starts again the worker nodes that have stopped
 #   ray job submit --working-dir . -- sft-dist train configs/tiny-cpu.yaml ...
 #   bash cluster/local/stop.sh
 #
@@ -59,12 +60,6 @@ if [ -f "$token_file" ]; then
   chmod 600 "$token_file"
 fi
 
-# Running already: the head's `ray start --block` is alive (asking Ray instead takes ~40 s to fail).
-if [ -s "$pids_dir/head.pid" ] && kill -0 "$(cat "$pids_dir/head.pid")" 2>/dev/null; then
-  log "the cluster is already running (GCS 127.0.0.1:$port)"
-  print_exports
-  exit 0
-fi
 
 # One node: `ray start --block` in its own session, so stop.sh ends exactly this node's process group
 # (--block also makes the node's processes die with it). A worker node with SFT_DIST_RAY_ISOLATE set
@@ -103,6 +98,26 @@ wait_for_nodes() {
   log "only $alive of $want nodes came up; see $pids_dir/*.log"
   return 1
 }
+
+node_alive() { [ -s "$pids_dir/$1.pid" ] && kill -0 "$(cat "$pids_dir/$1.pid")" 2>/dev/null; }
+
+# Running already (the head's `ray start --block` is alive; asking Ray instead takes ~40 s to fail):
+# worker nodes that have stopped since (a drill stopped one, or it crashed) are started again.
+if node_alive head; then
+  log "the cluster is already running (GCS 127.0.0.1:$port)"
+  restarted=0
+  for i in $(seq "$workers"); do
+    if ! node_alive "worker-$i"; then
+      log "starting worker node $i again"
+      rm -f "$pids_dir/worker-$i.pid"
+      start_node "worker-$i" --address "127.0.0.1:$port"
+      restarted=$((restarted + 1))
+    fi
+  done
+  [ "$restarted" = 0 ] || wait_for_nodes $((workers + 1))
+  print_exports
+  exit 0
+fi
 
 # A half-started cluster is torn down again, so the next start.sh begins from nothing.
 trap 'log "start failed; stopping what was started"; bash "$(dirname "$0")/stop.sh"' ERR

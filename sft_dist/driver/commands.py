@@ -61,7 +61,7 @@ def prepare_data(cfg: RunConfig, use_ray: bool = True) -> PreparedData:
     data = prepare(cfg.data, cfg.eval, tokenizer, Path(cfg.output_dir) / ".cache" / "data", cfg.model.labels)
     t = cfg.train
     lengths = row_lengths(data.train_dir)
-    plan = BatchPlan(len(lengths), t.micro_batch_size, t.grad_accum, cfg.ray.num_workers, cfg.seed,
+    plan = BatchPlan(len(lengths), t.micro_batch_size, t.grad_accum, cfg.ray.max_workers, cfg.seed,
                      lengths if cfg.data.group_by_length else None)
     if plan.steps_per_epoch == 0:
         rows = "packed rows" if cfg.data.packing else "examples"

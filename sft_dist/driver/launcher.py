@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sft_dist import quiet, shipping, storage
 from sft_dist.checkpoints import SCORE
@@ -38,10 +40,11 @@ def connect(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         refuse_node_local_storage(cfg)
+        wait_for_min_workers(cfg)
         return
     per_worker = (cfg.ray.resources_per_worker or {}).get("CPU", 1)
     # Logical CPUs, not cores: workers pin their own thread counts (ray.threads_per_worker).
-    num_cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * per_worker))
+    num_cpus = max(os.cpu_count() or 1, int(cfg.ray.max_workers * per_worker))
     # The dashboard serves the state API that Ray Train's own monitors use; it listens on localhost only.
     # "local": always a new instance of our own; without it ray.init joins the last `ray start` cluster.
     context = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
@@ -64,6 +67,45 @@ def refuse_node_local_storage(cfg: RunConfig) -> None:
             "(NFS, EFS), and for a mount also set ray.shared_storage: true", key="ray.storage_path")
 
 
+def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
+    """A fixed worker count, or (MIN, MAX): Ray Train's elastic scaling, which restarts the worker group
+    at whatever size the cluster holds; each new group resumes from the newest complete checkpoint."""
+    return ray.train.ScalingConfig(
+        num_workers=(cfg.ray.min_workers, cfg.ray.max_workers) if cfg.ray.elastic else cfg.ray.num_workers,
+        elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
+        use_gpu=cfg.ray.use_gpu,
+        resources_per_worker=cfg.ray.resources_per_worker,
+        placement_strategy=cfg.ray.placement_strategy,
+    )
+
+
+def workers_the_cluster_holds(scaling: ray.train.ScalingConfig) -> int:
+    """Workers of `scaling` that the alive nodes hold, counted as Ray Train's elastic policy counts them
+    (per node, the fewest of each resource's total / per-worker need), so our start decision is Ray's."""
+    # Ray's own per-worker default (1 CPU, or 1 GPU with use_gpu): a private property, read not copied.
+    need = {r: n for r, n in scaling._resources_per_worker_not_none.items() if n > 0}
+    if not need:
+        return scaling.max_workers
+    held = sum(min(int(node["Resources"].get(r, 0.0) // n) for r, n in need.items())
+               for node in ray.nodes() if node["Alive"])
+    return min(held, scaling.max_workers)
+
+
+def wait_for_min_workers(cfg: RunConfig, poll_s: float = 2.0) -> None:
+    """An elastic run waits for the cluster to hold MIN workers (nodes may still be joining); after
+    ray.min_workers_timeout_s it is refused, instead of Ray waiting for them forever."""
+    if not cfg.ray.elastic:
+        return
+    scaling, deadline = scaling_config(cfg), time.monotonic() + cfg.ray.min_workers_timeout_s
+    while (held := workers_the_cluster_holds(scaling)) < cfg.ray.min_workers:
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"needs at least {cfg.ray.min_workers} workers, but after {cfg.ray.min_workers_timeout_s:g} s "
+                f"the cluster holds {held} (per worker: {scaling._resources_per_worker_not_none}); lower MIN, "
+                "add nodes, or raise ray.min_workers_timeout_s", key="ray.num_workers")
+        time.sleep(poll_s)
+
+
 def fit(
     cfg: RunConfig, data: PreparedData, on_event: Callable[[dict[str, Any]], None], job: Job | None = None,
     stop: threading.Event | None = None,
@@ -80,18 +122,13 @@ def fit(
     # Ray Train writes the checkpoints through the same filesystem (endpoint, scheme, region) as ours;
     # credentials are not part of it: each node resolves its own.
     filesystem, root_path = root.filesystem()
-    events, control = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
+    events, control = Queue(actor_options=_on_this_node()), Queue(actor_options=_on_this_node())
     trainer = TorchTrainer(
         train_loop_per_worker=ray_worker_main,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data.to_dict(), "events": events,
                            "control": control, "job": dataclasses.asdict(job), "storage": str(root.join(cfg.run_name))},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers,
-            use_gpu=cfg.ray.use_gpu,
-            resources_per_worker=cfg.ray.resources_per_worker,
-            placement_strategy=cfg.ray.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=root_path,
@@ -120,6 +157,13 @@ def fit(
         ray.kill(control.actor)
         _disconnect()
     return error
+
+
+def _on_this_node() -> dict[str, Any]:
+    """Actor options that keep a queue on the driver's node: anywhere else, losing that node (which an
+    elastic run survives) would take the run's events with it. Ray Train pins its controller alike."""
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False)}
 
 
 def _disconnect() -> None:

@@ -82,6 +82,10 @@ class RunRecorder:
             for reason in event["skipped"]:
                 self._print(reason)
             self._print(f"resumed at step {record.step} from {event['checkpoint']}")
+        elif kind == "resize":
+            how = "cached" if event["universal_cached"] else f"converted in {event['universal_s']:.1f} s"
+            self._print(f"resized: {event['from_world_size']} -> {event['world_size']} workers at step {record.step} "
+                        f"(grad_accum {event['grad_accum']}, the global batch kept); universal checkpoint {how}")
         elif kind == "samples":
             self.samples.append(record)
         elif kind == "end":

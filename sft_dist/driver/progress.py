@@ -45,6 +45,8 @@ class Progress:
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} (step {step})"
+        if e.get("world_size") is not None:  # an elastic run's changes show here
+            text += f" | {e['world_size']} workers"
         timed = record.phase_times(TIMED_PHASES)
         if timed:  # logging.timing: mean seconds per step of each phase
             text += " | s/step " + " ".join(f"{p} {seconds:.3f}" for p, seconds in timed.items())
@@ -96,6 +98,8 @@ class LiveProgress(Progress):
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} @{step}"
+        if "world_size" in e:
+            text += f" | {e['world_size']} workers"
         return text
 
     def close(self) -> None:

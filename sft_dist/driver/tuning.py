@@ -102,7 +102,7 @@ def tune_command(config_path: str, overrides: list[str], space_path: str, resume
     _check_resume(experiment, resume)
     commands.prepare_data(base)  # tokenize once, before any trial: trials find the cache
     # An embedded Ray is sized by the worker count: room for the wanted number of concurrent runs.
-    wanted = base.ray.num_workers * (space.max_concurrent_trials or 1) + 1
+    wanted = base.ray.max_workers * (space.max_concurrent_trials or 1) + 1
     launcher.connect(base.model_copy(update={"ray": base.ray.model_copy(update={"num_workers": wanted})}))
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     if resume:  # Tune's saved state: trials, their results, the searcher's and ASHA's state
@@ -180,7 +180,7 @@ def concurrent_trials(space: SearchSpace, base: Any) -> int:
     if base.ray.use_gpu:
         per_worker.setdefault("GPU", 1)
     available = ray.cluster_resources()
-    need = {r: n * base.ray.num_workers + (TRIAL_CPU if r == "CPU" else 0) for r, n in per_worker.items() if n > 0}
+    need = {r: n * base.ray.max_workers + (TRIAL_CPU if r == "CPU" else 0) for r, n in per_worker.items() if n > 0}
     fits = min(int(available.get(r, 0) // n) for r, n in need.items())
     return max(1, min(fits, space.max_concurrent_trials or fits))
 

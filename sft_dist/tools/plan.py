@@ -195,7 +195,7 @@ def parse_bytes(text: str) -> int:
 
 
 def rows(cfg: RunConfig, shape: ModelShape, gpus_per_node: int) -> list[dict[str, Any]]:
-    t, world = cfg.train, cfg.ray.num_workers
+    t, world = cfg.train, cfg.ray.min_workers  # the fewest workers hold the most per device
     eager = cfg.model.attn_implementation == "eager"
     seq_len = shape.positions or cfg.data.max_seq_len
     act = {gc: activation_bytes(shape, t.micro_batch_size, seq_len, t.precision, eager, gc)
@@ -235,7 +235,7 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
         f"model: {cfg.model.name_or_path}: {shape.total_params / 1e9:.3f} B parameters "
         f"({shape.total_params:,}; largest layer {shape.largest_layer_params:,}), {shape.layers} layers, "
         f"hidden {shape.hidden}, {'vocab' if task_of(cfg).labels_are_tokens else 'labels'} {shape.vocab}",
-        f"run: {cfg.ray.num_workers} workers, {t.precision}, micro-batch {t.micro_batch_size} x "
+        f"run: {cfg.ray.num_workers_text()} workers, {t.precision}, micro-batch {t.micro_batch_size} x "
         f"{shape.positions or cfg.data.max_seq_len} {'patches' if shape.positions else 'tokens'}, "
         f"configured ZeRO-{ds.stage}"
         + (" offload optimizer" if ds.offload_optimizer else "") + (" offload params" if ds.offload_params else "")
@@ -284,4 +284,4 @@ def plan(config_path: str, overrides: list[str], device_memory: str | None, mode
     num_labels = len(cfg.model.labels) if cfg.model.labels else cfg.model.num_labels or 2
     shape = model_shape(model_config_folder(cfg, Path(config_path), model_config), cfg.model.trust_remote_code,
                         cfg.model.task, num_labels)
-    return report(cfg, shape, device_bytes, gpus_per_node or min(cfg.ray.num_workers, 8))
+    return report(cfg, shape, device_bytes, gpus_per_node or min(cfg.ray.max_workers, 8))

@@ -141,6 +141,12 @@ def convert_to_universal(source: Path, out: Path) -> None:
     write_text(out / MANIFEST, json.dumps(manifest.to_json(), indent=1))
 
 
+def has_universal_copy(folder: Location | Path, into: Location | Path) -> bool:
+    """Whether `universal_copy(folder, ..., into)` would find its conversion done already."""
+    folder = Location.of(folder)
+    return _converted_from(Location.of(into).join(".universal", folder.name), folder)
+
+
 def _converted_from(out: Location, folder: Location) -> bool:
     if not out.join(MANIFEST).is_file():
         return False

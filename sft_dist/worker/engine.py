@@ -37,8 +37,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_accumulation_steps": cfg.grad_accum_at(world_size),
+        "train_batch_size": cfg.global_batch_size(),
         "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "optimizer": {

@@ -1,5 +1,5 @@
 """Fault injection for tests and drills: one rank fails once, at one step (`debug.fail_at_step`), or
-blocks inside one validation (`debug.hang_in_validation`).
+blocks inside one validation (`debug.hang_in_validation`); and a pace (`debug.step_sleep_s`).
 
 "Once" is remembered by a marker file in the run's checkpoint storage, which every node reaches (the
 run folder is the driver's, and a worker on another node may not see it), so the restarted worker group
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from sft_dist.config import DebugConfig
 from sft_dist.storage import Location
@@ -25,6 +26,11 @@ def maybe_fail(debug: DebugConfig, run_storage: Location, rank: int, step: int) 
     if debug.fail_mode == "exit":
         os._exit(17)  # a hard process death: no exception, no cleanup, as when a node dies
     raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank {rank}")
+
+
+def pace(debug: DebugConfig) -> None:
+    if debug.step_sleep_s:
+        time.sleep(debug.step_sleep_s)
 
 
 def maybe_hang(debug: DebugConfig, rank: int, step: int) -> None:

@@ -3,6 +3,7 @@ as a `Session`; also where a run continues from (its own newest checkpoint, or -
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,8 +96,8 @@ def set_up(ctx: RunContext, cfg: RunConfig, data: PreparedData, restart: Locatio
         tokenizer.chat_template = chat_template(tokenizer, here.data.chat_template)
     train_set = datasets.load_from_disk(data.train_dir)
     eval_set = datasets.load_from_disk(data.eval_dir) if data.eval_dir else None
-    plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.seed,
-                     grouping_lengths(train_set, cfg.data.group_by_length))
+    plan = BatchPlan(len(train_set), cfg.train.micro_batch_size, cfg.grad_accum_at(ctx.world_size), ctx.world_size,
+                     cfg.seed, grouping_lengths(train_set, cfg.data.group_by_length))
     engine, loop_state, history = build_and_restore(ctx, here, total_steps(cfg, plan), restart, skipped,
                                                     own_checkpoint)
     batches = batch_maker(here, tokenizer, engine.module)
@@ -132,17 +133,24 @@ def build_and_restore(
     """The engine, restored from `restart` when given; the loop state saved with it; and (rank 0, for
     the run's own checkpoint) the records it carries, which the resume event hands to the driver to fill
     in what metrics.jsonl lacks."""
-    other_world_size = restart is not None and checkpoints.read_manifest(restart).world_size != ctx.world_size
-    if other_world_size:
+    saved_world_size = checkpoints.read_manifest(restart).world_size if restart is not None else ctx.world_size
+    resize = None
+    if saved_world_size != ctx.world_size:
         # Into this run's own folder: the source may be another run's, which is not ours to write to.
+        cached, started_s = checkpoint.has_universal_copy(restart, ctx.storage), time.perf_counter()
         restart = checkpoint.universal_copy(restart, ctx, ctx.storage)
-    engine = build_engine(ctx, cfg, steps, load_universal=other_world_size)
+        resize = {"event": "resize", "from_world_size": saved_world_size, "world_size": ctx.world_size,
+                  "grad_accum": cfg.grad_accum_at(ctx.world_size), "universal_cached": cached,
+                  "universal_s": round(time.perf_counter() - started_s, 3)}
+    engine = build_engine(ctx, cfg, steps, load_universal=resize is not None)
     if restart is None:
         return engine, LoopState(), []  # a fresh start
     loop_state = checkpoint.load(engine, ctx, restart)
     records = checkpoints.read_records(restart) if ctx.rank == 0 and own_checkpoint else []
     ctx.emit({"step": loop_state.step, "event": "resume", "checkpoint": str(restart), "skipped": list(skipped),
               "records": records})
+    if resize:  # after the resume event, which rewrites metrics.jsonl up to the resumed step
+        ctx.emit({"step": loop_state.step, **resize})
     return engine, loop_state, records
 
 

@@ -179,6 +179,7 @@ class Loop:
         loss_sum, tokens, supervised = train_step(session.engine, ctx, session.train_set, session.plan, step - 1,
                                                   self.supervised, session.batches, self.loss_fn, self.timer)
         self.window.add(loss_sum, tokens, supervised)
+        faults.pace(cfg.debug)
         train_log = self.train_metrics(step) if self.schedule.logs(step) else None
         if train_log:
             session.emit(train_log)
@@ -204,7 +205,8 @@ class Loop:
 
     def train_metrics(self, step: int) -> dict[str, Any]:  # collective: the window's loss is all-reduced
         engine, plan = self.session.engine, self.session.plan
-        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": self.steps, **self.window.reduce(),
+        return {"step": step, "epoch": step / plan.steps_per_epoch, "total_steps": self.steps,
+                "world_size": self.session.ctx.world_size, **self.window.reduce(),
                 "lr": engine.get_lr()[0], **grad_norm(engine), **self.timer.metrics()}
 
 
