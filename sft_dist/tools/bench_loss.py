@@ -1,4 +1,4 @@
-"""Measurement 7 of `sft-dist bench`: the causal LM's loss path with the full logits against the chunked
+"""Measurement 8 of `sft-dist bench`: the causal LM's loss path with the full logits against the chunked
 loss (`train.chunked_loss`), at a large vocabulary and a long sequence: peak memory and step time.
 
 The model is a tiny-width Llama with a 128k vocabulary, built from a config (no download): its loss path
