@@ -125,3 +125,13 @@ def test_chunked_loss_runs_match_under_zero(ray_cluster, tmp_path, stage, model)
     assert len(train_losses(runs["true"])) == 3
     assert train_losses(runs["true"]) == pytest.approx(train_losses(runs["false"]), rel=1e-5)
     assert eval_losses(runs["true"]) == pytest.approx(eval_losses(runs["false"]), rel=1e-5)
+
+
+def test_chunked_loss_leaves_a_frozen_head_under_zero3_alone():
+    import peft
+
+    model = peft.get_peft_model(tiny_llama(tie=False), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert chunked_loss_of(model, "auto", 8, zero3=True) is None
+    assert chunked_loss_of(model, "auto", 8, zero3=False) is not None
+    with pytest.raises(UserError, match="frozen LM head"):
+        chunked_loss_of(model, True, 8, zero3=True)

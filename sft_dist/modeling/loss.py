@@ -103,7 +103,7 @@ class ChunkedTokenLoss:
 
 
 def chunked_loss_of(module: torch.nn.Module, switch: bool | str, chunk_tokens: int,
-                    label_smoothing: float = 0.0) -> ChunkedTokenLoss | None:
+                    label_smoothing: float = 0.0, zero3: bool = False) -> ChunkedTokenLoss | None:
     """The chunked loss of a causal LM (plain or peft-wrapped) under `train.chunked_loss`, or None.
 
     auto: on where it is exact (the logits are the head applied to the decoder's output, and the forward
@@ -111,7 +111,7 @@ def chunked_loss_of(module: torch.nn.Module, switch: bool | str, chunk_tokens: i
     if switch is False:
         return None
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    problem = _why_not_chunked(base)
+    problem = _why_not_chunked(base, zero3)
     if problem is None:
         return ChunkedTokenLoss(base.get_decoder(), base.get_output_embeddings(), label_smoothing, chunk_tokens)
     if switch is True:
@@ -120,11 +120,15 @@ def chunked_loss_of(module: torch.nn.Module, switch: bool | str, chunk_tokens: i
     return None
 
 
-def _why_not_chunked(base: torch.nn.Module) -> str | None:
+def _why_not_chunked(base: torch.nn.Module, zero3: bool) -> str | None:
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return "has no logits_to_keep argument in its forward"
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
         return "has no separate decoder and output embeddings"
+    # Under ZeRO-3 the backward's recompute of a frozen head (LoRA elsewhere) finds its weight still
+    # partitioned (DeepSpeed 0.19 gathers it for the backward only where it has a gradient to reduce).
+    if zero3 and not any(p.requires_grad for p in base.get_output_embeddings().parameters()):
+        return "has a frozen LM head, which ZeRO-3 leaves partitioned in the backward's recompute"
     config = getattr(base, "config", None)
     transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
     return f"transforms its logits ({', '.join(transforms)})" if transforms else None

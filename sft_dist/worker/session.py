@@ -60,7 +60,8 @@ class Session:
         train = self.cfg.train
         if not task_of(self.cfg).labels_are_tokens:  # classifiers: their loss is on a small head
             return None
-        return chunked_loss_of(self.engine.module, train.chunked_loss, train.loss_chunk_tokens, label_smoothing)
+        return chunked_loss_of(self.engine.module, train.chunked_loss, train.loss_chunk_tokens, label_smoothing,
+                               self.cfg.deepspeed.stage == 3)
 
     def validate(self, step: int) -> dict[str, Any]:
         """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
