@@ -336,6 +336,10 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Classification tasks: a weight per label (in label id order) in the cross-entropy, for imbalance.
     class_weights: list[float] | None = None
+    # Causal LM: the loss over the LM head in chunks of `loss_chunk_tokens` supervised tokens, never holding
+    # the full logits or their gradient (same values and gradients). auto: on where exact for the model.
+    chunked_loss: bool | Literal["auto"] = "auto"
+    loss_chunk_tokens: int = Field(1024, gt=0)
 
     @field_validator("class_weights")
     @classmethod

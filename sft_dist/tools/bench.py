@@ -11,6 +11,8 @@ printed as a table and written as JSON.
 5. checkpoint: save and load MB/s; the share of training time spent saving at the checkpoint cadence.
 6. ZeRO memory: per-rank parameter + gradient + optimizer bytes at 2 workers over 1, stages 1-3, read
    off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.tools.bench_zero).
+8. loss (full runs only): the chunked causal-LM loss over the full logits, loss-path peak memory and
+   step time at a 128k vocabulary and a long sequence, one process per measurement (bench_loss).
 
 Threads are pinned, every timed part is warmed up first, and times are medians over repeats with their
 spread (the interquartile range over the median). CPU timings on a shared machine are noisy: compare
@@ -276,6 +278,23 @@ def zero_scaling_results(ctx: Any, config: str | None, quick: bool, out_dir: Pat
     return out
 
 
+def loss_results(use_gpu: bool) -> list[Result]:
+    """The chunked causal-LM loss over the full logits: loss-path peak memory and step time (bench_loss)."""
+    from sft_dist.tools import bench_loss
+
+    measured, size = bench_loss.measure(quick=False, use_gpu=use_gpu), bench_loss.sizes(quick=False)
+    memory = "peak GPU bytes allocated" if use_gpu else "peak RSS bytes"
+    note = (f"tiny-width Llama, vocab {bench_loss.VOCAB}, {size['seq']} tokens, chunks of {size['chunk']}; "
+            f"{len(measured['full'])} processes each, interleaved")
+    out = []
+    for key, name, what, target in (("peak_bytes", "8a loss memory", f"{memory} of the loss path", "<= 0.125x"),
+                                    ("step_s", "8b loss step time", "s per forward+backward", "<= 1.05x")):
+        ours, ours_spread = median_spread([m[key] for m in measured["chunked"]])
+        theirs, _ = median_spread([m[key] for m in measured["full"]])
+        out.append(Result(name, f"{what}, chunked loss", ours, "full logits", theirs, ours_spread, target, note))
+    return out
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -322,6 +341,8 @@ def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, p
     results.append(packing_result(plain_data, packed_data))
     results.append(preprocessing_result(cfg, trl_trainer, repeats=3 if quick else 5))
     results += zero_scaling_results(ctx, config, quick, out_dir)
+    if not quick:  # minutes of CPU: a 128k vocabulary over thousands of tokens, twice per repeat
+        results += loss_results(use_gpu)
     settings = {"model": cfg.model.name_or_path, "threads": threads, "warmup_steps": warmup, "timed_steps": repeats,
                 "micro_batch_size": cfg.train.micro_batch_size, "max_seq_len": cfg.data.max_seq_len,
                 "precision": cfg.train.precision, "checkpoint_cadence_steps": cadence, "quick": quick,

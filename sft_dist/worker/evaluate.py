@@ -21,16 +21,18 @@ import torch
 from sft_dist.config import EvalConfig, GenerateConfig
 from sft_dist.data.batches import eval_batches, model_inputs
 from sft_dist.modeling import model_folder
+from sft_dist.modeling.loss import ChunkedTokenLoss
 from sft_dist.tasks.heads import TokenCounts
 from sft_dist.worker.runtime import RunContext, all_reduce_sum
 from sft_dist.worker.train_engine import TrainEngine
 
 
 def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
-             counter: Any = None) -> dict[str, float]:
+             counter: Any = None, chunked: ChunkedTokenLoss | None = None) -> dict[str, float]:
     """The task's metrics over the whole eval set, from counts summed over ranks (`counter`, from
     the task's `counts`; by default the causal LM's token-weighted loss, perplexity and token accuracy).
     `batches` makes model inputs of saved rows (`TextBatches`, `ImageBatches`), unaugmented here.
+    `chunked`: the causal LM's counts without the full logits (its label smoothing 0: the plain loss).
 
     Collective: every rank calls it at the same step (each forward under ZeRO-3 gathers parameters).
     """
@@ -44,9 +46,13 @@ def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_si
             # A rank whose share ran out still runs a forward (on example 0), counted with weight 0.
             rows = eval_set[[int(i) for i in indices] or [0]]
             batch = {k: v.to(ctx.device) for k, v in batches(rows).items()}
-            logits = engine(**model_inputs(batch)).logits
+            if chunked:
+                sums = chunked(engine, model_inputs(batch), batch["labels"])
+                counts = torch.stack([s.double().cpu() for s in sums])
+            else:
+                counts = counter.counts(engine(**model_inputs(batch)).logits, batch["labels"])
             if len(indices):
-                totals += counter.counts(logits, batch["labels"])
+                totals += counts
     module.train(was_training)
     return counter.metrics(all_reduce_sum(totals).tolist())
 

@@ -19,6 +19,7 @@ from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
 from sft_dist.modeling import adapters
 from sft_dist.modeling import model as model_lib
+from sft_dist.modeling.loss import ChunkedTokenLoss, chunked_loss_of
 from sft_dist.records import LoopState
 from sft_dist.storage import Location
 from sft_dist.tasks import task_of
@@ -56,6 +57,14 @@ class Session:
         if self.ctx.rank == 0:
             self.history.append(record)
 
+    def chunked_loss(self, label_smoothing: float) -> ChunkedTokenLoss | None:
+        """The causal LM's loss without the full logits, where `train.chunked_loss` turns it on."""
+        train = self.cfg.train
+        if not task_of(self.cfg).labels_are_tokens:  # classifiers: their loss is on a small head
+            return None
+        return chunked_loss_of(self.engine.module, train.chunked_loss, train.loss_chunk_tokens, label_smoothing,
+                               self.cfg.deepspeed.stage == 3)
+
     def validate(self, step: int) -> dict[str, Any]:
         """Collective: validation loss (and generation) on every rank; the metrics are emitted and returned."""
         cfg, ctx, metrics = self.cfg, self.ctx, {}
@@ -68,7 +77,7 @@ class Session:
                 faults.maybe_hang(cfg.debug, ctx.rank, step)
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
                 metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
-                                        task_of(cfg).counts(cfg.model)))
+                                        task_of(cfg).counts(cfg.model), self.chunked_loss(0.0)))
         if cfg.eval.generate and self.prompts:
             with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,

@@ -16,7 +16,7 @@ from sft_dist.config import RunConfig
 from sft_dist.data.batches import BatchPlan, TextBatches, model_inputs
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
-from sft_dist.modeling.loss import token_loss_sums
+from sft_dist.modeling.loss import ChunkedTokenLoss, token_loss_sums
 from sft_dist.records import LoopState
 from sft_dist.storage import Location
 from sft_dist.tasks import task_of
@@ -152,6 +152,7 @@ class Loop:
     supervised: np.ndarray  # per example, for the global batch's token count
     timer: StepTimer
     loss_fn: LossFn
+    chunked: ChunkedTokenLoss | None
     window: Window = field(default_factory=lambda: Window())
 
     @classmethod
@@ -161,10 +162,11 @@ class Loop:
         tracker = BestTracker.for_config(cfg.eval, loop_state.best)
         supervised = np.asarray(session.train_set["num_supervised"])
         timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
-        loss_fn = task_of(cfg).loss(cfg.train)
+        loss_fn, chunked = task_of(cfg).loss(cfg.train), session.chunked_loss(cfg.train.label_smoothing)
         saver = Checkpointer(session, tracker, fingerprint, steps, [start] if start else [])
         stops = StopRules(session, tracker, Divergence() if stop_on_divergence else None)
-        return cls(session, start, steps, tracker, Schedule(cfg, plan, steps), saver, stops, supervised, timer, loss_fn)
+        return cls(session, start, steps, tracker, Schedule(cfg, plan, steps), saver, stops, supervised, timer, loss_fn,
+                   chunked)
 
     def begin(self) -> None:
         """The validation before training (eval.at_start, a fresh run); the first log window starts after it."""
@@ -177,7 +179,8 @@ class Loop:
         session, cfg, ctx = self.session, self.session.cfg, self.session.ctx
         faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
         loss_sum, tokens, supervised = train_step(session.engine, ctx, session.train_set, session.plan, step - 1,
-                                                  self.supervised, session.batches, self.loss_fn, self.timer)
+                                                  self.supervised, session.batches, self.loss_fn, self.timer,
+                                                  self.chunked)
         self.window.add(loss_sum, tokens, supervised)
         faults.pace(cfg.debug)
         train_log = self.train_metrics(step) if self.schedule.logs(step) else None
@@ -262,6 +265,7 @@ def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, fol
 def train_step(
     engine: TrainEngine, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
     batches: TextBatches | ImageBatches, loss_fn: LossFn = token_loss_sums, timer: StepTimer = OFF,
+    chunked: ChunkedTokenLoss | None = None,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
@@ -282,8 +286,10 @@ def train_step(
         rows = train_set[[int(i) for i in indices]]
         batch = {k: v.to(ctx.device) for k, v in batches(rows, indices, step).items()}
         timer.lap("data")
-        logits = engine(**model_inputs(batch)).logits
-        loss_sum, _, _ = loss_fn(logits, batch["labels"])
+        if chunked:  # the causal LM's loss without the full logits (train.chunked_loss)
+            loss_sum, _, _ = chunked(engine, model_inputs(batch), batch["labels"])
+        else:
+            loss_sum, _, _ = loss_fn(engine(**model_inputs(batch)).logits, batch["labels"])
         timer.lap("forward")
         engine.backward(loss_sum * scale)
         timer.lap("backward")
