@@ -338,7 +338,9 @@ class TrainConfig(Section):
     class_weights: list[float] | None = None
     # Causal LM: the loss over the LM head in chunks of `loss_chunk_tokens` supervised tokens, never holding
     # the full logits or their gradient (same values and gradients). auto: on where exact for the model.
-    chunked_loss: bool | Literal["auto"] = "auto"
+    # Off by default: each chunk's logits are recomputed in the backward, 1.18x the step time where the
+    # head is most of the compute (sft-dist bench, line 8b); memory is the reason to turn it on.
+    chunked_loss: bool | Literal["auto"] = False
     loss_chunk_tokens: int = Field(1024, gt=0)
 
     @field_validator("class_weights")

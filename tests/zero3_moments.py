@@ -48,7 +48,7 @@ def train_and_gather(cfg, train_dir: str, storage: Path, restore: str | None, st
     set_seed(cfg.seed)
     try:
         engine, loop_state, _ = session.build_and_restore(ctx, cfg, 20, Location.of(restore) if restore else None)
-        start = loop_state.get("step", 0)
+        start = loop_state.step
         if on_restored is not None:
             on_restored(gathered_state(engine))
         train_set = datasets.load_from_disk(train_dir)
