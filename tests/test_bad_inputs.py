@@ -159,11 +159,12 @@ def test_a_failed_preparation_leaves_no_temporary_folder(tmp_path):
 
 def test_local_cluster_token_file_is_owner_only(tmp_path):
     """start.sh leaves the Ray token readable by its owner only: `ray get-auth-token --generate` writes it
-    0644 (a token from before is the same), so the script tightens it. A head node that looks alive (this
-    process) makes the script stop right after, starting nothing."""
+    0644 (a token from before is the same), so the script tightens it. Nodes that look alive (this
+    process, as the head and the one worker node) make the script stop right after, starting nothing."""
     nodes = tmp_path / "ray" / "sft_dist_nodes"
     nodes.mkdir(parents=True)
-    (nodes / "head.pid").write_text(str(os.getpid()))
+    for node in ("head", "worker-1"):  # a stopped worker node would be started again
+        (nodes / f"{node}.pid").write_text(str(os.getpid()))
     token = tmp_path / ".ray" / "auth_token"
     token.parent.mkdir()
     token.write_text("0123456789abcdef" * 4)
