@@ -39,6 +39,7 @@ def train_and_gather(cfg, train_dir: str, storage: Path, restore: str | None, st
 
     from sft_dist.data.batches import BatchPlan
     from sft_dist.modeling import model as model_lib
+    from sft_dist.records import LoopState
     from sft_dist.storage import Location
     from sft_dist.worker import checkpoint, session
     from sft_dist.worker import engine as engine_lib
@@ -59,7 +60,7 @@ def train_and_gather(cfg, train_dir: str, storage: Path, restore: str | None, st
         for step in range(start, start + steps):
             train_step(engine, ctx, train_set, plan, step, supervised, batches)
         state = gathered_state(engine)
-        checkpoint.save(engine, ctx, {"step": start + steps}, {"step": start + steps})
+        checkpoint.save(engine, ctx, LoopState(step=start + steps), {"step": start + steps})
     finally:  # a process that goes on (the test's own) builds its next models unpartitioned
         engine_lib.forget_zero3_construction()
     return state if ctx.rank == 0 else {}
