@@ -31,7 +31,8 @@ MANIFEST = "sft_dist_checkpoint.json"
 RECORDS = "records.jsonl"  # rank 0's training, validation and sample records up to the checkpoint's step
 TAG = "state"  # DeepSpeed's sub-folder for the engine's files
 NAME = re.compile(r"checkpoint_step_(\d+)$")
-# Files that belong to one data-parallel rank: DeepSpeed's ZeRO partitions and our RNG states.
+# Files that belong to one data-parallel rank: DeepSpeed's ZeRO partitions (and the per-rank RNG states that
+# checkpoints held before each micro-batch seeded its own).
 RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)\D")
 # Each checkpoint's metrics carry a retention score, higher is better, by which Ray's CheckpointConfig
 # keeps the best; one saved without a validation at its step ranks below every validated one.

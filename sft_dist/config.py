@@ -502,7 +502,8 @@ class RayConfig(Section):
     # back to MAX when capacity returns (Ray Train's elastic ScalingConfig).
     num_workers: int | tuple[int, int] = 2
     # Elastic runs: how often Ray looks for capacity to grow into (ScalingConfig's
-    # elastic_resize_monitor_interval_s), and how long a start waits for MIN workers' worth of the cluster.
+    # elastic_resize_monitor_interval_s), and how long a start, or a run that lost nodes, waits for MIN
+    # workers' worth of the cluster before it stops.
     resize_interval_s: float = Field(60.0, gt=0)
     min_workers_timeout_s: float = Field(300.0, gt=0)
     use_gpu: bool = False

@@ -75,7 +75,7 @@ def tear(folder: Path) -> None:
 
 
 def test_resume_auto_continues_a_finished_run_like_one_longer_run(ray_cluster, tmp_path):
-    """With dropout (random numbers drawn at every step: the RNG state must come back), a warmup (the
+    """With dropout (random numbers drawn at every step: they must continue as they were), a warmup (the
     scheduler's state must come back), and the short run's newest checkpoint torn: --resume auto starts
     from the older one, and so does the recovery from a worker failure after it."""
     # A warmup then constant: the same schedule for 4 steps and for 8, so the runs compare step by step.

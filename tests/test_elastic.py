@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import zero3_moments
+import zero_moments
 
 from sft_dist import config as config_lib
 from sft_dist.errors import UserError
@@ -89,16 +89,16 @@ def test_one_worker_follows_the_two_worker_trajectory(zero2_run, tmp_path):
     assert eval_losses(one) == pytest.approx(eval_losses(zero2_run), rel=1e-4)
 
 
-def zero3_group(world_size: int, tmp_path: Path, config: Path, train_dir: str, restore: str, steps: int,
+def zero_group(world_size: int, tmp_path: Path, config: Path, train_dir: str, restore: str, steps: int,
                 name: str) -> dict:
-    """Run tests/zero3_moments.py as a process group of `world_size` (torchrun's environment); returns the
+    """Run tests/zero_moments.py as a process group of `world_size` (torchrun's environment); returns the
     Adam moments and fp32 weights it gathered after its steps, and saves its checkpoint in tmp_path/name."""
     from sft_dist.worker.runtime import _free_port
 
     env = {**subprocess_env(), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
     out = tmp_path / f"{name}.pt"
-    args = [sys.executable, str(REPO / "tests" / "zero3_moments.py"), str(config), train_dir,
+    args = [sys.executable, str(REPO / "tests" / "zero_moments.py"), str(config), train_dir,
             str(tmp_path / name), restore, str(steps), str(out)]
     procs = [subprocess.Popen(args, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world_size)]
@@ -119,30 +119,33 @@ def assert_same_state(restored: dict, saved: dict) -> None:
     assert any(bool(s["exp_avg"].abs().sum()) for s in saved.values())  # the moments are not all zero
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
-def test_zero3_adam_moments_survive_2_to_1_to_2_workers(peft, tmp_path):
-    """What a world-size change restores under ZeRO-3, gathered, equals what was saved: Adam's exp_avg and
-    exp_avg_sq and the fp32 master weights of every parameter (DeepSpeed's own universal-checkpoint test
-    skips the ZeRO-3 optimizer comparison). Saved at 2 processes, restored at 1 through a universal copy,
-    saved again at 1 and restored at 2. With LoRA the frozen base is not in the checkpoint at all."""
+@pytest.mark.parametrize("stage, peft", [(3, "none"), (3, "lora"), (1, "none")],
+                         ids=["zero3-full", "zero3-lora", "zero1-full"])
+def test_adam_moments_survive_2_to_1_to_2_workers(stage, peft, tmp_path):
+    """What a world-size change restores, gathered, equals what was saved: Adam's exp_avg and exp_avg_sq
+    and the fp32 master weights of every parameter (DeepSpeed's own universal-checkpoint test skips the
+    ZeRO-3 optimizer comparison), under ZeRO-3 and ZeRO-1 (ZeRO-2 partitions the optimizer as ZeRO-1
+    does; the drills resize it). Saved at 2 processes, restored at 1 through a universal copy, saved
+    again at 1 and restored at 2. With LoRA the frozen base is not in the checkpoint at all."""
     from sft_dist.driver.commands import prepare_data
 
-    cfg = config_lib.load(TINY_CONFIG, [f"output_dir={tmp_path}", *ELASTIC, "deepspeed.stage=3", f"peft.method={peft}"])
+    cfg = config_lib.load(TINY_CONFIG, [f"output_dir={tmp_path}", *ELASTIC, f"deepspeed.stage={stage}",
+                                              f"peft.method={peft}"])
     config = tmp_path / "config.json"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
     train_dir = prepare_data(cfg, use_ray=False).train_dir
-    saved_at_2 = zero3_group(2, tmp_path, config, train_dir, "-", 2, "two")
+    saved_at_2 = zero_group(2, tmp_path, config, train_dir, "-", 2, "two")
     # The one process is this one (as --no-ray runs are): it restores, compares, trains a step, saves.
     at_1 = {}
 
     def restored_at_1(state: dict) -> None:
         at_1.update(state)
 
-    saved_at_1 = zero3_moments.train_and_gather(cfg, train_dir, tmp_path / "one",
+    saved_at_1 = zero_moments.train_and_gather(cfg, train_dir, tmp_path / "one",
                                                 str(tmp_path / "two" / "checkpoint_step_0000002"), 1,
                                                 on_restored=restored_at_1)
     assert_same_state(at_1, saved_at_2)
-    at_2 = zero3_group(2, tmp_path, config, train_dir, str(tmp_path / "one" / "checkpoint_step_0000003"), 0,
+    at_2 = zero_group(2, tmp_path, config, train_dir, str(tmp_path / "one" / "checkpoint_step_0000003"), 0,
                        "two-again")
     assert_same_state(at_2, saved_at_1)
 
@@ -185,9 +188,36 @@ class Drill:
     out: str
 
 
-def drill(env: dict, output_dir: Path, *overrides: str, timeout_s: float = 600) -> Drill:
-    """An elastic run that loses the worker node after step 3 and gets it back once the run goes on
-    at one worker; every wait is bounded by `timeout_s`."""
+def nodes_alive(env: dict) -> int:
+    code = f"import ray; ray.init(address='127.0.0.1:{PORT}'); print(sum(n['Alive'] for n in ray.nodes()))"
+    driver_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], env=driver_env, capture_output=True, text=True, timeout=120)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def train_records(events: list[dict]) -> list[dict]:
+    return [e for e in events if "loss" in e]
+
+
+def trained_at(events: list[dict], size: int, since_resize: bool) -> int:
+    """Train records at world size `size` (only those after the newest resize record, if `since_resize`)."""
+    resizes = [i for i, e in enumerate(events) if e.get("event") == "resize"]
+    start = resizes[-1] if since_resize and resizes else 0
+    return sum(e.get("world_size") == size for e in train_records(events[start:]))
+
+
+# What a drill does to the cluster, in order, each once the run's records say it is time: 2 -> 1 -> 2
+# (the worker node lost after step 3, started again once the run goes on alone) or 1 -> 2 -> 1 (the run
+# starts on the head node alone; the worker node starts after step 3 and is lost again after two steps
+# at 2 workers).
+SHRINK_GROW = (("lose", lambda events: len(train_records(events)) >= 3),
+               ("regain", lambda events: any(e.get("event") == "resume" for e in events)))
+GROW_SHRINK = (("regain", lambda events: trained_at(events, 1, False) >= 3),
+               ("lose", lambda events: trained_at(events, 2, True) >= 2))
+
+
+def drill(env: dict, output_dir: Path, order: tuple, *overrides: str, timeout_s: float = 600) -> Drill:
+    """An elastic run whose worker node is lost and regained as `order` says; every wait is bounded."""
     run_dir = output_dir / "drill"
     args = [a for o in [f"output_dir={output_dir}", "run_name=drill", f"ray.address=127.0.0.1:{PORT}",
                         "ray.shared_storage=true", *ELASTIC, "ray.max_failures=3", "ray.resize_interval_s=5",
@@ -197,22 +227,27 @@ def drill(env: dict, output_dir: Path, *overrides: str, timeout_s: float = 600) 
     # A restart right after the loss may still see the lost node's resources for a few seconds (Ray's
     # autoscaling coordinator refreshes them every 20 s): a short start timeout makes that try cheap.
     driver_env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    if order[0][0] == "regain":  # the run starts on the head node alone
+        stop_worker_node(env)
+        deadline = time.monotonic() + 120
+        while nodes_alive(env) != 1:
+            assert time.monotonic() < deadline, "the stopped worker node is still alive after 120 s"
+            time.sleep(1)
     log = output_dir / "driver.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "sft-dist"), "train", str(TINY_CONFIG), *args], cwd=REPO, env=driver_env,
                                 stdout=out, stderr=subprocess.STDOUT)
-    deadline, phase, restart = time.monotonic() + timeout_s, "lose", None
+    deadline, actions, restart = time.monotonic() + timeout_s, list(order), None
     try:
         while proc.poll() is None:
-            assert time.monotonic() < deadline, f"the drill did not finish ({phase}): {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the drill did not finish ({actions}): {log.read_text()[-3000:]}"
             events = read_events(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
-            if phase == "lose" and sum("loss" in e for e in events) >= 3:
-                stop_worker_node(env)
-                phase = "regain"
-            elif phase == "regain" and any(e.get("event") == "resume" for e in events):
-                restart = threading.Thread(target=start_nodes, args=(env,), daemon=True)
-                restart.start()  # takes a while: the run trains on at one worker meanwhile
-                phase = "grow"
+            if actions and actions[0][1](events):
+                if actions.pop(0)[0] == "lose":
+                    stop_worker_node(env)
+                else:
+                    restart = threading.Thread(target=start_nodes, args=(env,), daemon=True)
+                    restart.start()  # takes a while: the run trains on meanwhile
             time.sleep(0.5)
     finally:
         if proc.poll() is None:
@@ -220,6 +255,8 @@ def drill(env: dict, output_dir: Path, *overrides: str, timeout_s: float = 600) 
         proc.wait(timeout=60)
         if restart is not None:
             restart.join(timeout=400)
+    if order[-1][0] == "lose":  # leave the cluster whole for the next test
+        start_nodes(env)
     return Drill(run_dir, proc.returncode, log.read_text())
 
 
@@ -229,13 +266,26 @@ def world_sizes(run_dir: Path) -> list[int]:
     return [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size]
 
 
-# Full fine-tuning under ZeRO-2 (the tiny config's), and LoRA under ZeRO-3 (one run for both: each
-# drill takes minutes on 2 cores).
-VARIANTS = {"full-zero2": [], "lora-zero3": ["deepspeed.stage=3", "peft.method=lora"]}
+# Full fine-tuning under ZeRO-2 (the tiny config's) loses and regains the node; LoRA under ZeRO-3 starts
+# alone, grows and shrinks (each drill takes minutes on 2 cores). Both with dropout (LoRA's and the
+# model's): its random numbers must continue exactly across each world-size change.
+@dataclass(frozen=True)
+class Variant:
+    overrides: tuple[str, ...]
+    order: tuple
+    sizes: list[int]  # the world sizes the train records go through
+    resizes: list[tuple[int, int, int]]  # (from, to, grad_accum) of each resize record
+
+
+VARIANTS = {
+    "full-zero2-2to1to2": Variant(("model.dropout=0.1",), SHRINK_GROW, [2, 1, 2], [(2, 1, 2), (1, 2, 1)]),
+    "lora-zero3-1to2to1": Variant(("deepspeed.stage=3", "peft.method=lora", "peft.dropout=0.1", "model.dropout=0.1"),
+                                  GROW_SHRINK, [1, 2, 1], [(1, 2, 1), (2, 1, 2)]),
+}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def variant(request) -> list[str]:
+def variant(request) -> Variant:
     return VARIANTS[request.param]
 
 
@@ -243,22 +293,26 @@ def variant(request) -> list[str]:
 def uninterrupted(ray_cluster, variant, tmp_path_factory):
     """The drill's reference: the same run at a fixed 2 workers, nothing lost."""
     return train_tiny(tmp_path_factory.mktemp("uninterrupted"), "ray.num_workers=2", "train.global_batch_size=8",
-                      f"train.max_steps={DRILL_STEPS}", "checkpoint.every_steps=2", "eval.generate=null", *variant)
+                      f"train.max_steps={DRILL_STEPS}", "checkpoint.every_steps=2", "eval.generate=null",
+                      *variant.overrides)
 
 
 def test_a_lost_node_shrinks_the_run_and_a_regained_one_grows_it_on_the_same_curve(cluster, variant, uninterrupted,
                                                                                    tmp_path):
-    result = drill(cluster, tmp_path, *variant)
+    result = drill(cluster, tmp_path, variant.order, *variant.overrides)
     assert result.exit_code == 0, result.out[-3000:]
-    assert world_sizes(result.run_dir) == [2, 1, 2], result.out[-3000:]
+    assert world_sizes(result.run_dir) == variant.sizes, result.out[-3000:]
     steps = [e["step"] for e in read_events(result.run_dir) if "loss" in e]
     assert steps == list(range(1, DRILL_STEPS + 1))  # steps trained again after a restart are recorded once
     assert train_losses(result.run_dir) == pytest.approx(train_losses(uninterrupted), rel=1e-4)
     assert eval_losses(result.run_dir) == pytest.approx(eval_losses(uninterrupted), rel=1e-4)
     resizes = [(e["from_world_size"], e["world_size"], e["grad_accum"]) for e in read_events(result.run_dir)
                if e.get("event") == "resize"]
-    assert resizes == [(2, 1, 2), (1, 2, 1)]
-    assert "resized: 2 -> 1 workers at step" in result.out and "universal checkpoint converted in" in result.out
+    assert resizes == variant.resizes
+    first = variant.resizes[0]
+    assert f"resized: {first[0]} -> {first[1]} workers at step" in result.out, result.out[-3000:]
+    assert "universal checkpoint converted in" in result.out
+    assert "Converting DeepSpeed checkpoint" not in result.out  # the converter's own prints are ours to silence
 
 
 def test_min_workers_the_cluster_does_not_hold_are_refused_after_the_timeout(cluster, tmp_path):
@@ -273,3 +327,15 @@ def test_min_workers_the_cluster_does_not_hold_are_refused_after_the_timeout(clu
     assert len(lines) == 1
     assert "ray.num_workers: needs at least 4 workers, but after 3 s the cluster holds 2" in lines[0]
     assert not (tmp_path / "big").exists()
+
+
+def test_a_run_left_below_min_workers_stops_after_the_timeout(cluster, tmp_path):
+    """[2, 2] on two one-worker nodes: losing one leaves the cluster a worker short of MIN, which Ray's
+    elastic policy would wait for forever; the run stops after ray.min_workers_timeout_s in one line."""
+    result = drill(cluster, tmp_path, SHRINK_GROW[:1], "ray.num_workers=[2,2]", "ray.min_workers_timeout_s=10",
+                   "train.max_steps=1000", timeout_s=300)
+    assert result.exit_code == 1, result.out[-3000:]
+    assert ("ray.num_workers: the cluster held 1 worker(s), below MIN 2, for 10 s; the run stopped"
+            in result.out), result.out[-3000:]
+    assert any(result.run_dir.glob("checkpoint_step_*")), "its checkpoints are kept for --resume auto"
+

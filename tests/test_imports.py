@@ -15,7 +15,7 @@ from conftest import subprocess_env
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sft_dist"
 MAY_IMPORT = {
-    "ray": {"driver/launcher.py", "driver/tuning.py", "worker/runtime.py"},
+    "ray": {"driver/launcher.py", "driver/capacity.py", "driver/tuning.py", "worker/runtime.py"},
     "deepspeed": {"worker/engine.py", "worker/checkpoint.py", "tools/export.py", "safe_loading.py"},
 }
 NO_DISTRIBUTED = ["config.py", "modeling", "data", "tasks"]

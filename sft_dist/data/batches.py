@@ -54,6 +54,11 @@ class BatchPlan:
         batch = self.global_batch(step).reshape(self.grad_accum, self.world_size, self.micro_batch_size)
         return [batch[m, rank] for m in range(self.grad_accum)]
 
+    def micro_batch_number(self, m: int, rank: int) -> int:
+        """The place in its global batch of this rank's m-th micro-batch: the same rows have the same number
+        at every world size (the global batch is cut into micro-batches in one order, dealt out to ranks)."""
+        return m * self.world_size + rank
+
     def _epoch_batches(self, epoch: int) -> np.ndarray:
         """(steps_per_epoch, global_batch_size) row indices; a pure function of (seed, epoch), memoized."""
         if epoch not in self._orders:

@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from sft_dist import quiet, shipping, storage
 from sft_dist.checkpoints import SCORE
 from sft_dist.config import RunConfig
 from sft_dist.data.prepare import PreparedData
-from sft_dist.driver import watchdog
+from sft_dist.driver import capacity, watchdog
 from sft_dist.errors import UserError
 from sft_dist.worker.runtime import Job, ray_worker_main
 
@@ -40,7 +39,7 @@ def connect(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         refuse_node_local_storage(cfg)
-        wait_for_min_workers(cfg)
+        capacity.wait_for_min_workers(cfg, scaling_config(cfg))
         return
     per_worker = (cfg.ray.resources_per_worker or {}).get("CPU", 1)
     # Logical CPUs, not cores: workers pin their own thread counts (ray.threads_per_worker).
@@ -77,33 +76,6 @@ def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
         resources_per_worker=cfg.ray.resources_per_worker,
         placement_strategy=cfg.ray.placement_strategy,
     )
-
-
-def workers_the_cluster_holds(scaling: ray.train.ScalingConfig) -> int:
-    """Workers of `scaling` that the alive nodes hold, counted as Ray Train's elastic policy counts them
-    (per node, the fewest of each resource's total / per-worker need), so our start decision is Ray's."""
-    # Ray's own per-worker default (1 CPU, or 1 GPU with use_gpu): a private property, read not copied.
-    need = {r: n for r, n in scaling._resources_per_worker_not_none.items() if n > 0}
-    if not need:
-        return scaling.max_workers
-    held = sum(min(int(node["Resources"].get(r, 0.0) // n) for r, n in need.items())
-               for node in ray.nodes() if node["Alive"])
-    return min(held, scaling.max_workers)
-
-
-def wait_for_min_workers(cfg: RunConfig, poll_s: float = 2.0) -> None:
-    """An elastic run waits for the cluster to hold MIN workers (nodes may still be joining); after
-    ray.min_workers_timeout_s it is refused, instead of Ray waiting for them forever."""
-    if not cfg.ray.elastic:
-        return
-    scaling, deadline = scaling_config(cfg), time.monotonic() + cfg.ray.min_workers_timeout_s
-    while (held := workers_the_cluster_holds(scaling)) < cfg.ray.min_workers:
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"needs at least {cfg.ray.min_workers} workers, but after {cfg.ray.min_workers_timeout_s:g} s "
-                f"the cluster holds {held} (per worker: {scaling._resources_per_worker_not_none}); lower MIN, "
-                "add nodes, or raise ray.min_workers_timeout_s", key="ray.num_workers")
-        time.sleep(poll_s)
 
 
 def fit(
@@ -145,18 +117,26 @@ def fit(
     done = threading.Event()
     forwarder = threading.Thread(target=_forward, args=(events, control, on_event, stop, done), daemon=True)
     forwarder.start()
+    below_minimum = capacity.BelowMinimum(cfg, trainer.scaling_config)
+    if cfg.ray.elastic:
+        below_minimum.start()
     try:
         trainer.fit()
         error = None
     except ray.train.TrainingFailedError as failure:
         error = _failure_message(failure)
+    except ray.exceptions.RayActorError:  # the controller's end, when below_minimum aborted it
+        if below_minimum.reason is None:
+            raise
+        error = None
     finally:
         done.set()
+        below_minimum.done.set()
         forwarder.join()
         _drain(events, on_event)
         ray.kill(control.actor)
         _disconnect()
-    return error
+    return below_minimum.reason or error
 
 
 def _on_this_node() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Sharded checkpoints, the worker side (DeepSpeed): every rank saves its ZeRO shard and RNG state, rank 0
+"""Sharded checkpoints, the worker side (DeepSpeed): every rank saves its ZeRO shard, rank 0
 writes a manifest of every rank's files last, and the runtime hands the folder to its storage (Ray
 registers one checkpoint from all ranks' files). Before any rank loads a folder its pickles are checked
 (sft_dist.safe_loading): a checkpoint cannot run code. A checkpoint also carries rank 0's records of the
@@ -10,15 +10,14 @@ best) is sft_dist.checkpoints'.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
 from sft_dist import safe_loading
@@ -37,7 +36,7 @@ class CheckpointSaveError(RunFailure):
 
 def save(engine: TrainEngine, ctx: RunContext, loop_state: LoopState, metrics: dict[str, Any],
          records: list[dict[str, Any]] = ()) -> None:
-    """Save the engine (all ranks' shards), loop state, RNG and (rank 0) the run's records, then register
+    """Save the engine (all ranks' shards), loop state and (rank 0) the run's records, then register
     the checkpoint.
 
     Collective: every rank calls it at the same step.
@@ -46,7 +45,6 @@ def save(engine: TrainEngine, ctx: RunContext, loop_state: LoopState, metrics: d
     try:
         engine.save_checkpoint(str(staging), tag=TAG, client_state={"loop_state": loop_state.to_json()},
                                exclude_frozen_parameters=has_frozen_parameters(engine))
-        torch.save(rng_state(), staging / f"rng_rank{ctx.rank}.pt")
         if ctx.rank == 0:
             (staging / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records))
         files: dict[str, int] = {}
@@ -76,7 +74,8 @@ def _failed_path(err: BaseException) -> str:
 
 
 def load(engine: TrainEngine, ctx: RunContext, folder: Location | Path) -> LoopState:
-    """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved loop state.
+    """Restore engine, optimizer and scheduler; returns the saved loop state. (Random numbers need no state:
+    each micro-batch seeds its own, see train.seed_micro_batch.)
 
     Collective: every rank loads the same folder.
     """
@@ -89,9 +88,6 @@ def load(engine: TrainEngine, ctx: RunContext, folder: Location | Path) -> LoopS
         safe_loading.refuse_unsafe(local)
         engine.load_checkpoint(str(local), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
                                load_module_strict=not has_frozen_parameters(engine))
-        rng_file = local / f"rng_rank{ctx.rank}.pt"
-        if same_world and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
     return manifest.loop
 
 
@@ -127,12 +123,15 @@ def universal_copy(folder: Location | Path, ctx: RunContext, into: Location | Pa
 
 def convert_to_universal(source: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    ds_to_universal(argparse.Namespace(
-        input_folder=str(source / TAG), output_folder=str(out / TAG), num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True,
-        # Our checkpoints carry no tensor-parallel layout info; plain data parallelism needs none.
-        inject_missing_state=True,
-    ))
+    # ds_to_universal prints its arguments and each phase (a dozen lines, one of them twice); the run's own
+    # `resized: ... converted in N s` line says what happened, and a failure still raises with its message.
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(source / TAG), output_folder=str(out / TAG), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True,
+            # Our checkpoints carry no tensor-parallel layout info; plain data parallelism needs none.
+            inject_missing_state=True,
+        ))
     if (source / RECORDS).is_file():
         shutil.copy(source / RECORDS, out / RECORDS)
     # The manifest, copied last, marks a finished conversion; it lists the universal files and, to tell
@@ -151,24 +150,6 @@ def _converted_from(out: Location, folder: Location) -> bool:
     if not out.join(MANIFEST).is_file():
         return False
     return read_manifest(out).source_files == read_manifest(folder).files
-
-
-def rng_state() -> dict[str, Any]:
-    # JSON for Python's and NumPy's states keeps the file loadable with torch.load(weights_only=True).
-    np_state = np.random.get_state()
-    return {
-        "python": json.dumps(random.getstate()),
-        "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = json.loads(state["numpy"])
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
 
 
 def _file_sizes(root: Path) -> dict[str, int]:

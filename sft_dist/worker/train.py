@@ -282,7 +282,8 @@ def train_step(
     scale = plan.grad_accum * plan.world_size / global_tokens
     loss_total = tokens = 0.0
     timer.start()
-    for indices in plan.micro_batches(step, ctx.rank):
+    for m, indices in enumerate(plan.micro_batches(step, ctx.rank)):
+        seed_micro_batch(plan.seed, step, plan.micro_batch_number(m, ctx.rank))
         rows = train_set[[int(i) for i in indices]]
         batch = {k: v.to(ctx.device) for k, v in batches(rows, indices, step).items()}
         timer.lap("data")
@@ -298,6 +299,15 @@ def train_step(
         loss_total += loss_sum.item()
         tokens += sum(rows["length"])
     return loss_total, tokens, global_tokens
+
+
+def seed_micro_batch(seed: int, step: int, number: int) -> None:
+    """Seed torch's generator (CPU and every GPU) for one micro-batch from the run's seed and the micro-batch's
+    place in the global batch, so dropout, LoRA dropout and NEFTune noise depend on which rows are trained at
+    which step, never on the rank that trains them or on the draws before. A resume, at the same or another
+    world size, then continues the random numbers exactly: per-rank generator states saved in a checkpoint
+    could not be split or merged when an elastic run changes its world size."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, number]).generate_state(1, np.uint64)[0]))
 
 
 @dataclass

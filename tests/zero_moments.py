@@ -1,11 +1,11 @@
-"""One process of a ZeRO-3 group (the environment torchrun would set: RANK, WORLD_SIZE, MASTER_ADDR...)
+"""One process of a ZeRO group (stage 1, 2 or 3) (the environment torchrun would set: RANK, WORLD_SIZE, MASTER_ADDR...)
 for tests/test_elastic.py: optionally restore a checkpoint (through a universal copy when it was saved at
 another world size), train `steps` steps of the tiny config, gather every parameter's Adam moments
 (exp_avg, exp_avg_sq) and fp32 master weights (a collective), then save a checkpoint. Rank 0 writes the
 gathered tensors (or, called in the test's own process as one, returns them), so the test can compare
 what a checkpoint held with what a restore at another world size holds.
 
-    python tests/zero3_moments.py CONFIG_JSON TRAIN_DIR STORAGE RESTORE_OR_- STEPS MOMENTS_OUT
+    python tests/zero_moments.py CONFIG_JSON TRAIN_DIR STORAGE RESTORE_OR_- STEPS MOMENTS_OUT
 """
 
 from __future__ import annotations
