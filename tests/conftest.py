@@ -145,6 +145,10 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def learning_rates(run_dir: Path) -> list[float]:
+    return [e["lr"] for e in read_events(run_dir) if "loss" in e]
+
+
 def train_losses(run_dir: Path) -> list[float]:
     return [e["loss"] for e in read_events(run_dir) if "loss" in e]
 

@@ -22,6 +22,7 @@ from conftest import (
     REPO,
     TINY_CONFIG,
     eval_losses,
+    learning_rates,
     read_events,
     subprocess_env,
     train_losses,
@@ -61,10 +62,6 @@ def test_a_failed_worker_is_restarted_and_the_run_retraces_the_uninterrupted_one
     # The LR scheduler's state came back too: a fresh one would restart the warmup at step 6.
     assert learning_rates(failed_dir) == pytest.approx(learning_rates(baseline_dir), rel=1e-9)
     assert json.loads((failed_dir / "summary.json").read_text())["status"] == "completed"
-
-
-def learning_rates(run_dir: Path) -> list[float]:
-    return [e["lr"] for e in read_events(run_dir) if "loss" in e]
 
 
 def tear(folder: Path) -> None:

@@ -34,6 +34,7 @@ from conftest import (
     REPO,
     TINY_CONFIG,
     eval_losses,
+    learning_rates,
     read_events,
     subprocess_env,
     train_losses,
@@ -306,6 +307,7 @@ def test_a_lost_node_shrinks_the_run_and_a_regained_one_grows_it_on_the_same_cur
     assert steps == list(range(1, DRILL_STEPS + 1))  # steps trained again after a restart are recorded once
     assert train_losses(result.run_dir) == pytest.approx(train_losses(uninterrupted), rel=1e-4)
     assert eval_losses(result.run_dir) == pytest.approx(eval_losses(uninterrupted), rel=1e-4)
+    assert learning_rates(result.run_dir) == pytest.approx(learning_rates(uninterrupted), rel=1e-9)
     resizes = [(e["from_world_size"], e["world_size"], e["grad_accum"]) for e in read_events(result.run_dir)
                if e.get("event") == "resize"]
     assert resizes == variant.resizes
