@@ -16,6 +16,7 @@ from transformers.integrations.neftune import neftune_post_forward_hook
 from transformers.utils import is_torchvision_available
 
 from sft_dist.config import ModelConfig
+from sft_dist.errors import UserError
 from sft_dist.tasks import task_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +57,8 @@ def freeze_vision(model: torch.nn.Module) -> None:
     """Stop training the model's vision tower (`model.freeze_vision`)."""
     towers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_TOWERS]
     if not towers:
-        raise ValueError(f"model.freeze_vision: {type(model).__name__} has no vision tower ({', '.join(VISION_TOWERS)})")
+        raise UserError(f"{type(model).__name__} has no vision tower ({', '.join(VISION_TOWERS)})",
+                        key="model.freeze_vision")
     towers[0].requires_grad_(False)
 
 
