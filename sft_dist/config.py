@@ -57,6 +57,9 @@ class ModelConfig(Section):
     dropout: float | None = Field(None, ge=0, lt=1)  # overrides every *dropout* probability of the model config
     trust_remote_code: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    # A vision-language model's vision tower kept as it is (not trained); with LoRA, the adapters' own
+    # targets decide (peft.modules_to_save: [vision_tower] trains the tower in full beside them).
+    freeze_vision: bool = False
 
     # Classification heads: the label names (their order gives the ids), else only their number; when
     # neither is set the names come from the training data (sft_dist.data.labels).

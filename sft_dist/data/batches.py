@@ -190,6 +190,18 @@ def _packed(rows: dict[str, list], pad_id: int, boolean_mask: bool) -> dict[str,
             "attention_mask": mask}
 
 
+def on_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A batch's tensors on `device`; labels that are a list of per-image targets (detection: a dict of
+    tensors per image) are moved item by item."""
+    def moved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        return value.to(device)
+    return {k: moved(v) for k, v in batch.items()}
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model's forward takes: everything the collator made except the labels (packed rows
     add position ids and a block-diagonal mask here without the loop knowing)."""

@@ -53,6 +53,8 @@ def label_names(data: DataConfig, model: ModelConfig) -> list[str]:
     (sorted; "O" first for tags), else `LABEL_i` for integer ids (`model.num_labels`, or the largest id + 1)."""
     if model.labels:
         return list(model.labels)
+    if not task_of(data).labels_in_rows:
+        raise UserError(f"model.labels must name the classes of {task_of(data).name}, in id order", key="model.labels")
     names, ids = _training_labels(data)
     if names:
         ordered = sorted(names, key=lambda n: (n != OUTSIDE, n)) if _tagged(data) \

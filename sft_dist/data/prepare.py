@@ -25,7 +25,7 @@ from sft_dist.data.badrows import BadRow, Origin, bad_row_error
 from sft_dist.data.chat import generation_prompt
 from sft_dist.data.encode import BOOKKEEPING, Encoder, raw_row
 from sft_dist.data.formats import Chat, normalize
-from sft_dist.data.images import ImageEncoder, undecoded
+from sft_dist.data.images import undecoded
 from sft_dist.data.packing import chunk, pack
 from sft_dist.data.sources import Part, content_digest, fingerprint, first_line, open_source
 from sft_dist.data.templates import chat_template
@@ -201,8 +201,10 @@ def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: Dat
 def _encode_part(part: Part, encoder: Encoder, data: DataConfig, work: Path) -> datasets.Dataset:
     work.mkdir(parents=True, exist_ok=True)
     dataset, features = part.dataset, encoder.features
-    if isinstance(encoder, ImageEncoder):  # relative image paths start at this part's file
-        dataset, encoder = undecoded(dataset, encoder.image_key), encoder.for_part(part.name)
+    if hasattr(encoder, "for_part"):  # image rows: relative image paths start at this part's file
+        for key in ("image_key", "mask_key"):  # Image columns kept as their bytes
+            dataset = undecoded(dataset, getattr(encoder, key)) if hasattr(encoder, key) else dataset
+        encoder = encoder.for_part(part.name)
     if isinstance(dataset, datasets.IterableDataset):
         # Streaming: rows are read and encoded on the fly; only the encoded rows are written.
         try:

@@ -11,11 +11,12 @@ from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.integrations.neftune import neftune_post_forward_hook
 from transformers.utils import is_torchvision_available
 
 from sft_dist.config import ModelConfig
+from sft_dist.errors import UserError
 from sft_dist.tasks import task_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +39,27 @@ def load_image_processor(cfg: ModelConfig) -> Any:
     well, so training, validation and the exported model's pipeline see the same pixels."""
     backend = {} if is_torchvision_available() else {"backend": "pil"}
     return AutoImageProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **backend)
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """A vision-language model's processor (its tokenizer, image processor and chat template), with the
+    PIL image processor where torchvision is missing (as `load_image_processor`)."""
+    backend = {} if is_torchvision_available() else {"backend": "pil"}
+    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **backend)
+
+
+# Where transformers' vision-language models keep their vision tower (LLaVA and most: vision_tower;
+# Qwen2-VL: visual; Idefics, SmolVLM: vision_model).
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")
+
+
+def freeze_vision(model: torch.nn.Module) -> None:
+    """Stop training the model's vision tower (`model.freeze_vision`)."""
+    towers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_TOWERS]
+    if not towers:
+        raise UserError(f"{type(model).__name__} has no vision tower ({', '.join(VISION_TOWERS)})",
+                        key="model.freeze_vision")
+    towers[0].requires_grad_(False)
 
 
 def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
@@ -67,6 +89,8 @@ def build(
             attn_implementation=cfg.attn_implementation,
             **(load_kwargs or {}),
         )
+    if cfg.freeze_vision:
+        freeze_vision(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and ZeRO-3 parameter hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -38,19 +38,31 @@ class Task:
     counts: Callable[..., Any]  # (model cfg) -> validation counts (summed over ranks) and their metrics
     head_config: Callable[..., dict[str, Any]] = no_head_config  # (model cfg) -> AutoConfig arguments of the head
     peft_task_type: str | None = None  # peft's TaskType (None: peft has none; the head goes in head_modules)
-    preprocessor: Literal["tokenizer", "image_processor"] = "tokenizer"  # what the model reads; what export saves
+    # What the model reads; what export saves ("processor": a vision-language model's AutoProcessor,
+    # its tokenizer and image processor together).
+    preprocessor: Literal["tokenizer", "image_processor", "processor"] = "tokenizer"
     # The row field that names a row's label(s) ("label", or "tags": one per word); the label names come
     # from model.labels or the training data. None: the task has no label names.
     label_field: str | None = None
+    # The rows name the labels, so they can be read from the training data when model.labels is unset;
+    # False (boxes' categories, mask pixel values): model.labels must name them, in id order.
+    labels_in_rows: bool = True
     generates: bool = False  # eval.generate, a generation config in exports, the chat template in exports
     packs: bool = False  # data.packing is allowed
     head_modules: tuple[str, ...] = ()  # trained in full next to adapters (peft's modules_to_save)
     labels_are_tokens: bool = False  # the labels are token ids (the head's width is the vocab), not label ids
     names_architecture: bool = True  # exports name the task's class in config.architectures (a new head)
+    # The model computes its loss from `labels` in its forward (DETR's matching of predictions to boxes
+    # needs more than the logits): `loss` then takes the model's outputs, not its logits.
+    model_loss: bool = False
+    # Validation gathers per-example records from every rank (`counts` gives a scorer with `records`
+    # and `metrics(records)`), for a metric that is not a sum of per-rank parts (COCO mAP ranks every
+    # detection of the whole set); otherwise counts are summed over ranks.
+    gathers: bool = False
 
     @property
     def needs_tokenizer(self) -> bool:
-        return self.preprocessor == "tokenizer"
+        return self.preprocessor in ("tokenizer", "processor")
 
     @property
     def labelled(self) -> bool:
@@ -67,7 +79,8 @@ class Task:
 
 
 # The task modules (sft_dist/tasks/NAME.py, each with its `TASK`), in the order errors list them.
-TASK_MODULES = ("causal_lm", "sequence_classification", "token_classification", "image_classification", "regression")
+TASK_MODULES = ("causal_lm", "sequence_classification", "token_classification", "image_classification", "regression",
+                "image_text_to_text", "object_detection", "semantic_segmentation")
 
 
 def _registry() -> dict[str, Task]:

@@ -141,11 +141,16 @@ def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
 
 def write_preprocessor(cfg: RunConfig, out: Path) -> Any:
     """The tokenizer the run trained with, its chat template `data.chat_template` when set; or an image
-    classifier's image processor (what `pipeline(...)` needs besides the model). Returns the tokenizer."""
+    classifier's image processor, or a vision-language model's processor (what `pipeline(...)` needs besides
+    the model). Returns the tokenizer."""
     m, task = cfg.model, task_of(cfg)
     if task.preprocessor == "image_processor":
         model_lib.load_image_processor(m).save_pretrained(out)
         return None
+    if task.preprocessor == "processor":  # a vision-language model: tokenizer, image processor, chat template
+        processor = model_lib.load_processor(m.name_or_path, m.trust_remote_code)
+        processor.save_pretrained(out)
+        return processor.tokenizer
     tokenizer = model_lib.load_tokenizer(m)
     if task.generates and cfg.data.chat_template:
         tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from sft_dist.config import EvalConfig, GenerateConfig
-from sft_dist.data.batches import eval_batches, model_inputs
+from sft_dist.data.batches import eval_batches, model_inputs, on_device
 from sft_dist.modeling import model_folder
 from sft_dist.modeling.loss import ChunkedTokenLoss
 from sft_dist.tasks.heads import TokenCounts
-from sft_dist.worker.runtime import RunContext, all_reduce_sum
+from sft_dist.worker.runtime import RunContext, all_gather, all_reduce_sum
 from sft_dist.worker.train_engine import TrainEngine
 
 
@@ -45,7 +45,7 @@ def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_si
         for indices in eval_batches(len(eval_set), micro_batch_size, ctx.rank, ctx.world_size):
             # A rank whose share ran out still runs a forward (on example 0), counted with weight 0.
             rows = eval_set[[int(i) for i in indices] or [0]]
-            batch = {k: v.to(ctx.device) for k, v in batches(rows).items()}
+            batch = on_device(batches(rows), ctx.device)
             if chunked:
                 sums = chunked(engine, model_inputs(batch), batch["labels"])
                 counts = torch.stack([s.double().cpu() for s in sums])
@@ -55,6 +55,31 @@ def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_si
                 totals += counts
     module.train(was_training)
     return counter.metrics(all_reduce_sum(totals).tolist())
+
+
+def validate_gathered(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_size: int, batches: Callable,
+                      scorer: Any) -> dict[str, float]:
+    """The task's metrics over the whole eval set from per-example records gathered from every rank
+    (`scorer`, from the task's `counts` when the task `gathers`: `records(outputs, batch, rows, row_ids)`
+    per batch, `metrics(records)` once over all of them). For a metric that is not a sum of per-rank
+    parts, such as COCO mAP (it ranks every detection of the set by score).
+
+    Collective, as `validate`: every rank runs the same number of forwards, then one all_gather.
+    """
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    records: list[dict] = []
+    with torch.no_grad():
+        for indices in eval_batches(len(eval_set), micro_batch_size, ctx.rank, ctx.world_size):
+            row_ids = [int(i) for i in indices] or [0]  # a rank whose share ran out: a forward, no records
+            rows = eval_set[row_ids]
+            batch = on_device(batches(rows, row_ids), ctx.device)
+            outputs = engine(**model_inputs(batch))
+            if len(indices):
+                records += scorer.records(outputs, batch, rows, row_ids)
+    module.train(was_training)
+    return scorer.metrics([record for rank_records in all_gather(records) for record in rank_records])
 
 
 def generate_answers(

@@ -25,7 +25,7 @@ from sft_dist.storage import Location
 from sft_dist.tasks import task_of
 from sft_dist.worker import checkpoint, faults, preflight
 from sft_dist.worker import engine as engine_lib
-from sft_dist.worker.evaluate import deadline, generate_answers, generation_metrics, validate
+from sft_dist.worker.evaluate import deadline, generate_answers, generation_metrics, validate, validate_gathered
 from sft_dist.worker.runtime import RunContext, all_gather
 from sft_dist.worker.train_engine import TrainEngine
 
@@ -76,8 +76,13 @@ class Session:
             with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
                 faults.maybe_hang(cfg.debug, ctx.rank, step)
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
-                                        task_of(cfg).counts(cfg.model), self.chunked_loss(0.0)))
+                task = task_of(cfg)
+                if task.gathers:
+                    metrics.update(validate_gathered(self.engine, ctx, self.eval_set, mb, self.batches,
+                                                     task.counts(cfg.model)))
+                else:
+                    metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
+                                            task.counts(cfg.model), self.chunked_loss(0.0)))
         if cfg.eval.generate and self.prompts:
             with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,

@@ -13,7 +13,7 @@ import torch
 
 from sft_dist import checkpoints
 from sft_dist.config import RunConfig
-from sft_dist.data.batches import BatchPlan, TextBatches, model_inputs
+from sft_dist.data.batches import BatchPlan, TextBatches, model_inputs, on_device
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
 from sft_dist.modeling.loss import ChunkedTokenLoss, token_loss_sums
@@ -180,7 +180,7 @@ class Loop:
         faults.maybe_fail(cfg.debug, ctx.storage, ctx.rank, step)
         loss_sum, tokens, supervised = train_step(session.engine, ctx, session.train_set, session.plan, step - 1,
                                                   self.supervised, session.batches, self.loss_fn, self.timer,
-                                                  self.chunked)
+                                                  self.chunked, task_of(cfg).model_loss)
         self.window.add(loss_sum, tokens, supervised)
         faults.pace(cfg.debug)
         train_log = self.train_metrics(step) if self.schedule.logs(step) else None
@@ -265,13 +265,14 @@ def evaluate_checkpoint(ctx: RunContext, cfg: RunConfig, data: PreparedData, fol
 def train_step(
     engine: TrainEngine, ctx: RunContext, train_set: Any, plan: BatchPlan, step: int, supervised: np.ndarray,
     batches: TextBatches | ImageBatches, loss_fn: LossFn = token_loss_sums, timer: StepTimer = OFF,
-    chunked: ChunkedTokenLoss | None = None,
+    chunked: ChunkedTokenLoss | None = None, model_loss: bool = False,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches.
 
     Returns (this rank's summed loss, this rank's real tokens, the global batch's supervised tokens).
     ("Supervised tokens" are examples for sequence and image classification: the loss is then a mean
-    per example; an image counts as one token.)
+    per example; an image counts as one token.) `model_loss`: the model takes the labels and computes
+    its own loss, and `loss_fn` takes its outputs (the task's `model_loss`).
     """
     # Every rank knows the whole global batch's supervised token count without communicating, so each
     # micro-batch's summed loss can be divided by it up front: the gradient is then the mean over all
@@ -285,10 +286,12 @@ def train_step(
     for m, indices in enumerate(plan.micro_batches(step, ctx.rank)):
         seed_micro_batch(plan.seed, step, plan.micro_batch_number(m, ctx.rank))
         rows = train_set[[int(i) for i in indices]]
-        batch = {k: v.to(ctx.device) for k, v in batches(rows, indices, step).items()}
+        batch = on_device(batches(rows, indices, step), ctx.device)
         timer.lap("data")
         if chunked:  # the causal LM's loss without the full logits (train.chunked_loss)
             loss_sum, _, _ = chunked(engine, model_inputs(batch), batch["labels"])
+        elif model_loss:
+            loss_sum, _, _ = loss_fn(engine(**batch), batch["labels"])
         else:
             loss_sum, _, _ = loss_fn(engine(**model_inputs(batch)).logits, batch["labels"])
         timer.lap("forward")
