@@ -12,6 +12,7 @@ Imports neither Ray nor DeepSpeed.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -183,6 +184,24 @@ def deepspeed_shm_comm_built() -> Iterator[None]:
         kept = [line for line in captured.getvalue().splitlines() if not re.match(DEEPSPEED_SHM_BUILT, line)]
         if kept:
             print("\n".join(kept), flush=True)
+
+
+@contextlib.contextmanager
+def prints_dropped() -> Iterator[None]:
+    """Around DeepSpeed's `ds_to_universal`, which `print`s its arguments and every phase of a conversion
+    (a dozen lines per world-size change, with no logger or setting to turn them off); the run's own
+    `resized: ... converted in N s` line says what happened, and a failure still raises its message.
+    Redirecting stdout is not enough in a Ray Train worker, whose `print` is Ray's (RAY_TRAIN_ENABLE_PRINT_PATCH)
+    and also logs each line to the root logger: `print` itself is swapped for the call."""
+    if not enabled():
+        yield
+        return
+    current = builtins.print
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        builtins.print = current
 
 
 # ------------------------------------------------------------------------------------------ said once

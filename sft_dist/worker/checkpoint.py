@@ -10,8 +10,6 @@ best) is sft_dist.checkpoints'.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import tempfile
@@ -20,7 +18,7 @@ from typing import Any
 
 from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-from sft_dist import safe_loading
+from sft_dist import quiet, safe_loading
 from sft_dist.atomic_files import out_of_space, write_text
 from sft_dist.checkpoints import MANIFEST, RECORDS, TAG, Manifest, folder_name, local_copy, read_manifest
 from sft_dist.errors import RunFailure
@@ -123,9 +121,7 @@ def universal_copy(folder: Location | Path, ctx: RunContext, into: Location | Pa
 
 def convert_to_universal(source: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    # ds_to_universal prints its arguments and each phase (a dozen lines, one of them twice); the run's own
-    # `resized: ... converted in N s` line says what happened, and a failure still raises with its message.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet.prints_dropped():
         ds_to_universal(argparse.Namespace(
             input_folder=str(source / TAG), output_folder=str(out / TAG), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True,
