@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 
 from sft_dist.config import DataConfig, EvalConfig, SourceConfig
 from sft_dist.data import stats as stats_lib
+from sft_dist.data.audio import AudioEncoder
+from sft_dist.data.audio import undecoded as audio_undecoded
 from sft_dist.data.badrows import BadRow, Origin, bad_row_error
 from sft_dist.data.chat import generation_prompt
 from sft_dist.data.encode import BOOKKEEPING, Encoder, raw_row
@@ -203,6 +205,8 @@ def _encode_part(part: Part, encoder: Encoder, data: DataConfig, work: Path) -> 
     dataset, features = part.dataset, encoder.features
     if isinstance(encoder, ImageEncoder):  # relative image paths start at this part's file
         dataset, encoder = undecoded(dataset, encoder.image_key), encoder.for_part(part.name)
+    elif isinstance(encoder, AudioEncoder):  # the same for clips
+        dataset, encoder = audio_undecoded(dataset, encoder.audio_key), encoder.for_part(part.name)
     if isinstance(dataset, datasets.IterableDataset):
         # Streaming: rows are read and encoded on the fly; only the encoded rows are written.
         try:
@@ -297,7 +301,7 @@ def cache_key(data: DataConfig, tokenizer: Any, template: str | None, num_prompt
         "version": CACHE_FORMAT_VERSION,
         # num_proc and streaming change how the rows are made, not which rows.
         # Augmentation happens per batch on the workers: not part of the saved rows.
-        "data": data.model_dump(mode="json", exclude={"num_proc", "streaming", "image_augment"}),
+        "data": data.model_dump(mode="json", exclude={"num_proc", "streaming", "image_augment", "audio_augment"}),
         "sources": [fingerprint(s) for s in data.train_sources() + data.eval_sources()],
         "template": template,
         "num_prompts": num_prompts,

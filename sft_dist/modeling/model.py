@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.integrations.neftune import neftune_post_forward_hook
 from transformers.utils import is_torchvision_available
 
@@ -38,6 +38,16 @@ def load_image_processor(cfg: ModelConfig) -> Any:
     well, so training, validation and the exported model's pipeline see the same pixels."""
     backend = {} if is_torchvision_available() else {"backend": "pil"}
     return AutoImageProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **backend)
+
+
+def load_feature_extractor(cfg: ModelConfig) -> Any:
+    """The model folder's own audio feature extractor (its rate, window and normalisation)."""
+    return AutoFeatureExtractor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_processor(cfg: ModelConfig) -> Any:
+    """A speech recogniser's processor: its feature extractor and tokenizer together, as pipelines load them."""
+    return AutoProcessor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
 
 
 def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:

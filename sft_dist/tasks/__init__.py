@@ -38,7 +38,9 @@ class Task:
     counts: Callable[..., Any]  # (model cfg) -> validation counts (summed over ranks) and their metrics
     head_config: Callable[..., dict[str, Any]] = no_head_config  # (model cfg) -> AutoConfig arguments of the head
     peft_task_type: str | None = None  # peft's TaskType (None: peft has none; the head goes in head_modules)
-    preprocessor: Literal["tokenizer", "image_processor"] = "tokenizer"  # what the model reads; what export saves
+    # What the model reads, and what export saves: a tokenizer, an image processor, an audio feature
+    # extractor, or a processor (a feature extractor and a tokenizer: a speech recogniser's).
+    preprocessor: Literal["tokenizer", "image_processor", "feature_extractor", "processor"] = "tokenizer"
     # The row field that names a row's label(s) ("label", or "tags": one per word); the label names come
     # from model.labels or the training data. None: the task has no label names.
     label_field: str | None = None
@@ -47,10 +49,16 @@ class Task:
     head_modules: tuple[str, ...] = ()  # trained in full next to adapters (peft's modules_to_save)
     labels_are_tokens: bool = False  # the labels are token ids (the head's width is the vocab), not label ids
     names_architecture: bool = True  # exports name the task's class in config.architectures (a new head)
+    # Exports carry the model's own generation config although eval.generate does not apply (speech to text).
+    saves_generation_config: bool = False
 
     @property
     def needs_tokenizer(self) -> bool:
-        return self.preprocessor == "tokenizer"
+        return self.preprocessor in ("tokenizer", "processor")
+
+    @property
+    def reads_audio(self) -> bool:
+        return self.preprocessor in ("feature_extractor", "processor")
 
     @property
     def labelled(self) -> bool:
@@ -67,7 +75,8 @@ class Task:
 
 
 # The task modules (sft_dist/tasks/NAME.py, each with its `TASK`), in the order errors list them.
-TASK_MODULES = ("causal_lm", "sequence_classification", "token_classification", "image_classification", "regression")
+TASK_MODULES = ("causal_lm", "sequence_classification", "token_classification", "image_classification", "regression",
+                "speech_recognition", "audio_classification")
 
 
 def _registry() -> dict[str, Task]:

@@ -76,8 +76,11 @@ class Session:
             with deadline(cfg.eval.timeout_s, f"validation at step {step}", ctx.rank, fail):
                 faults.maybe_hang(cfg.debug, ctx.rank, step)
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
-                                        task_of(cfg).counts(cfg.model), self.chunked_loss(0.0)))
+                counter = task_of(cfg).counts(cfg.model)
+                metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches, counter,
+                                        self.chunked_loss(0.0)))
+            if getattr(counter, "samples", None):  # a recogniser's first transcripts, as generation's samples
+                self.emit({"step": step, "event": "samples", "samples": counter.samples})
         if cfg.eval.generate and self.prompts:
             with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
