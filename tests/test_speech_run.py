@@ -109,12 +109,12 @@ def test_command_accuracy_rises_and_equals_the_exports_forward_and_pipeline(comm
 def test_a_missing_clip_exits_2_naming_file_and_line(tmp_path, capsys):
     from sft_dist.cli import main
 
+    good = rows_of(COMMANDS / "eval.jsonl")[0]
     bad = tmp_path / "eval.jsonl"
-    bad.write_text(json.dumps({"audio": "eval/000.flac", "label": "up"}) + "\n"
-                   + json.dumps({"audio": "eval/001.flac", "label": "up"}) + "\n")
-    (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "000.flac").write_bytes((COMMANDS / "eval" / "000.flac").read_bytes())
-    (tmp_path / "eval" / "001.flac").write_bytes(b"not audio")
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"audio": "broken.wav", "label": "up"}) + "\n")
+    (tmp_path / good["audio"]).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / good["audio"]).write_bytes((COMMANDS / good["audio"]).read_bytes())
+    (tmp_path / "broken.wav").write_bytes(b"not audio")
     assert main(["data", str(COMMANDS_CONFIG), "--set", f"data.eval={bad}", "--set", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: unreadable_audio: 'audio': not a readable audio file" in err, err
