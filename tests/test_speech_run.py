@@ -2,7 +2,8 @@
 configs/commands-tiny.yaml (wav2vec2-style voice commands), shortened, exported at the end. Their held-out
 metrics improve from step 0 and equal a single process's on the export (jiwer on the export's own
 pipeline transcripts; the export's own forward for accuracy); the pipelines answer; a bad clip is named by
-file and line; LoRA under ZeRO-3 keeps the parts it trained, as its saved adapter says."""
+file and line; LoRA under ZeRO-3 keeps the parts it trained, as its saved adapter says (on Whisper:
+wav2vec2's weight-normed positional convolution does not run under ZeRO-3's partitioned parameters)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from conftest import REPO, read_events
 
 SPEECH_CONFIG, COMMANDS_CONFIG = REPO / "configs" / "speech-tiny.yaml", REPO / "configs" / "commands-tiny.yaml"
 SPEECH, COMMANDS = REPO / "configs" / "data" / "speech", REPO / "configs" / "data" / "commands"
-WAV2VEC2 = REPO / "configs" / "models" / "tiny-wav2vec2"
+WHISPER = REPO / "configs" / "models" / "tiny-whisper"
 
 
 def train(config: Path, output_dir: Path, *overrides: str) -> Path:
@@ -122,35 +123,33 @@ def test_a_missing_clip_exits_2_naming_file_and_line(tmp_path, capsys):
 
 @pytest.mark.timeout(600)
 def test_lora_under_zero3_keeps_what_it_trained(ray_cluster, tmp_path):
-    """The merged export differs from the base exactly where the saved adapter trained: the LoRA
-    targets (by the adapter's own delta) and the modules_to_save head; everywhere else it is the base."""
+    """LoRA on the tiny Whisper under ZeRO-3 (validated at the end: generation is a collective there):
+    the merged export differs from the base exactly where the saved adapter trained (each target by the
+    adapter's own delta); everywhere else it is the base."""
     from peft import PeftConfig
-    from transformers import AutoModelForAudioClassification
+    from transformers import AutoModelForSpeechSeq2Seq
 
     from sft_dist.cli import main
 
-    run_dir = train(COMMANDS_CONFIG, tmp_path, "peft.method=lora", "peft.target_modules=[q_proj,v_proj]",
+    run_dir = train(SPEECH_CONFIG, tmp_path, "peft.method=lora", "peft.target_modules=[q_proj,v_proj]",
                     "deepspeed.stage=3", "train.max_steps=6", "train.lr=1e-2", "eval.every_steps=null",
                     "eval.at_start=false", "checkpoint.every_steps=6")
+    assert "eval_wer" in evals(run_dir)[-1]
     assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
     assert main(["export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     saved = PeftConfig.from_pretrained(tmp_path / "adapter")
     scale = saved.lora_alpha / saved.r
-    base = AutoModelForAudioClassification.from_pretrained(WAV2VEC2, num_labels=12).state_dict()
+    base = AutoModelForSpeechSeq2Seq.from_pretrained(WHISPER).state_dict()
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     prefix = "base_model.model."
     lora_targets = {k.removeprefix(prefix).replace(".lora_A.weight", ".weight") for k in adapter if ".lora_A." in k}
-    assert lora_targets and any(".q_proj." in k for k in lora_targets)
+    assert lora_targets and {k.split(".")[-2] for k in lora_targets} == {"q_proj", "v_proj"}
+    assert all(".lora_" in k for k in adapter), "nothing but adapters trained"
     for name in lora_targets:
         module = prefix + name.removesuffix(".weight")
         a, b = adapter[f"{module}.lora_A.weight"], adapter[f"{module}.lora_B.weight"]
         assert b.abs().max() > 0, f"{name}: lora_B never trained"
         torch.testing.assert_close(merged[name], base[name] + scale * b @ a, rtol=1e-4, atol=1e-5)
-    heads = [k.removeprefix(prefix) for k in adapter if ".lora_" not in k]
-    assert {h.split(".")[0] for h in heads} == {"projector", "classifier"}, heads
-    for name in heads:
-        torch.testing.assert_close(merged[name], adapter[prefix + name])
-    untouched = set(base) - lora_targets - set(heads)
-    assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched
-                             if not k.startswith(("projector", "classifier")))
+    untouched = (set(base) & set(merged)) - lora_targets  # proj_out is tied to the embeddings: saved once
+    assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched)
