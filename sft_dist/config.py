@@ -181,6 +181,30 @@ class ImageAugmentConfig(Section):
         return scale
 
 
+class AudioAugmentConfig(Section):
+    """Training-only audio augmentation, applied before the model's feature extractor, drawn from
+    (seed, step, row): the same clips on every rerun, none in validation. null turns one off."""
+
+    gain_db: float | None = Field(6.0, ge=0)  # a gain drawn in [-gain_db, +gain_db] dB
+    # A speed factor drawn in [low, high] (Kaldi's speed perturbation: tempo and pitch together).
+    speed: tuple[float, float] | None = (0.9, 1.1)
+    noise_snr_db: tuple[float, float] | None = (20.0, 40.0)  # white noise at an SNR drawn in [low, high] dB
+
+    @field_validator("speed")
+    @classmethod
+    def _speed_is_a_range(cls, speed: tuple[float, float] | None) -> tuple[float, float] | None:
+        if speed is not None and not 0 < speed[0] <= speed[1]:
+            raise ValueError(f"speed must be [low, high] with 0 < low <= high, got {list(speed)}")
+        return speed
+
+    @field_validator("noise_snr_db")
+    @classmethod
+    def _snr_is_a_range(cls, snr: tuple[float, float] | None) -> tuple[float, float] | None:
+        if snr is not None and not snr[0] <= snr[1]:
+            raise ValueError(f"noise_snr_db must be [low, high] with low <= high, got {list(snr)}")
+        return snr
+
+
 class DataConfig(Section):
     train: list[SourceEntry]
     # Sources, or a fraction (0-1) of the training rows held out (chosen by content, the same every run).
@@ -203,6 +227,7 @@ class DataConfig(Section):
     # token_classification: label every sub-token of a word with its tag, not only the first one.
     label_all_subtokens: bool = False
     image_augment: ImageAugmentConfig | None = None  # image_classification only
+    audio_augment: AudioAugmentConfig | None = None  # speech_recognition and audio_classification only
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -292,6 +317,8 @@ class DataConfig(Section):
     def _augment_needs_images(self) -> DataConfig:
         if self.image_augment is not None and TASKS[FORMAT_TASKS[self.format]].preprocessor != "image_processor":
             raise ValueError(f"data.image_augment: augments images; data.format {self.format} has none")
+        if self.audio_augment is not None and not TASKS[FORMAT_TASKS[self.format]].reads_audio:
+            raise ValueError(f"data.audio_augment: augments audio; data.format {self.format} has none")
         return self
 
     @model_validator(mode="after")

@@ -24,8 +24,9 @@ from transformers import (
     pipeline,
 )
 
+from sft_dist.config import AudioAugmentConfig as AudioAugment
 from sft_dist.config import DataConfig
-from sft_dist.data.audio import AudioAugment, AudioBatches, AudioEncoder, at_rate, undecoded
+from sft_dist.data.audio import AudioBatches, AudioEncoder, at_rate, undecoded
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.tasks.speech_metrics import SpeechCounts, transcript_words, word_edits
 

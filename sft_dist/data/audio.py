@@ -34,7 +34,7 @@ import soundfile
 import soxr
 import torch
 
-from sft_dist.config import DataConfig
+from sft_dist.config import AudioAugmentConfig, DataConfig
 from sft_dist.data.badrows import BadRow
 from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.data.encode import FEATURES, drop, encode_rows
@@ -115,6 +115,19 @@ class AudioEncoder:
         out["heldout_u"][j] = int.from_bytes(digest, "big") / 2**64
 
 
+def recogniser_encoder(data: DataConfig, tokenizer: Any) -> AudioEncoder:
+    """A speech recogniser's encoder: its decoder's start token, and the longest clip and transcript the
+    model takes, from the model folder the tokenizer came from (e.g. Whisper's window: n_samples)."""
+    from transformers import AutoConfig, AutoFeatureExtractor
+
+    config = AutoConfig.from_pretrained(tokenizer.name_or_path)
+    extractor = AutoFeatureExtractor.from_pretrained(tokenizer.name_or_path)
+    window = getattr(extractor, "n_samples", None)
+    return AudioEncoder(data, tokenizer=tokenizer, decoder_start_id=config.decoder_start_token_id,
+                        max_duration_s=window / extractor.sampling_rate if window else None,
+                        max_target_tokens=getattr(config, "max_target_positions", None))
+
+
 def audio_bytes(value: Any, key: str, folder: Path | None) -> bytes:
     """A path, raw bytes, a `datasets` Audio value ({bytes, path}: bytes when present, else the path), or
     decoded samples ({array, sampling_rate}, kept losslessly as a 32-bit float WAV)."""
@@ -150,26 +163,7 @@ def undecoded(dataset: Any, field: str) -> Any:
 # ---------------------------------------------------------------- batches (workers)
 
 
-@dataclass(frozen=True)
-class AudioAugment:
-    """Training-only audio augmentation, drawn from (seed, step, row): the same clips on every rerun,
-    none in validation. (The shape `data.audio_augment` takes once the audio tasks are registered.)"""
-
-    gain_db: float | None = 6.0  # a gain drawn in [-gain_db, +gain_db] dB
-    # A speed factor drawn in [low, high] (Kaldi's speed perturbation: tempo and pitch together).
-    speed: tuple[float, float] | None = (0.9, 1.1)
-    noise_snr_db: tuple[float, float] | None = (20.0, 40.0)  # white noise at an SNR drawn in [low, high] dB
-
-    def __post_init__(self) -> None:
-        if self.gain_db is not None and self.gain_db < 0:
-            raise ValueError(f"gain_db must be >= 0, got {self.gain_db}")
-        if self.speed is not None and not 0 < self.speed[0] <= self.speed[1]:
-            raise ValueError(f"speed must be [low, high] with 0 < low <= high, got {list(self.speed)}")
-        if self.noise_snr_db is not None and not self.noise_snr_db[0] <= self.noise_snr_db[1]:
-            raise ValueError(f"noise_snr_db must be [low, high] with low <= high, got {list(self.noise_snr_db)}")
-
-
-def augmented(samples: np.ndarray, rate: int, cfg: AudioAugment, rng: np.random.Generator) -> np.ndarray:
+def augmented(samples: np.ndarray, rate: int, cfg: AudioAugmentConfig, rng: np.random.Generator) -> np.ndarray:
     if cfg.speed is not None:
         factor = rng.uniform(*cfg.speed)
         # Played `factor` times faster: the samples read as if recorded at rate * factor.
@@ -197,7 +191,7 @@ class AudioBatches:
     """
 
     feature_extractor: Any
-    augment: AudioAugment | None
+    augment: AudioAugmentConfig | None
     seed: int
     pad_id: int | None = None
     dtype: torch.dtype = torch.float32  # the model's

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from sft_dist.config import DataConfig, EvalConfig, SourceConfig
 from sft_dist.data import stats as stats_lib
+from sft_dist.data.audio import undecoded as audio_undecoded
 from sft_dist.data.badrows import BadRow, Origin, bad_row_error
 from sft_dist.data.chat import generation_prompt
 from sft_dist.data.encode import BOOKKEEPING, Encoder, raw_row
@@ -201,9 +202,11 @@ def _encode_source(source: SourceConfig, index: int, encoder: Encoder, data: Dat
 def _encode_part(part: Part, encoder: Encoder, data: DataConfig, work: Path) -> datasets.Dataset:
     work.mkdir(parents=True, exist_ok=True)
     dataset, features = part.dataset, encoder.features
-    if hasattr(encoder, "for_part"):  # image rows: relative image paths start at this part's file
+    if hasattr(encoder, "for_part"):  # image and audio rows: relative paths start at this part's file
         for key in ("image_key", "mask_key"):  # Image columns kept as their bytes
             dataset = undecoded(dataset, getattr(encoder, key)) if hasattr(encoder, key) else dataset
+        if hasattr(encoder, "audio_key"):  # Audio columns alike
+            dataset = audio_undecoded(dataset, encoder.audio_key)
         encoder = encoder.for_part(part.name)
     if isinstance(dataset, datasets.IterableDataset):
         # Streaming: rows are read and encoded on the fly; only the encoded rows are written.
@@ -299,7 +302,7 @@ def cache_key(data: DataConfig, tokenizer: Any, template: str | None, num_prompt
         "version": CACHE_FORMAT_VERSION,
         # num_proc and streaming change how the rows are made, not which rows.
         # Augmentation happens per batch on the workers: not part of the saved rows.
-        "data": data.model_dump(mode="json", exclude={"num_proc", "streaming", "image_augment"}),
+        "data": data.model_dump(mode="json", exclude={"num_proc", "streaming", "image_augment", "audio_augment"}),
         "sources": [fingerprint(s) for s in data.train_sources() + data.eval_sources()],
         "template": template,
         "num_prompts": num_prompts,

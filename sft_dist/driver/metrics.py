@@ -27,7 +27,7 @@ from sft_dist.worker import preflight
 # Validation metrics on the console line, in this order (those a record has).
 EVAL_SHOWN = ("eval_ppl", "eval_token_acc", "eval_exact_match", "eval_accuracy", "eval_macro_f1",
               "eval_entity_precision", "eval_entity_recall", "eval_entity_f1")
-TASK_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_entity_f1")
+TASK_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_entity_f1", "eval_wer")
 
 class RunRecorder:
     def __init__(self, run_dir: Path, out: TextIO | None = None, sinks: list[Sink] = ()):

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.integrations.neftune import neftune_post_forward_hook
 from transformers.utils import is_torchvision_available
 
@@ -42,8 +42,9 @@ def load_image_processor(cfg: ModelConfig) -> Any:
 
 
 def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """A vision-language model's processor (its tokenizer, image processor and chat template), with the
-    PIL image processor where torchvision is missing (as `load_image_processor`)."""
+    """A model's AutoProcessor: a vision-language model's tokenizer, image processor and chat template, or a
+    speech recogniser's feature extractor and tokenizer; the PIL image processor where torchvision is
+    missing (as `load_image_processor`)."""
     backend = {} if is_torchvision_available() else {"backend": "pil"}
     return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **backend)
 
@@ -60,6 +61,11 @@ def freeze_vision(model: torch.nn.Module) -> None:
         raise UserError(f"{type(model).__name__} has no vision tower ({', '.join(VISION_TOWERS)})",
                         key="model.freeze_vision")
     towers[0].requires_grad_(False)
+
+
+def load_feature_extractor(cfg: ModelConfig) -> Any:
+    """The model folder's own audio feature extractor (its rate, window and normalisation)."""
+    return AutoFeatureExtractor.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
 
 
 def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:

@@ -38,9 +38,10 @@ class Task:
     counts: Callable[..., Any]  # (model cfg) -> validation counts (summed over ranks) and their metrics
     head_config: Callable[..., dict[str, Any]] = no_head_config  # (model cfg) -> AutoConfig arguments of the head
     peft_task_type: str | None = None  # peft's TaskType (None: peft has none; the head goes in head_modules)
-    # What the model reads; what export saves ("processor": a vision-language model's AutoProcessor,
-    # its tokenizer and image processor together).
-    preprocessor: Literal["tokenizer", "image_processor", "processor"] = "tokenizer"
+    # What the model reads, and what export saves: a tokenizer, an image processor, an audio feature
+    # extractor, or a processor (AutoProcessor: a tokenizer with an image processor, a vision-language
+    # model's, or with a feature extractor, a speech recogniser's).
+    preprocessor: Literal["tokenizer", "image_processor", "feature_extractor", "processor"] = "tokenizer"
     # The row field that names a row's label(s) ("label", or "tags": one per word); the label names come
     # from model.labels or the training data. None: the task has no label names.
     label_field: str | None = None
@@ -59,10 +60,16 @@ class Task:
     # and `metrics(records)`), for a metric that is not a sum of per-rank parts (COCO mAP ranks every
     # detection of the whole set); otherwise counts are summed over ranks.
     gathers: bool = False
+    # Exports carry the model's own generation config although eval.generate does not apply (speech to text).
+    saves_generation_config: bool = False
 
     @property
     def needs_tokenizer(self) -> bool:
         return self.preprocessor in ("tokenizer", "processor")
+
+    @property
+    def reads_audio(self) -> bool:
+        return any("audio" in fields for fields in self.formats.values())
 
     @property
     def labelled(self) -> bool:
@@ -80,7 +87,8 @@ class Task:
 
 # The task modules (sft_dist/tasks/NAME.py, each with its `TASK`), in the order errors list them.
 TASK_MODULES = ("causal_lm", "sequence_classification", "token_classification", "image_classification", "regression",
-                "image_text_to_text", "object_detection", "semantic_segmentation")
+                "image_text_to_text", "object_detection", "semantic_segmentation", "speech_recognition",
+                "audio_classification")
 
 
 def _registry() -> dict[str, Task]:

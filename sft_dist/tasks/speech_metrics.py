@@ -11,9 +11,11 @@ mean of per-clip or per-rank rates.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
+from sft_dist.data.chat import IGNORE_INDEX
 from sft_dist.tasks.heads import tag_loss_sums
 
 # Word characters and apostrophes ("don't" is one word); everything else separates words.
@@ -73,3 +75,37 @@ def word_error_rate(edits: float, reference_words: float) -> float:
     """Edits per reference word. With no reference word at all (only silent clips) each inserted word
     counts as one error: finite, so metrics.jsonl stays JSON (jiwer refuses empty references)."""
     return edits / max(reference_words, 1)
+
+
+NUM_SAMPLES = 4  # transcripts of this rank's first held-out clips, written to samples.jsonl
+TRANSCRIPT_MARGIN = 8  # tokens a transcript may run past the batch's longest reference
+
+
+class TranscriptCounts(SpeechCounts):
+    """SpeechCounts of a validation batch: the teacher-forced forward, then greedy transcripts (one beam,
+    as `pipeline(..., generate_kwargs={"num_beams": 1})` decodes) compared with the reference
+    transcripts, which are the batch's targets decoded. `samples`: the first transcripts, as records."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.samples: list[dict[str, Any]] = []
+
+    def batch_counts(self, engine: Any, batch: dict[str, torch.Tensor], indices: Any) -> torch.Tensor:
+        from sft_dist.data.batches import model_inputs
+
+        logits = engine(**model_inputs(batch)).logits
+        labels = batch["labels"]
+        # Every rank runs the same number of batches (evaluate.eval_batches); each decoding step under
+        # ZeRO-3 gathers parameters, so ranks step together until all have finished (harmless otherwise).
+        synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        generated = engine.module.generate(input_features=batch["input_features"], do_sample=False, num_beams=1,
+                                           max_new_tokens=labels.shape[1] + TRANSCRIPT_MARGIN, synced_gpus=synced)
+        hypotheses = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        references = self.tokenizer.batch_decode([row[row != IGNORE_INDEX] for row in labels.cpu()],
+                                                 skip_special_tokens=True)
+        room = NUM_SAMPLES - len(self.samples)
+        for index, hypothesis, reference in list(zip(indices, hypotheses, references))[:room]:
+            self.samples.append({"prompt": f"held-out clip {int(index)}", "expected": reference.strip(),
+                                 "answer": hypothesis.strip(), "exact_match": transcript_words(hypothesis)
+                                 == transcript_words(reference), "match": None})
+        return self.counts(logits, labels, hypotheses, references)

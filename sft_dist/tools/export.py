@@ -128,6 +128,8 @@ def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
         config.architectures = [task.architecture(config)]
     model_folder.write_config(config, out)
     tokenizer = write_preprocessor(cfg, out)
+    if task.saves_generation_config:  # e.g. Whisper's: its decoder prompt, suppressed tokens, lengths
+        GenerationConfig.from_pretrained(m.name_or_path).save_pretrained(out)
     if not task.generates:
         return
     try:
@@ -141,13 +143,16 @@ def write_metadata(cfg: RunConfig, out: Path, dtype: torch.dtype) -> None:
 
 def write_preprocessor(cfg: RunConfig, out: Path) -> Any:
     """The tokenizer the run trained with, its chat template `data.chat_template` when set; or an image
-    classifier's image processor, or a vision-language model's processor (what `pipeline(...)` needs besides
-    the model). Returns the tokenizer."""
+    classifier's image processor, an audio model's feature extractor, or a processor (a vision-language
+    model's, a speech recogniser's): what `pipeline(...)` needs besides the model. Returns the tokenizer."""
     m, task = cfg.model, task_of(cfg)
     if task.preprocessor == "image_processor":
         model_lib.load_image_processor(m).save_pretrained(out)
         return None
-    if task.preprocessor == "processor":  # a vision-language model: tokenizer, image processor, chat template
+    if task.preprocessor == "feature_extractor":
+        model_lib.load_feature_extractor(m).save_pretrained(out)
+        return None
+    if task.preprocessor == "processor":  # the tokenizer with an image processor or feature extractor (and template)
         processor = model_lib.load_processor(m.name_or_path, m.trust_remote_code)
         processor.save_pretrained(out)
         return processor.tokenizer

@@ -77,12 +77,14 @@ class Session:
                 faults.maybe_hang(cfg.debug, ctx.rank, step)
                 mb = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
                 task = task_of(cfg)
+                counter = task.counts(cfg.model)
                 if task.gathers:
-                    metrics.update(validate_gathered(self.engine, ctx, self.eval_set, mb, self.batches,
-                                                     task.counts(cfg.model)))
+                    metrics.update(validate_gathered(self.engine, ctx, self.eval_set, mb, self.batches, counter))
                 else:
-                    metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches,
-                                            task.counts(cfg.model), self.chunked_loss(0.0)))
+                    metrics.update(validate(self.engine, ctx, self.eval_set, mb, self.batches, counter,
+                                            self.chunked_loss(0.0)))
+            if getattr(counter, "samples", None):  # a recogniser's first transcripts, as generation's samples
+                self.emit({"step": step, "event": "samples", "samples": counter.samples})
         if cfg.eval.generate and self.prompts:
             with deadline(cfg.eval.timeout_s, f"generation at step {step}", ctx.rank, fail):
                 samples = generate_answers(self.engine, ctx, self.tokenizer, self.prompts, cfg.eval.generate,
