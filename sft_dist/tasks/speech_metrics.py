@@ -90,14 +90,13 @@ class TranscriptCounts(SpeechCounts):
         self.tokenizer = tokenizer
         self.samples: list[dict[str, Any]] = []
 
-    def batch_counts(self, engine: Any, batch: dict[str, torch.Tensor], indices: Any) -> torch.Tensor:
+    def batch_counts(self, engine: Any, batch: dict[str, torch.Tensor], indices: Any, synced: bool) -> torch.Tensor:
         from sft_dist.data.batches import model_inputs
 
         logits = engine(**model_inputs(batch)).logits
         labels = batch["labels"]
-        # Every rank runs the same number of batches (evaluate.eval_batches); each decoding step under
-        # ZeRO-3 gathers parameters, so ranks step together until all have finished (harmless otherwise).
-        synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        # `synced` (more than one rank): every rank runs the same number of batches (evaluate.eval_batches);
+        # each decoding step under ZeRO-3 gathers parameters, so ranks step together until all have finished.
         generated = engine.module.generate(input_features=batch["input_features"], do_sample=False, num_beams=1,
                                            max_new_tokens=labels.shape[1] + TRANSCRIPT_MARGIN, synced_gpus=synced)
         hypotheses = self.tokenizer.batch_decode(generated, skip_special_tokens=True)

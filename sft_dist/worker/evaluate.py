@@ -50,7 +50,7 @@ def validate(engine: TrainEngine, ctx: RunContext, eval_set: Any, micro_batch_si
                 sums = chunked(engine, model_inputs(batch), batch["labels"])
                 counts = torch.stack([s.double().cpu() for s in sums])
             elif hasattr(counter, "batch_counts"):  # counts of more than the logits (generated transcripts)
-                counts = counter.batch_counts(engine, batch, indices)
+                counts = counter.batch_counts(engine, batch, indices, synced=ctx.world_size > 1)
             else:
                 counts = counter.counts(engine(**model_inputs(batch)).logits, batch["labels"])
             if len(indices):
