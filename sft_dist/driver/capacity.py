@@ -78,9 +78,12 @@ def abort_train_controllers() -> None:
     handle lookup by actor id)."""
     from ray.util.state import list_actors
 
-    job = ray.get_runtime_context().get_job_id()
-    for actor in list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
-                                      ("job_id", "=", job)]):
+    context = ray.get_runtime_context()
+    # The address of the cluster this driver joined: without it the state API refuses a machine that runs
+    # two Ray instances.
+    for actor in list_actors(address=context.gcs_address,
+                             filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
+                                      ("job_id", "=", context.get_job_id())]):
         worker = ray._private.worker.global_worker
         handle = worker.core_worker.get_actor_handle(ray.ActorID.from_hex(actor.actor_id))
         try:
