@@ -160,6 +160,7 @@ def cluster():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(SFT_DIST_RAY_PORT=str(PORT), SFT_DIST_RAY_DASHBOARD_PORT="8299", SFT_DIST_RAY_CLIENT_PORT="6451",
                SFT_DIST_RAY_TEMP_DIR=temp_dir, SFT_DIST_RAY_WORKER_NODES="1", SFT_DIST_RAY_CPUS_PER_NODE="1",
+               RAY_AUTH_MODE="token",  # as start.sh exports it (a test run alone has no ray.init to set it)
                RAY_BIN=str(BIN / "ray"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO))
     try:
         start_nodes(env)
@@ -336,8 +337,6 @@ def test_min_workers_the_cluster_does_not_hold_are_refused_after_the_timeout(clu
     assert not (tmp_path / "big").exists()
 
 
-@pytest.mark.xfail(reason="not yet seen passing: its two runs here failed (the state API call without an address; "
-                          "then the driver could not join a cluster left by an interrupted session)", strict=False)
 def test_a_run_left_below_min_workers_stops_after_the_timeout(cluster, tmp_path):
     """[2, 2] on two one-worker nodes: losing one leaves the cluster a worker short of MIN, which Ray's
     elastic policy would wait for forever; the run stops after ray.min_workers_timeout_s in one line."""

@@ -72,10 +72,13 @@ class BelowMinimum(threading.Thread):
                 return
 
 
-def abort_train_controllers() -> None:
-    """Ray Train's abort of this job's running controllers. The trainer keeps its controller's handle to
-    itself, so the handle is found through Ray's state API by class and job (private: the core worker's
-    handle lookup by actor id)."""
+def abort_train_controllers(grace_s: float = 15.0) -> None:
+    """End this job's running Ray Train controllers: Ray Train's own abort first, then, if the controller
+    has not ended within `grace_s`, `ray.kill`. A controller stuck starting a worker group the cluster
+    cannot hold (its retries block its event loop) never serves the abort call; killing it ends the
+    workers and the placement group it owns, and the checkpoints in storage stay. The trainer keeps its
+    controller's handle to itself, so the handle is found through Ray's state API by class and job
+    (private: the core worker's handle lookup by actor id)."""
     from ray.util.state import list_actors
 
     context = ray.get_runtime_context()
@@ -87,6 +90,8 @@ def abort_train_controllers() -> None:
         worker = ray._private.worker.global_worker
         handle = worker.core_worker.get_actor_handle(ray.ActorID.from_hex(actor.actor_id))
         try:
-            ray.get(handle.abort.remote(), timeout=60)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            ray.get(handle.abort.remote(), timeout=grace_s)
+        except ray.exceptions.RayActorError:
             pass  # abort ends the controller's process: its own call does not return
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(handle, no_restart=True)
