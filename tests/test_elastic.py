@@ -286,12 +286,7 @@ VARIANTS = {
 }
 
 
-# Known failure, not run (it costs the suite a 4-minute drill): the run started at 1 worker trained all 60
-# steps at 1; the restarted worker node never made Ray grow the group.
-NOT_YET = {"lora-zero3-1to2to1": pytest.mark.xfail(reason="1 -> 2 growth did not happen in the drill", run=False)}
-
-
-@pytest.fixture(scope="module", params=[pytest.param(name, marks=NOT_YET.get(name, ())) for name in VARIANTS])
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request) -> Variant:
     return VARIANTS[request.param]
 

@@ -1,15 +1,19 @@
 """`sft-dist plan`: model-state figures equal DeepSpeed's own estimators; parameters counted from a
-config alone; the report and its recommendation for the shipped 8B GPU config, offline."""
+config alone; the report and its recommendation for the shipped 8B GPU config, offline; the loss path's
+bytes (full logits and chunked) against a real process's measured peak."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from sft_dist.tools import plan
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, subprocess_env
 
 LLAMA3_8B = REPO / "configs" / "models" / "meta-llama--Meta-Llama-3-8B-Instruct"
 
@@ -121,3 +125,38 @@ def test_sizes_an_image_classifier_by_its_own_parameters_and_patches(capsys):
     assert main(["plan", str(REPO / "configs" / "image-tiny.yaml"), "--set", "model.num_labels=3"]) == 0
     text = capsys.readouterr().out
     assert "(24,003;" in text and "labels 3" in text and "micro-batch 8 x 17 patches" in text
+
+
+def bench_loss_peak(variant: str) -> float:
+    """The peak a real `python -m sft_dist.tools.bench_loss` process measures (bench's quick sizes)."""
+    done = subprocess.run([sys.executable, "-m", "sft_dist.tools.bench_loss", variant, "quick", "cpu"],
+                          env={**subprocess_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+@pytest.fixture(scope="module")
+def decoder_floor() -> float:
+    return bench_loss_peak("decoder")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", ["full", "chunked"])
+def test_loss_path_estimate_is_within_15_percent_of_the_measured_peak(variant, decoder_floor, tmp_path):
+    """On bench's tiny-width 128k-vocabulary Llama, plan's loss-path bytes (full logits, or one chunk's)
+    against what a real process measures: its peak in forward and backward over the same steps' peak
+    without the loss over the head (decoder, gradients and allocator alike)."""
+    from sft_dist.config import load
+    from sft_dist.tools import bench_loss
+
+    bench_loss._model("cpu").config.save_pretrained(tmp_path)  # the very model the bench measures
+    shape = plan.model_shape(tmp_path)
+    assert shape.chunkable and shape.vocab == bench_loss.VOCAB
+    size = bench_loss.sizes(quick=True)
+    switch = "auto" if variant == "chunked" else "false"
+    cfg = load(TINY_CONFIG, [f"train.chunked_loss={switch}", f"train.loss_chunk_tokens={size['chunk']}"])
+    chunk = plan.loss_chunk(cfg, shape)
+    assert chunk == (size["chunk"] if variant == "chunked" else None)
+    estimate = plan.loss_path_bytes(shape.vocab, shape.hidden, size["seq"], "fp32", chunk)
+    assert estimate == pytest.approx(bench_loss_peak(variant) - decoder_floor, rel=0.15)

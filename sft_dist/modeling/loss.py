@@ -111,7 +111,7 @@ def chunked_loss_of(module: torch.nn.Module, switch: bool | str, chunk_tokens: i
     if switch is False:
         return None
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    problem = _why_not_chunked(base, zero3)
+    problem = why_not_chunked(base, zero3)
     if problem is None:
         return ChunkedTokenLoss(base.get_decoder(), base.get_output_embeddings(), label_smoothing, chunk_tokens)
     if switch is True:
@@ -120,7 +120,7 @@ def chunked_loss_of(module: torch.nn.Module, switch: bool | str, chunk_tokens: i
     return None
 
 
-def _why_not_chunked(base: torch.nn.Module, zero3: bool) -> str | None:
+def why_not_chunked(base: torch.nn.Module, zero3: bool = False) -> str | None:
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return "has no logits_to_keep argument in its forward"
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:

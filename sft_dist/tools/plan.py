@@ -8,7 +8,9 @@ standard estimate for transformer layers of Korthikanti et al., "Reducing Activa
 Large Transformer Models" (2022): s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit, the 5·a·s/h term
 (attention scores) only with eager attention (sdpa and flash attention do not keep them); with
 gradient checkpointing, each layer keeps its 16-bit input (2·s·b·h) and one layer is recomputed at a
-time. Plus the logits: s·b·V in the compute dtype, and a float32 copy and its gradient for the loss.
+time. Plus the logits: s·b·V in the compute dtype, and a float32 copy and its gradient for the loss;
+with the chunked loss (`train.chunked_loss`), one chunk's `loss_chunk_tokens` rows of them at a time
+(a test checks both against the peak memory `sft-dist bench` measures on a 128k-vocabulary model).
 
 Parameters are counted from the model's config on the meta device, built by the `model.task`'s class
 (a classifier with its head, not a language-model head): no weights are read. A classifier's logits
@@ -44,6 +46,7 @@ class ModelShape:
     heads: int
     vocab: int  # logits per position: the vocabulary of a causal LM, a classifier's labels
     positions: int | None = None  # a fixed sequence length (an image's patches); None: data.max_seq_len
+    chunkable: bool = False  # `train.chunked_loss: auto` turns the chunked loss on for this model
 
 
 @dataclass(frozen=True)
@@ -126,14 +129,25 @@ def host_bytes_per_node(params: int, largest_layer: int, setting: Setting, world
 
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, eager_attention: bool,
-                     checkpointing: bool) -> int:
+                     checkpointing: bool, loss_chunk: int | None = None) -> int:
     s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
     scale = 1 if precision in ("bf16", "fp16") else 2  # the estimate counts 16-bit elements
     per_layer = s * b * h * (34 + (5 * a * s / h if eager_attention else 0)) * scale
-    logits = s * b * shape.vocab * (2 * scale + 8)  # compute-dtype logits + float32 copy and gradient
+    logits = loss_path_bytes(shape.vocab, h, s * b, precision, loss_chunk)
     if checkpointing:
         return int(shape.layers * 2 * s * b * h * scale + per_layer + logits)
     return int(shape.layers * per_layer + logits)
+
+
+def loss_path_bytes(vocab: int, hidden: int, tokens: int, precision: str, loss_chunk: int | None) -> int:
+    """The logits rows held at once (all of a micro-batch's tokens, or one chunk of the chunked loss:
+    `train.chunked_loss`) in the compute dtype, with a float32 copy and its gradient for the loss. The
+    chunked loss also holds about five float32 LM-head-sized buffers in its backward (each chunk's weight
+    gradient and their running sum; measured on bench's 128k-vocabulary model, a test keeps it so)."""
+    compute = 2 if precision in ("bf16", "fp16") else 4
+    if loss_chunk is None:
+        return tokens * vocab * (compute + 8)
+    return min(loss_chunk, tokens) * vocab * (compute + 8) + 5 * vocab * hidden * 4
 
 
 # ---------------------------------------------------------------- the model
@@ -158,6 +172,8 @@ def model_shape(source: Path | str, trust_remote_code: bool = False, task: str =
     import torch
     from transformers import AutoConfig
 
+    from sft_dist.modeling.loss import why_not_chunked
+
     head = {} if TASKS[task].labels_are_tokens else {"num_labels": num_labels}
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, **head)
@@ -172,7 +188,7 @@ def model_shape(source: Path | str, trust_remote_code: bool = False, task: str =
     # Convolutional vision models have no transformer layers: their activations are not estimated.
     layers = [getattr(text, name, 0) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads")]
     return ModelShape(total, largest, *layers, text.vocab_size if TASKS[task].labels_are_tokens else num_labels,
-                      image_positions(config))
+                      image_positions(config), chunkable=task == "causal_lm" and why_not_chunked(model) is None)
 
 
 def image_positions(config: Any) -> int | None:
@@ -198,7 +214,8 @@ def rows(cfg: RunConfig, shape: ModelShape, gpus_per_node: int) -> list[dict[str
     t, world = cfg.train, cfg.ray.min_workers  # the fewest workers hold the most per device
     eager = cfg.model.attn_implementation == "eager"
     seq_len = shape.positions or cfg.data.max_seq_len
-    act = {gc: activation_bytes(shape, t.micro_batch_size, seq_len, t.precision, eager, gc)
+    chunk = loss_chunk(cfg, shape)
+    act = {gc: activation_bytes(shape, t.micro_batch_size, seq_len, t.precision, eager, gc, chunk)
            for gc in (False, True)}
     out = []
     for setting in settings():
@@ -210,6 +227,13 @@ def rows(cfg: RunConfig, shape: ModelShape, gpus_per_node: int) -> list[dict[str
                     "host_per_node": host_bytes_per_node(shape.total_params, shape.largest_layer_params, setting,
                                                          world, gpus_per_node)})
     return out
+
+
+def loss_chunk(cfg: RunConfig, shape: ModelShape) -> int | None:
+    """The chunked loss's tokens per chunk where the run uses it, else None (the full logits)."""
+    switch = cfg.train.chunked_loss
+    on = switch is True or (switch == "auto" and shape.chunkable)
+    return cfg.train.loss_chunk_tokens if on and cfg.model.task == "causal_lm" else None
 
 
 def recommend(table: list[dict[str, Any]], device_bytes: int) -> tuple[dict[str, Any], bool] | None:
@@ -239,7 +263,8 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
         f"{shape.positions or cfg.data.max_seq_len} {'patches' if shape.positions else 'tokens'}, "
         f"configured ZeRO-{ds.stage}"
         + (" offload optimizer" if ds.offload_optimizer else "") + (" offload params" if ds.offload_params else "")
-        + (", gradient checkpointing" if cfg.model.gradient_checkpointing else ""),
+        + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
+        + (f", chunked loss ({loss_chunk(cfg, shape)} tokens a chunk)" if loss_chunk(cfg, shape) else ""),
         "",
         "memory per device, GiB (model states: DeepSpeed's estimates; activations: Korthikanti et al. 2022)",
         f"{'setting':<33}{'params':>8} {'grads':>8} {'optim':>8} {'layer':>8} {'states':>8} "
