@@ -18,7 +18,8 @@ from sft_dist.tools import mfu
 from conftest import REPO, subprocess_env
 
 NAMES = ["1 framework overhead", "2a vs HF, unpacked", "2b vs HF, packed", "2c packing gain", "3 packing",
-         "4 preprocessing", "5 checkpoint", "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory"]
+         "4 preprocessing", "5 checkpoint", "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory",
+         "9a packed attention", "9b packed row length"]
 
 
 def part_ratios(note: str) -> dict[str, float]:

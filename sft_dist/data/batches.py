@@ -20,8 +20,10 @@ from sft_dist.data.chat import IGNORE_INDEX
 
 # Global batches sorted by length together when grouping (as transformers' LengthGroupedSampler does).
 GROUP_SPAN_BATCHES = 50
+# sft_dist's own attention for packed rows without flash-attention (`modeling.packed_attention`).
+PER_EXAMPLE_ATTENTION = "sft_per_example_sdpa"
 # Attention kernels that take a flattened batch as variable-length sequences from position ids alone.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", PER_EXAMPLE_ATTENTION)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ printed as a table and written as JSON.
    off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.tools.bench_zero).
 8. loss (full runs only): the chunked causal-LM loss over the full logits, loss-path peak memory and
    step time at a 128k vocabulary and a long sequence, one process per measurement (bench_loss).
+9. packed attention: tokens/s of packed rows with attention per example (sft_dist's, without
+   flash-attention) over sdpa with the dense block-diagonal mask at L=1024, and at L=1024 over L=128
+   (bench_attention).
 
 Threads are pinned, every timed part is warmed up first, and times are medians over repeats with their
 spread (the interquartile range over the median). CPU timings on a shared machine are noisy: compare
@@ -295,6 +298,24 @@ def loss_results(use_gpu: bool) -> list[Result]:
     return out
 
 
+def attention_results(quick: bool) -> list[Result]:
+    """Packed attention per example against the dense mask at L=1024, and its cost at L=1024 over L=128
+    (bench_attention)."""
+    from sft_dist.tools import bench_attention
+
+    measured = bench_attention.measure(quick)
+    ours, ours_spread = median_spread(measured[(1024, "per_example")])
+    dense, _ = median_spread(measured[(1024, "dense")])
+    short, _ = median_spread(measured[(128, "per_example")])
+    dense_short, _ = median_spread(measured[(128, "dense")])
+    note = (f"packed rows of 20-110-token examples, forward+backward, a 2-layer Llama; the dense mask's own "
+            f"L=1024 over L=128: {dense / dense_short:.2f}x")
+    return [Result("9a packed attention", "tokens/s at L=1024, per example", ours, "sdpa, dense mask", dense,
+                   ours_spread, ">= 1x", note),
+            Result("9b packed row length", "tokens/s at L=1024, per example", ours, "L=128", short, ours_spread,
+                   ">= 0.8x", "attention cost per token across row lengths")]
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -341,6 +362,7 @@ def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, p
     results.append(packing_result(plain_data, packed_data))
     results.append(preprocessing_result(cfg, trl_trainer, repeats=3 if quick else 5))
     results += zero_scaling_results(ctx, config, quick, out_dir)
+    results += attention_results(quick)
     if not quick:  # minutes of CPU: a 128k vocabulary over thousands of tokens, twice per repeat
         results += loss_results(use_gpu)
     settings = {"model": cfg.model.name_or_path, "threads": threads, "warmup_steps": warmup, "timed_steps": repeats,

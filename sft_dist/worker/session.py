@@ -17,7 +17,7 @@ from sft_dist.data.batches import BatchPlan, TextBatches, grouping_lengths
 from sft_dist.data.images import ImageBatches
 from sft_dist.data.prepare import PreparedData
 from sft_dist.data.templates import chat_template
-from sft_dist.modeling import adapters
+from sft_dist.modeling import adapters, packed_attention
 from sft_dist.modeling import model as model_lib
 from sft_dist.modeling.loss import ChunkedTokenLoss, chunked_loss_of
 from sft_dist.records import LoopState
@@ -189,6 +189,8 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
     dtype = model_lib.weight_dtype(cfg.model, cfg.train.precision)
     model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config),
                             adapters.quantized_loading(cfg.peft, dtype, ctx.device), cfg.train.neftune_alpha)
+    if cfg.data.packing:  # attention per packed example, not over the whole row (where sdpa would run)
+        packed_attention.use_for_packing(model)
     model = adapters.wrap(model, cfg.peft, model_lib.PRECISION_DTYPES[cfg.train.precision],
                           cfg.model.gradient_checkpointing, cfg.model.task)
     # from_pretrained returns a model in eval mode: without this, model.dropout and NEFTune (which act
@@ -199,6 +201,7 @@ def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bo
     engine = engine_lib.initialize(model, cfg, ds_config, steps, groups)
     local, total = engine_lib.parameter_elements(engine.module)
     ctx.emit({"step": 0, "event": "setup", "world_size": ctx.world_size, "zero_stage": cfg.deepspeed.stage,
+              "attention": getattr(model.config, "_attn_implementation", None),
               "total_steps": steps, "param_elements_total": total, "param_elements_per_rank": all_gather(local),
               "trainable_params": trainable, "param_groups": engine_lib.group_summary(groups),
               "optimizer_lrs": [g["lr"] for g in engine.optimizer.param_groups]})
