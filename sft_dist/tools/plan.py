@@ -253,7 +253,7 @@ def recommend(table: list[dict[str, Any]], device_bytes: int) -> tuple[dict[str,
 
 def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per_node: int) -> str:
     t, ds = cfg.train, cfg.deepspeed
-    table = rows(cfg, shape, gpus_per_node)
+    table, chunk = rows(cfg, shape, gpus_per_node), loss_chunk(cfg, shape)
     gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
     lines = [
         f"model: {cfg.model.name_or_path}: {shape.total_params / 1e9:.3f} B parameters "
@@ -264,7 +264,7 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
         f"configured ZeRO-{ds.stage}"
         + (" offload optimizer" if ds.offload_optimizer else "") + (" offload params" if ds.offload_params else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
-        + (f", chunked loss ({loss_chunk(cfg, shape)} tokens a chunk)" if loss_chunk(cfg, shape) else ""),
+        + (f", chunked loss ({chunk} tokens a chunk)" if chunk else ""),
         "",
         "memory per device, GiB (model states: DeepSpeed's estimates; activations: Korthikanti et al. 2022)",
         f"{'setting':<33}{'params':>8} {'grads':>8} {'optim':>8} {'layer':>8} {'states':>8} "
