@@ -524,6 +524,10 @@ class DebugConfig(Section):
     # Seconds every rank sleeps after each step: paces a short run so a drill can act on it mid-way
     # (stop a node and start it again); the numbers are unchanged.
     step_sleep_s: float = Field(0.0, ge=0)
+    # While this file exists, every rank waits after each step (at most HOLD_LIMIT_S in all): a drill
+    # holds a run while a node starts, so a slow machine cannot end the run before it grows. A path that
+    # every rank sees (the drills' one-machine cluster); the numbers are unchanged.
+    hold_while_file: str | None = None
 
 
 class RayConfig(Section):

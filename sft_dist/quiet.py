@@ -51,6 +51,8 @@ def worker() -> None:
         return
     deepspeed_cpu_fallback_warning()
     torch_all_gather_into_tensor_deprecation()
+    torch_reduce_scatter_tensor_deprecation()
+    deepspeed_universal_load_mpu_warning()
     transformers_loading_progress_bar()
 
 
@@ -150,6 +152,27 @@ def torch_all_gather_into_tensor_deprecation() -> None:
     0.19's ZeRO calls at every step (83 times in a 20-step tiny run): DeepSpeed's to change, not ours."""
     if _version("torch")[:2] >= (2, 13) and _version("deepspeed")[:2] == (0, 19):
         warnings.filterwarnings("ignore", message=TORCH_ALL_GATHER_DEPRECATION, category=FutureWarning)
+
+
+TORCH_REDUCE_SCATTER_DEPRECATION = r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"
+
+
+def torch_reduce_scatter_tensor_deprecation() -> None:
+    """Its sibling: torch 2.13 deprecates `reduce_scatter_tensor`, which DeepSpeed 0.19's ZeRO-3 calls to
+    reduce gradients (twice a step per rank in a LoRA run); DeepSpeed's to change, not ours."""
+    if _version("torch")[:2] >= (2, 13) and _version("deepspeed")[:2] == (0, 19):
+        warnings.filterwarnings("ignore", message=TORCH_REDUCE_SCATTER_DEPRECATION, category=FutureWarning)
+
+
+DEEPSPEED_NO_MPU = r"^MPU is not provided, setting tp size to 1 in checkpoint loading"
+
+
+def deepspeed_universal_load_mpu_warning() -> None:
+    """DeepSpeed 0.19 warns on every rank that loads a universal checkpoint (each world-size change,
+    runtime/base_optimizer.py) that no model-parallel unit was given: sft_dist has no tensor
+    parallelism, so tp size 1 is right and there is nothing to give."""
+    if _version("deepspeed")[:2] == (0, 19):
+        _drop_messages("DeepSpeed", DEEPSPEED_NO_MPU)
 
 
 def transformers_loading_progress_bar() -> None:

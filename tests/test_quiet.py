@@ -26,6 +26,7 @@ NOISE = {
     "deepspeed_cpu_fallback_warning": "Setting accelerator to CPU",
     "deepspeed_shm_comm_built": "deepspeed_shm_comm_op built successfully",
     "torch_all_gather_into_tensor_deprecation": "all_gather_into_tensor` is deprecated",
+    "torch_reduce_scatter_tensor_deprecation": "reduce_scatter_tensor` is deprecated",
     "transformers_loading_progress_bar": "Loading weights",
 }
 
@@ -45,8 +46,8 @@ def probes() -> dict[str, dict[str, str]]:
     return found
 
 
-PROBED = ["deepspeed_cpu_fallback_warning", "torch_all_gather_into_tensor_deprecation", "deepspeed_shm_comm_built",
-          "transformers_loading_progress_bar"]
+PROBED = ["deepspeed_cpu_fallback_warning", "torch_all_gather_into_tensor_deprecation",
+          "torch_reduce_scatter_tensor_deprecation", "deepspeed_shm_comm_built", "transformers_loading_progress_bar"]
 
 
 @pytest.mark.parametrize("name", PROBED)

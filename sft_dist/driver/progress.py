@@ -41,7 +41,7 @@ class Progress:
     def line(self, record: TrainRecord) -> str:
         e = record.metrics
         text = (f"train step {record.step}/{e['total_steps']} epoch {e['epoch']:.2f} loss {e['loss']:.4f} "
-                f"lr {e['lr']:.2e} {e['tokens_per_s']:.0f} tok/s eta {format_duration(self.eta_s(record))}")
+                f"lr {e['lr']:.2e} {throughput(e)} eta {format_duration(self.eta_s(record))}")
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} (step {step})"
@@ -94,7 +94,7 @@ class LiveProgress(Progress):
         fraction = record.step / max(e["total_steps"], 1)
         bar = "#" * round(20 * fraction) + "-" * (20 - round(20 * fraction))
         text = (f"[{bar}] {record.step}/{e['total_steps']} ep {e['epoch']:.2f} | loss {e['loss']:.4f} | "
-                f"lr {e['lr']:.2e} | {e['tokens_per_s']:,.0f} tok/s | eta {format_duration(self.eta_s(record))}")
+                f"lr {e['lr']:.2e} | {throughput(e, grouped=True)} | eta {format_duration(self.eta_s(record))}")
         if self.last_eval:
             metric, value, step = self.last_eval
             text += f" | {metric} {value:.4f} @{step}"
@@ -113,6 +113,14 @@ def for_stream(out: TextIO | None = None) -> Progress:
     """The live line on a terminal, plain lines otherwise."""
     stream = out or sys.stdout
     return LiveProgress(out) if getattr(stream, "isatty", lambda: False)() else Progress(out)
+
+
+def throughput(metrics: dict, grouped: bool = False) -> str:
+    """Audio seconds trained per second for clips (their transcripts are a few tokens), else tokens/s;
+    `grouped`: thousands separated (the live line)."""
+    if "audio_s_per_s" in metrics:
+        return f"{metrics['audio_s_per_s']:.1f} audio s/s"
+    return f"{metrics['tokens_per_s']:{',' if grouped else ''}.0f} tok/s"
 
 
 def format_duration(seconds: float) -> str:

@@ -3,7 +3,7 @@ loss (`train.chunked_loss`), at a large vocabulary and a long sequence: peak mem
 
 The model is a tiny-width Llama with a 128k vocabulary, built from a config (no download): its loss path
 is then most of its memory, as at a real model's long sequences. Each measurement is a process of its own
-(`python -m sft_dist.tools.bench_loss`), so its peak RSS (or, on a GPU, `torch.cuda.max_memory_allocated`)
+(`python -m sft_dist.tools.bench_loss`), so its peak RSS (VmHWM; or, on a GPU, `torch.cuda.max_memory_allocated`)
 is that variant's alone; the loss-path peak is the peak during the steps over the memory held before them
 (model and inputs). Full and chunked processes alternate, so machine noise hits both.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -55,12 +54,27 @@ def _model(device: str) -> Any:
     return transformers.LlamaForCausalLM(config).to(device)
 
 
+def _reset_peak(device: str) -> None:
+    """Start the peak from what the process holds now (model and inputs built)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # Linux: VmHWM := the current RSS
+
+
 def _peak_bytes(device: str) -> float:
+    """The peak since _reset_peak. On CPU VmHWM, not getrusage's ru_maxrss: that one outlives exec, so a
+    process started from a large one (a long pytest session, vfork + exec) reports its parent's peak."""
     import torch
 
     if device == "cuda":
         return float(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kilobytes on Linux
+    with open("/proc/self/status") as status:
+        line = next(x for x in status if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024.0  # kB
 
 
 def _current_bytes(device: str) -> float:
@@ -86,6 +100,7 @@ def one_process(variant: str, quick: bool, use_gpu: bool) -> dict[str, float]:
     ids = torch.randint(0, VOCAB, (1, size["seq"]), device=device)
     chunked = chunked_loss_of(model, True, size["chunk"]) if variant == "chunked" else None
     held, times = _current_bytes(device), []
+    _reset_peak(device)
     for _ in range(size["steps"] + 1):  # the first one warms up
         start = time.perf_counter()
         if chunked:

@@ -19,6 +19,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from sft_dist import quiet
 from sft_dist.config import RunConfig, TrainConfig
+from sft_dist.worker import partitioned_init
 
 # transformers finds the ZeRO-3 config through a module-level weak reference (for partitioned
 # `from_pretrained`, and later for `generate(synced_gpus=...)`), so it must outlive construction.
@@ -76,8 +77,10 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     if ds_config["zero_optimization"]["stage"] == 3:
         # Kept for the whole job: transformers also asks it whether to sync ranks in `generate`.
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
-    else:  # an earlier ZeRO-3 engine in this process (tests, --no-ray) must not partition this model
-        forget_zero3_construction()
+        with partitioned_init.loaded_modules_not_reinitialised():
+            yield
+        return
+    forget_zero3_construction()  # an earlier ZeRO-3 engine in this process (tests, --no-ray) must not partition
     yield
 
 

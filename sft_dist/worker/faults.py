@@ -1,5 +1,6 @@
 """Fault injection for tests and drills: one rank fails once, at one step (`debug.fail_at_step`), or
-blocks inside one validation (`debug.hang_in_validation`); and a pace (`debug.step_sleep_s`).
+blocks inside one validation (`debug.hang_in_validation`); and a pace (`debug.step_sleep_s`, and
+`debug.hold_while_file`).
 
 "Once" is remembered by a marker file in the run's checkpoint storage, which every node reaches (the
 run folder is the driver's, and a worker on another node may not see it), so the restarted worker group
@@ -28,9 +29,15 @@ def maybe_fail(debug: DebugConfig, run_storage: Location, rank: int, step: int) 
     raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank {rank}")
 
 
+HOLD_LIMIT_S = 300.0  # a hold file left behind delays a run, never hangs it
+
+
 def pace(debug: DebugConfig) -> None:
     if debug.step_sleep_s:
         time.sleep(debug.step_sleep_s)
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while debug.hold_while_file and os.path.exists(debug.hold_while_file) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def maybe_hang(debug: DebugConfig, rank: int, step: int) -> None:

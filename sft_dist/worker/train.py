@@ -150,6 +150,7 @@ class Loop:
     checkpointer: Checkpointer
     stops: StopRules
     supervised: np.ndarray  # per example, for the global batch's token count
+    durations: np.ndarray | None  # per clip, in seconds (the audio tasks): throughput in audio seconds
     timer: StepTimer
     loss_fn: LossFn
     chunked: ChunkedTokenLoss | None
@@ -161,18 +162,19 @@ class Loop:
         steps, start = total_steps(cfg, plan), loop_state.step
         tracker = BestTracker.for_config(cfg.eval, loop_state.best)
         supervised = np.asarray(session.train_set["num_supervised"])
+        durations = np.asarray(session.train_set["duration_s"]) if task_of(cfg).reads_audio else None
         timer = StepTimer(cfg.logging.timing, ctx.device, engine_lib.comm_seconds if cfg.logging.timing else None)
         loss_fn, chunked = task_of(cfg).loss(cfg.train), session.chunked_loss(cfg.train.label_smoothing)
         saver = Checkpointer(session, tracker, fingerprint, steps, [start] if start else [])
         stops = StopRules(session, tracker, Divergence() if stop_on_divergence else None)
-        return cls(session, start, steps, tracker, Schedule(cfg, plan, steps), saver, stops, supervised, timer, loss_fn,
-                   chunked)
+        return cls(session, start, steps, tracker, Schedule(cfg, plan, steps), saver, stops, supervised, durations,
+                   timer, loss_fn, chunked, Window(audio=durations is not None))
 
     def begin(self) -> None:
         """The validation before training (eval.at_start, a fresh run); the first log window starts after it."""
         if self.schedule.validates_at_start(self.start):
             self.tracker.update(self.session.validate(0), 0)
-        self.window = Window()
+        self.window = Window(audio=self.durations is not None)
 
     def train(self, step: int) -> str | None:
         """One step: train, log, maybe validate, agree whether to stop, maybe save; the agreed reason to stop."""
@@ -181,7 +183,8 @@ class Loop:
         loss_sum, tokens, supervised = train_step(session.engine, ctx, session.train_set, session.plan, step - 1,
                                                   self.supervised, session.batches, self.loss_fn, self.timer,
                                                   self.chunked, task_of(cfg).model_loss)
-        self.window.add(loss_sum, tokens, supervised)
+        audio_s = 0.0 if self.durations is None else float(self.durations[session.plan.global_batch(step - 1)].sum())
+        self.window.add(loss_sum, tokens, supervised, audio_s)
         faults.pace(cfg.debug)
         train_log = self.train_metrics(step) if self.schedule.logs(step) else None
         if train_log:
@@ -317,23 +320,28 @@ def seed_micro_batch(seed: int, step: int, number: int) -> None:
 class Window:
     """Training totals since the last log line, all-reduced when logged."""
 
+    audio: bool = False  # the rows are clips: throughput in audio seconds per second too
     loss_sum: float = 0.0
     tokens: float = 0.0
     supervised: float = 0.0
+    audio_s: float = 0.0
     started_s: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss_sum: float, tokens: float, global_supervised: int) -> None:
+    def add(self, loss_sum: float, tokens: float, global_supervised: int, global_audio_s: float = 0.0) -> None:
         self.loss_sum += loss_sum
         self.tokens += tokens
         self.supervised += global_supervised
+        self.audio_s += global_audio_s
 
     def reduce(self) -> dict[str, float]:
         """Collective: the window's token-weighted loss and tokens/s over all ranks; then resets."""
         loss_sum, tokens = all_reduce_sum(torch.tensor([self.loss_sum, self.tokens], dtype=torch.float64)).tolist()
         elapsed_s = time.perf_counter() - self.started_s
-        # `supervised` is already global: every rank added the same global batch counts.
+        # `supervised` and `audio_s` are already global: every rank added the same global batch's.
         metrics = {"loss": loss_sum / self.supervised, "tokens_per_s": tokens / elapsed_s}
-        self.loss_sum = self.tokens = self.supervised = 0.0
+        if self.audio:
+            metrics["audio_s_per_s"] = self.audio_s / elapsed_s
+        self.loss_sum = self.tokens = self.supervised = self.audio_s = 0.0
         self.started_s = time.perf_counter()
         return metrics
 
