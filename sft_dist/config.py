@@ -228,6 +228,9 @@ class DataConfig(Section):
     label_all_subtokens: bool = False
     image_augment: ImageAugmentConfig | None = None  # image_classification only
     audio_augment: AudioAugmentConfig | None = None  # speech_recognition and audio_classification only
+    # The longest clip trained or validated, in seconds (the audio tasks): longer ones are skipped and
+    # counted as too_long, as data.max_seq_len bounds text. Whisper's window bounds it already.
+    max_audio_s: float | None = Field(None, gt=0)
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -314,11 +317,12 @@ class DataConfig(Section):
         return found
 
     @model_validator(mode="after")
-    def _augment_needs_images(self) -> DataConfig:
+    def _media_keys_need_their_media(self) -> DataConfig:
         if self.image_augment is not None and TASKS[FORMAT_TASKS[self.format]].preprocessor != "image_processor":
             raise ValueError(f"data.image_augment: augments images; data.format {self.format} has none")
-        if self.audio_augment is not None and not TASKS[FORMAT_TASKS[self.format]].reads_audio:
-            raise ValueError(f"data.audio_augment: augments audio; data.format {self.format} has none")
+        for key in ("audio_augment", "max_audio_s"):
+            if getattr(self, key) is not None and not TASKS[FORMAT_TASKS[self.format]].reads_audio:
+                raise ValueError(f"data.{key}: for audio; data.format {self.format} has none")
         return self
 
     @model_validator(mode="after")

@@ -54,6 +54,8 @@ def worker() -> None:
     torch_reduce_scatter_tensor_deprecation()
     deepspeed_universal_load_mpu_warning()
     transformers_loading_progress_bar()
+    whisper_generate_config_notice()
+    generate_length_notice()
 
 
 def _version(package: str) -> tuple[int, ...]:
@@ -183,6 +185,30 @@ def transformers_loading_progress_bar() -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+
+
+WHISPER_GENERATE_CONFIG = (r"^Passing `generation_config` together with generation-related arguments="
+                           r"\(\{'(begin_)?suppress_tokens', '(begin_)?suppress_tokens'\}\)")
+
+
+def whisper_generate_config_notice() -> None:
+    """transformers 5's Whisper `generate` (models/whisper/generation_whisper.py) passes its own
+    generation config together with `suppress_tokens` and `begin_suppress_tokens` to the generic one,
+    which then warns once per process that this is deprecated: at every speech validation's first
+    transcript, from transformers' own call."""
+    if _version("transformers")[:1] == (5,):
+        _drop_messages("transformers.generation.utils", WHISPER_GENERATE_CONFIG)
+
+
+GENERATE_LENGTH = r"^Both `max_new_tokens` \(=\d+\) and `max_length`\(=\d+\) seem to have been set"
+
+
+def generate_length_notice() -> None:
+    """Validation bounds each answer and transcript by `max_new_tokens` (the longest held-out answer plus
+    a margin) on purpose; a model whose generation config names a `max_length` (Whisper's decoder
+    limit, which generate still enforces) then gets this notice from transformers 5 at every batch."""
+    if _version("transformers")[:1] == (5,):
+        _drop_messages("transformers.generation.utils", GENERATE_LENGTH)
 
 
 DEEPSPEED_SHM_BUILT = r"^DeepSpeed deepspeed\.ops\.comm\.deepspeed_shm_comm_op built successfully$"

@@ -19,7 +19,7 @@ from conftest import REPO, subprocess_env
 
 NAMES = ["1 framework overhead", "2a vs HF, unpacked", "2b vs HF, packed", "2c packing gain", "3 packing",
          "4 preprocessing", "5 checkpoint", "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory",
-         "9a packed attention", "9b packed row length"]
+         "9a packed attention", "9b packed row length", "10 speech throughput"]
 
 
 def part_ratios(note: str) -> dict[str, float]:
@@ -65,3 +65,11 @@ def test_mfu_is_six_n_tokens_over_peak():
     assert mfu.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16", override=280.0) == 280.0
     with pytest.raises(UserError, match="--peak-tflops"):
         mfu.peak_tflops("Some Future GPU", "bf16")
+
+
+def test_a_config_of_another_task_is_refused_in_one_line(capsys):
+    from sft_dist.cli import main
+
+    assert main(["bench", "--quick", "--config", str(REPO / "configs" / "commands-tiny.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.task" in err[0] and "is audio_classification" in err[0], err

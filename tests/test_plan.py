@@ -127,6 +127,34 @@ def test_sizes_an_image_classifier_by_its_own_parameters_and_patches(capsys):
     assert "(24,003;" in text and "labels 3" in text and "micro-batch 8 x 17 patches" in text
 
 
+def test_sizes_speech_models_by_the_frames_their_encoders_make():
+    """A speech model's rows are its encoder's frames, as the model itself makes them: Whisper pads every
+    clip to its window and decodes up to max_target_positions tokens over its vocabulary; wav2vec2 makes a
+    frame per 320 samples of the longest clip (data.max_audio_s)."""
+    import numpy as np
+    import torch
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification, AutoModelForSpeechSeq2Seq
+
+    from sft_dist.cli import main
+
+    models = REPO / "configs" / "models"
+    whisper = AutoModelForSpeechSeq2Seq.from_pretrained(models / "tiny-whisper")
+    features = AutoFeatureExtractor.from_pretrained(models / "tiny-whisper")(
+        np.zeros(8000, dtype=np.float32), sampling_rate=16000, return_tensors="pt").input_features  # a 0.5 s clip
+    shape = plan.model_shape(models / "tiny-whisper", task="speech_recognition")
+    with torch.no_grad():
+        assert whisper.model.encoder(features).last_hidden_state.shape[1] == shape.positions
+    assert (shape.decoder_layers, shape.decoder_positions, shape.vocab) == (
+        whisper.config.decoder_layers, whisper.config.max_target_positions, whisper.config.vocab_size)
+    wav2vec2 = AutoModelForAudioClassification.from_pretrained(models / "tiny-wav2vec2", num_labels=12)
+    shape = plan.model_shape(models / "tiny-wav2vec2", task="audio_classification", num_labels=12, audio_s=2.0)
+    with torch.no_grad():
+        frames = wav2vec2.wav2vec2(torch.zeros(1, 32000)).last_hidden_state.shape[1]
+    assert abs(frames - shape.positions) <= 1 and shape.vocab == 12 and not shape.decoder_layers  # 99 and 100
+    assert main(["plan", str(REPO / "configs" / "speech-tiny.yaml")]) == 0
+    assert main(["plan", str(REPO / "configs" / "commands-tiny.yaml"), "--set", "data.max_audio_s=2"]) == 0
+
+
 def bench_loss_peak(variant: str, parent_holds_bytes: int = 0) -> float:
     """The peak a real `python -m sft_dist.tools.bench_loss` process measures (bench's quick sizes), started
     by a process that holds `parent_holds_bytes` (as a long pytest session does: its peak is not the child's)."""

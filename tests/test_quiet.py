@@ -28,6 +28,8 @@ NOISE = {
     "torch_all_gather_into_tensor_deprecation": "all_gather_into_tensor` is deprecated",
     "torch_reduce_scatter_tensor_deprecation": "reduce_scatter_tensor` is deprecated",
     "transformers_loading_progress_bar": "Loading weights",
+    "whisper_generate_config_notice": "Passing `generation_config` together with generation-related arguments",
+    "generate_length_notice": "seem to have been set. `max_new_tokens` will take precedence",
 }
 
 
@@ -47,7 +49,8 @@ def probes() -> dict[str, dict[str, str]]:
 
 
 PROBED = ["deepspeed_cpu_fallback_warning", "torch_all_gather_into_tensor_deprecation",
-          "torch_reduce_scatter_tensor_deprecation", "deepspeed_shm_comm_built", "transformers_loading_progress_bar"]
+          "torch_reduce_scatter_tensor_deprecation", "deepspeed_shm_comm_built", "transformers_loading_progress_bar",
+          "whisper_generate_config_notice", "generate_length_notice"]
 
 
 @pytest.mark.parametrize("name", PROBED)

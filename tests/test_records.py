@@ -123,3 +123,15 @@ def test_a_validation_without_a_loss_is_shown_and_kept(tmp_path):
     assert "eval  step 2: eval_map 0.5000" in out.getvalue()
     assert recorder.summary({})["eval_last"] == {"step": 2, "eval_map": 0.5, "eval_images": 3}
     assert "held-out eval_map: 0.1250 (step 0) -> 0.5000 (step 2)" in recorder.before_after()
+
+
+def test_the_validation_line_shows_each_tasks_own_metric(tmp_path):
+    """Speech recognition's word error rate and regression's errors are on the console line, as accuracy is."""
+    from sft_dist.driver.metrics import RunRecorder
+
+    out = io.StringIO()
+    recorder = RunRecorder(tmp_path, out=out)
+    recorder.record({"step": 0, "eval_loss": 5.9, "eval_token_acc": 0.0, "eval_wer": 1.0, "eval_clips": 30})
+    recorder.record({"step": 1, "eval_loss": 0.5, "eval_mse": 0.25, "eval_mae": 0.4})
+    assert "eval  step 0: eval_loss 5.9000 token_acc 0.000 wer 1.000" in out.getvalue()
+    assert "eval  step 1: eval_loss 0.5000 mse 0.250 mae 0.400" in out.getvalue()

@@ -22,7 +22,7 @@ from test_tasks import reference_macro_f1
 
 from sft_dist import checkpoints
 
-from conftest import REPO, read_events, subprocess_env
+from conftest import REPO, TINY_CONFIG, read_events, subprocess_env
 
 SPEECH_CONFIG, COMMANDS_CONFIG = REPO / "configs" / "speech-tiny.yaml", REPO / "configs" / "commands-tiny.yaml"
 SPEECH, COMMANDS = REPO / "configs" / "data" / "speech", REPO / "configs" / "data" / "commands"
@@ -125,19 +125,59 @@ def test_command_accuracy_rises_and_equals_the_exports_forward_and_pipeline(comm
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("config", [COMMANDS_CONFIG, SPEECH_CONFIG], ids=["commands", "speech"])
-def test_a_resumed_run_continues_the_uninterrupted_one(config, tmp_path):
+@pytest.mark.parametrize("config, stage", [(COMMANDS_CONFIG, 3), (SPEECH_CONFIG, 2)],
+                         ids=["commands-zero3", "speech-zero2"])
+def test_a_resumed_run_continues_the_uninterrupted_one(config, stage, tmp_path):
     """Resumed from its step-3 checkpoint, a run trains steps 4-6 as the uninterrupted run did: the data
     position, the seeded augmentation (the commands config's gain, speed and noise) and the optimizer and
-    schedule all come back. One process (--no-ray): the checkpoint is the subject."""
+    schedule all come back, under ZeRO-3 (wav2vec2's weight-normed convolution partitioned) and ZeRO-2.
+    One process (--no-ray): the checkpoint is the subject."""
     common = ["train.max_steps=6", "checkpoint.every_steps=3", "logging.every_steps=1", "eval.every_steps=null",
-              "eval.at_start=false", "eval.at_end=false"]
+              "eval.at_start=false", "eval.at_end=false", f"deepspeed.stage={stage}"]
     whole = train(config, tmp_path, *common, extra_args=("--no-ray",))
     again = train(config, tmp_path, *common, run_name="again",
                   extra_args=("--no-ray", "--resume", str(whole / checkpoints.folder_name(3))))
     losses = {run: {e["step"]: e["loss"] for e in read_events(run) if "loss" in e} for run in (whole, again)}
     assert sorted(losses[again]) == [4, 5, 6]
     assert [losses[again][s] for s in (4, 5, 6)] == pytest.approx([losses[whole][s] for s in (4, 5, 6)], rel=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_early_stopping_on_wer_and_sft_dist_eval_of_its_checkpoint(tmp_path, capsys):
+    """eval.metric eval_wer (lower is better) drives early stopping: no improvement by 10 (WER cannot) in
+    2 validations after step 0 stops the run at step 4; `sft-dist eval` of the step-4 checkpoint, a process
+    of its own making, reports the run's own step-4 validation."""
+    from sft_dist.cli import main
+
+    run = train(SPEECH_CONFIG, tmp_path, "train.max_steps=20", "eval.every_steps=2", "checkpoint.every_steps=2",
+                "eval.early_stopping.patience=2", "eval.early_stopping.min_delta=10", extra_args=("--no-ray",))
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["steps"]) == ("early_stopping", 4)
+    assert [e["step"] for e in evals(run)] == [0, 2, 4]
+    capsys.readouterr()
+    assert main(["eval", str(SPEECH_CONFIG), "--no-ray", "--checkpoint", str(run / checkpoints.folder_name(4)),
+                 "--set", f"output_dir={tmp_path}"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("eval_loss", "eval_wer", "eval_token_acc"):
+        assert again[key] == pytest.approx(evals(run)[-1][key], rel=1e-6), key
+
+
+@pytest.mark.timeout(120)
+def test_clips_past_max_audio_s_are_skipped_and_counted(tmp_path, capsys):
+    """data.max_audio_s bounds a clip as data.max_seq_len bounds text: the longer ones (by soundfile's
+    reading of each held-out clip) are counted as too_long; a text format refuses the key."""
+    from sft_dist import config as config_lib
+    from sft_dist.cli import main
+    from sft_dist.errors import UserError
+
+    limit = 0.4
+    longer = sum(soundfile.info(str(COMMANDS / r["audio"])).duration > limit for r in rows_of(COMMANDS / "eval.jsonl"))
+    assert 0 < longer < len(rows_of(COMMANDS / "eval.jsonl"))
+    assert main(["data", str(COMMANDS_CONFIG), "--set", f"data.max_audio_s={limit}",
+                 "--set", f"output_dir={tmp_path}"]) == 0
+    assert f"dropped (too_long {longer})" in capsys.readouterr().out
+    with pytest.raises(UserError, match="data.max_audio_s: for audio"):
+        config_lib.load(TINY_CONFIG, ["data.max_audio_s=2"])
 
 
 @pytest.mark.timeout(120)

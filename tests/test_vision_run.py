@@ -249,3 +249,26 @@ def test_vlm_export_answers_in_its_pipeline(vlm_merged):
                                              {"type": "text", "text": "How many shapes are there?"}]}]
     answer = chat(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)
     assert isinstance(answer[0]["generated_text"], str) and answer[0]["generated_text"].strip()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["detection", "segmentation"])
+def test_zero3_resumed_run_continues_the_uninterrupted_one(name, tmp_path):
+    """Under ZeRO-3 (the detector built whole, DETR's __init__ copies its backbone's batch norms; the
+    segmenter partitioned), a run resumed from its step-3 checkpoint trains steps 4-6 with the
+    uninterrupted run's losses: weights, optimizer, schedule and the seeded augmentation come back.
+    One process (--no-ray): the checkpoint is the subject."""
+    from sft_dist import checkpoints
+    from sft_dist.cli import main
+
+    def run(run_name: str, *extra: str) -> dict[int, float]:
+        fixed = [f"output_dir={tmp_path}", f"run_name={run_name}", "train.max_steps=6", "checkpoint.every_steps=3",
+                 "logging.every_steps=1", "eval.every_steps=null", "eval.at_start=false", "eval.at_end=false",
+                 "deepspeed.stage=3"]
+        assert main(["train", str(CONFIGS[name]), "--no-ray", *[a for o in fixed for a in ("--set", o)], *extra]) == 0
+        return {e["step"]: e["loss"] for e in read_events(tmp_path / run_name) if "loss" in e}
+
+    whole = run("whole")
+    again = run("again", "--resume", str(tmp_path / "whole" / checkpoints.folder_name(3)))
+    assert sorted(again) == [4, 5, 6]
+    assert [again[s] for s in (4, 5, 6)] == pytest.approx([whole[s] for s in (4, 5, 6)], rel=1e-6)

@@ -117,14 +117,16 @@ class AudioEncoder:
 
 def recogniser_encoder(data: DataConfig, tokenizer: Any) -> AudioEncoder:
     """A speech recogniser's encoder: its decoder's start token, and the longest clip and transcript the
-    model takes, from the model folder the tokenizer came from (e.g. Whisper's window: n_samples)."""
+    model takes, from the model folder the tokenizer came from (e.g. Whisper's window: n_samples), or
+    data.max_audio_s where that is shorter."""
     from transformers import AutoConfig, AutoFeatureExtractor
 
     config = AutoConfig.from_pretrained(tokenizer.name_or_path)
     extractor = AutoFeatureExtractor.from_pretrained(tokenizer.name_or_path)
     window = getattr(extractor, "n_samples", None)
+    limits = [s for s in (window / extractor.sampling_rate if window else None, data.max_audio_s) if s is not None]
     return AudioEncoder(data, tokenizer=tokenizer, decoder_start_id=config.decoder_start_token_id,
-                        max_duration_s=window / extractor.sampling_rate if window else None,
+                        max_duration_s=min(limits, default=None),
                         max_target_tokens=getattr(config, "max_target_positions", None))
 
 

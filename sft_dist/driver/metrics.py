@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 from sft_dist.worker import preflight
 
 # Validation metrics on the console line, in this order (those a record has).
-EVAL_SHOWN = ("eval_ppl", "eval_token_acc", "eval_exact_match", "eval_accuracy", "eval_macro_f1",
-              "eval_entity_precision", "eval_entity_recall", "eval_entity_f1")
+EVAL_SHOWN = ("eval_ppl", "eval_token_acc", "eval_exact_match", "eval_wer", "eval_accuracy", "eval_macro_f1",
+              "eval_entity_precision", "eval_entity_recall", "eval_entity_f1", "eval_mse", "eval_mae", "eval_map",
+              "eval_map_50", "eval_mean_iou", "eval_pixel_accuracy")
 TASK_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_entity_f1", "eval_wer")
 
 class RunRecorder:
@@ -60,7 +61,7 @@ class RunRecorder:
                 self.evals.append(record)
                 name, value = record.headline
                 shown = [f"{k.removeprefix('eval_')} {metrics[k]:.{2 if k == 'eval_ppl' else 3}f}"
-                         for k in EVAL_SHOWN if k in metrics]
+                         for k in EVAL_SHOWN if k in metrics and k != name]
                 self.display.evaluated(record, f"eval  step {step}: {name} {value:.4f} " + " ".join(shown))
             case TrainRecord():
                 self.last_train = record

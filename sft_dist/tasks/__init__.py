@@ -62,6 +62,9 @@ class Task:
     gathers: bool = False
     # Exports carry the model's own generation config although eval.generate does not apply (speech to text).
     saves_generation_config: bool = False
+    # ZeRO-3 builds the model partitioned (deepspeed.zero.Init); False where the model's own __init__
+    # reads weights it has just made (built whole on each rank, then partitioned by deepspeed.initialize).
+    partitions: bool = True
 
     @property
     def needs_tokenizer(self) -> bool:
@@ -74,6 +77,11 @@ class Task:
     @property
     def labelled(self) -> bool:
         return self.label_field is not None
+
+    @property
+    def has_new_head(self) -> bool:
+        """A head of the task's own (its width: the labels), not the model's vocabulary."""
+        return self.head_config is not no_head_config
 
     def auto_model(self) -> Any:
         import transformers

@@ -12,7 +12,7 @@ from sft_dist.tasks.sequence_classification import CLASS_METRICS, class_counts, 
 def clip_encoder(data: Any, tokenizer: Any, template: str | None, labels: list[str] | None) -> Any:
     from sft_dist.data.audio import AudioEncoder
 
-    return AudioEncoder(data, names=labels)
+    return AudioEncoder(data, names=labels, max_duration_s=data.max_audio_s)
 
 
 def clip_batches(cfg: Any, tokenizer: Any, module: Any) -> Any:

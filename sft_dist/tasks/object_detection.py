@@ -48,4 +48,7 @@ TASK = Task(
     head_config=label_config, label_field="objects", preprocessor="image_processor", labels_in_rows=False,
     model_loss=True, gathers=True,
     head_modules=("class_labels_classifier", "bbox_predictor"),  # DETR's heads, trained in full next to adapters
+    # DETR-family models swap their backbone's batch norms for frozen copies in __init__, copying weights
+    # zero.Init has already partitioned (a size mismatch): built whole, partitioned by DeepSpeed after.
+    partitions=False,
 )

@@ -97,8 +97,14 @@ class TranscriptCounts(SpeechCounts):
         labels = batch["labels"]
         # `synced` (more than one rank): every rank runs the same number of batches (evaluate.eval_batches);
         # each decoding step under ZeRO-3 gathers parameters, so ranks step together until all have finished.
-        generated = engine.module.generate(input_features=batch["input_features"], do_sample=False, num_beams=1,
-                                           max_new_tokens=labels.shape[1] + TRANSCRIPT_MARGIN, synced_gpus=synced)
+        features = batch["input_features"]
+        # Every frame is real: clips are padded to the model's window by its feature extractor, as in its
+        # pretraining. Said, because a batch without a mask makes generate warn (pad and end of text are
+        # one token for Whisper).
+        frames = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)
+        generated = engine.module.generate(input_features=features, attention_mask=frames, do_sample=False,
+                                           num_beams=1, max_new_tokens=labels.shape[1] + TRANSCRIPT_MARGIN,
+                                           synced_gpus=synced)
         hypotheses = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         references = self.tokenizer.batch_decode([row[row != IGNORE_INDEX] for row in labels.cpu()],
                                                  skip_special_tokens=True)

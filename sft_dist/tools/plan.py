@@ -15,7 +15,11 @@ with the chunked loss (`train.chunked_loss`), one chunk's `loss_chunk_tokens` ro
 Parameters are counted from the model's config on the meta device, built by the `model.task`'s class
 (a classifier with its head, not a language-model head): no weights are read. A classifier's logits
 are per label, not per vocabulary entry; a vision transformer's sequence is its patches (and [CLS]),
-not `data.max_seq_len`.
+not `data.max_seq_len`. A speech model's are its encoder's frames: a Whisper-style model pads every
+clip to its window (`max_source_positions` frames) and decodes up to `max_target_positions` tokens, its
+decoder's layers sized at those and its logits per target token; a wav2vec2-style encoder makes one
+frame per product of its convolutions' strides (320 samples: 20 ms at 16 kHz) of the longest clip,
+`data.max_audio_s` (30 s when unset, as the report says).
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ class ModelShape:
     layers: int
     heads: int
     vocab: int  # logits per position: the vocabulary of a causal LM, a classifier's labels
-    positions: int | None = None  # a fixed sequence length (an image's patches); None: data.max_seq_len
+    positions: int | None = None  # a fixed sequence length (patches, audio frames); None: data.max_seq_len
+    decoder_layers: int = 0  # an encoder-decoder's decoder (`layers` are then its encoder's)
+    decoder_positions: int | None = None  # its longest target: the rows of its logits
     chunkable: bool = False  # `train.chunked_loss: auto` turns the chunked loss on for this model
 
 
@@ -130,13 +136,15 @@ def host_bytes_per_node(params: int, largest_layer: int, setting: Setting, world
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, eager_attention: bool,
                      checkpointing: bool, loss_chunk: int | None = None) -> int:
-    s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
+    b, h, a = micro_batch, shape.hidden, shape.heads
     scale = 1 if precision in ("bf16", "fp16") else 2  # the estimate counts 16-bit elements
-    per_layer = s * b * h * (34 + (5 * a * s / h if eager_attention else 0)) * scale
-    logits = loss_path_bytes(shape.vocab, h, s * b, precision, loss_chunk)
-    if checkpointing:
-        return int(shape.layers * 2 * s * b * h * scale + per_layer + logits)
-    return int(shape.layers * per_layer + logits)
+    stacks = [(shape.layers, seq_len)] + ([(shape.decoder_layers, shape.decoder_positions)]
+                                          if shape.decoder_layers and shape.decoder_positions else [])
+    per_layer = {s: s * b * h * (34 + (5 * a * s / h if eager_attention else 0)) * scale for _, s in stacks}
+    logits = loss_path_bytes(shape.vocab, h, stacks[-1][1] * b, precision, loss_chunk)
+    if checkpointing:  # every layer's input kept, one layer recomputed at a time
+        return int(sum(n * 2 * s * b * h * scale for n, s in stacks) + max(per_layer.values()) + logits)
+    return int(sum(n * per_layer[s] for n, s in stacks) + logits)
 
 
 def loss_path_bytes(vocab: int, hidden: int, tokens: int, precision: str, loss_chunk: int | None) -> int:
@@ -166,15 +174,15 @@ def model_config_folder(cfg: RunConfig, config_path: Path, given: str | None) ->
 
 
 def model_shape(source: Path | str, trust_remote_code: bool = False, task: str = "causal_lm",
-                num_labels: int = 2) -> ModelShape:
+                num_labels: int = 2, audio_s: float | None = None) -> ModelShape:
     """Count parameters from the config alone: the task's model is built on the meta device (no memory,
-    no weights)."""
+    no weights). `audio_s`: a speech encoder's longest clip, where its frames are not fixed."""
     import torch
     from transformers import AutoConfig
 
     from sft_dist.modeling.loss import why_not_chunked
 
-    head = {} if TASKS[task].labels_are_tokens else {"num_labels": num_labels}
+    head = {"num_labels": num_labels} if TASKS[task].has_new_head else {}
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, **head)
     except OSError as err:
@@ -187,8 +195,13 @@ def model_shape(source: Path | str, trust_remote_code: bool = False, task: str =
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     # Convolutional vision models have no transformer layers: their activations are not estimated.
     layers = [getattr(text, name, 0) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads")]
-    return ModelShape(total, largest, *layers, text.vocab_size if TASKS[task].labels_are_tokens else num_labels,
-                      image_positions(config), chunkable=task == "causal_lm" and why_not_chunked(model) is None)
+    vocab = num_labels if TASKS[task].has_new_head else text.vocab_size
+    if TASKS[task].reads_audio:
+        frames, targets = audio_positions(config, audio_s)
+        return ModelShape(total, largest, *layers, vocab, frames, getattr(config, "decoder_layers", 0) if targets
+                          else 0, targets)
+    return ModelShape(total, largest, *layers, vocab, image_positions(config),
+                      chunkable=task == "causal_lm" and why_not_chunked(model) is None)
 
 
 def image_positions(config: Any) -> int | None:
@@ -197,6 +210,21 @@ def image_positions(config: Any) -> int | None:
     if not isinstance(size, int) or not isinstance(patch, int):
         return None
     return (size // patch) ** 2 + 1
+
+
+ASSUMED_AUDIO_S = 30.0  # a wav2vec2-style encoder's clip when data.max_audio_s is unset: Whisper's window
+ENCODER_SAMPLING_RATE = 16_000  # what wav2vec2, HuBERT and WavLM take
+
+
+def audio_positions(config: Any, audio_s: float | None) -> tuple[int | None, int | None]:
+    """(encoder frames, decoder target tokens or None) of a speech model; (None, None) if not known."""
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "max_source_positions", None):
+        return config.max_source_positions, config.max_target_positions  # Whisper: the padded window
+    strides = getattr(config, "conv_stride", None)
+    if strides:
+        samples = (audio_s or ASSUMED_AUDIO_S) * ENCODER_SAMPLING_RATE
+        return math.ceil(samples / math.prod(strides)), None
+    return None, None
 
 
 # ---------------------------------------------------------------- the report
@@ -257,11 +285,10 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
     gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
     lines = [
         f"model: {cfg.model.name_or_path}: {shape.total_params / 1e9:.3f} B parameters "
-        f"({shape.total_params:,}; largest layer {shape.largest_layer_params:,}), {shape.layers} layers, "
-        f"hidden {shape.hidden}, {'vocab' if task_of(cfg).labels_are_tokens else 'labels'} {shape.vocab}",
+        f"({shape.total_params:,}; largest layer {shape.largest_layer_params:,}), {layers_text(shape)}, "
+        f"hidden {shape.hidden}, {'labels' if task_of(cfg).has_new_head else 'vocab'} {shape.vocab}",
         f"run: {cfg.ray.num_workers_text()} workers, {t.precision}, micro-batch {t.micro_batch_size} x "
-        f"{shape.positions or cfg.data.max_seq_len} {'patches' if shape.positions else 'tokens'}, "
-        f"configured ZeRO-{ds.stage}"
+        f"{sequence_text(cfg, shape)}, configured ZeRO-{ds.stage}"
         + (" offload optimizer" if ds.offload_optimizer else "") + (" offload params" if ds.offload_params else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
         + (f", chunked loss ({chunk} tokens a chunk)" if chunk else ""),
@@ -299,6 +326,25 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
     return "\n".join(lines)
 
 
+def layers_text(shape: ModelShape) -> str:
+    if shape.decoder_layers and shape.decoder_positions:
+        return f"{shape.layers} encoder + {shape.decoder_layers} decoder layers"
+    return f"{shape.layers} layers"
+
+
+def sequence_text(cfg: RunConfig, shape: ModelShape) -> str:
+    """What one row of the micro-batch is: tokens, an image's patches, or a clip's frames."""
+    if not shape.positions:
+        return f"{cfg.data.max_seq_len} tokens"
+    if not task_of(cfg).reads_audio:
+        return f"{shape.positions} patches"
+    text = f"{shape.positions} audio frames"
+    if shape.decoder_positions:
+        return text + f" + {shape.decoder_positions} target tokens"
+    return text + (f" ({cfg.data.max_audio_s:g} s clips)" if cfg.data.max_audio_s else
+                   f" ({ASSUMED_AUDIO_S:g} s clips assumed: set data.max_audio_s)")
+
+
 def plan(config_path: str, overrides: list[str], device_memory: str | None, model_config: str | None,
          gpus_per_node: int | None) -> str:
     from sft_dist import config as config_lib
@@ -308,5 +354,5 @@ def plan(config_path: str, overrides: list[str], device_memory: str | None, mode
     # A classifier's label count from the config (2 if the data names them: the head is a rounding error).
     num_labels = len(cfg.model.labels) if cfg.model.labels else cfg.model.num_labels or 2
     shape = model_shape(model_config_folder(cfg, Path(config_path), model_config), cfg.model.trust_remote_code,
-                        cfg.model.task, num_labels)
+                        cfg.model.task, num_labels, cfg.data.max_audio_s)
     return report(cfg, shape, device_bytes, gpus_per_node or min(cfg.ray.max_workers, 8))

@@ -70,18 +70,23 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 @contextlib.contextmanager
-def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+def model_construction(ds_config: dict[str, Any], partitioned: bool = True) -> Iterator[None]:
     """Under ZeRO-3, `from_pretrained` inside this context builds the model partitioned, so no rank
-    ever holds all of it; other stages build normally."""
+    ever holds all of it; other stages build normally. A model whose construction cannot run on
+    partitioned weights (`partitioned=False`, as its task says) is built whole on each rank under ZeRO-3
+    too, and `deepspeed.initialize` partitions it."""
     global _hf_deepspeed_config
-    if ds_config["zero_optimization"]["stage"] == 3:
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    forget_zero3_construction()  # an earlier ZeRO-3 engine in this process (tests, --no-ray) must not partition
+    if zero3 and partitioned:
         # Kept for the whole job: transformers also asks it whether to sync ranks in `generate`.
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
         with partitioned_init.loaded_modules_not_reinitialised():
             yield
         return
-    forget_zero3_construction()  # an earlier ZeRO-3 engine in this process (tests, --no-ray) must not partition
     yield
+    if zero3:
+        _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
 
 
 def forget_zero3_construction() -> None:

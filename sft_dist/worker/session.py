@@ -187,7 +187,7 @@ def resume_point(ctx: RunContext, cfg: RunConfig, requested: str | None) -> tupl
 def build_engine(ctx: RunContext, cfg: RunConfig, steps: int, load_universal: bool = False) -> TrainEngine:
     ds_config = engine_lib.deepspeed_config(cfg, ctx.world_size, load_universal)
     dtype = model_lib.weight_dtype(cfg.model, cfg.train.precision)
-    model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config),
+    model = model_lib.build(cfg.model, dtype, engine_lib.model_construction(ds_config, task_of(cfg).partitions),
                             adapters.quantized_loading(cfg.peft, dtype, ctx.device), cfg.train.neftune_alpha)
     if cfg.data.packing:  # attention per packed example, not over the whole row (where sdpa would run)
         packed_attention.use_for_packing(model)
