@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GB (GiB)")
     plan.add_argument("--model-config", metavar="DIR", help="a folder with the model's config.json")
     plan.add_argument("--gpus-per-node", type=int, help="for host-memory figures (default: min(workers, 8))")
+    plan.add_argument("--bench", metavar="FILE", help="`sft-dist bench`'s JSON, for the speed advice "
+                      "(default: ./bench.json if there)")
     bench = commands.add_parser("bench", help="measure sft_dist against baselines, as ratios")
     bench.add_argument("--quick", action="store_true", help="the tiny model, a minute or two on CPU")
     bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
@@ -97,7 +99,8 @@ def run_command(args: argparse.Namespace) -> Exit:
     if args.command == "plan":
         from sft_dist.tools import plan
 
-        print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node))
+        print(plan.plan(args.config, args.overrides, args.device_memory, args.model_config, args.gpus_per_node,
+                        args.bench))
         return Exit.OK
     from sft_dist.tools import bench  # argparse allows no other command
 

@@ -19,6 +19,7 @@ from conftest import REPO, subprocess_env
 
 NAMES = ["1 framework overhead", "2a vs HF, unpacked", "2b vs HF, packed", "2c packing gain", "3 packing",
          "4 preprocessing", "5 checkpoint", "6 ZeRO-1 memory", "6 ZeRO-2 memory", "6 ZeRO-3 memory",
+         "6b ZeRO-0 step", "6b ZeRO-1 step", "6b ZeRO-2 step", "6b ZeRO-3 step",
          "9a packed attention", "9b packed row length", "10 speech throughput"]
 
 
@@ -54,6 +55,22 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path):
     assert results["6 ZeRO-3 memory"]["ratio"] == pytest.approx(0.5, abs=0.01)
     for name in NAMES:
         assert name in result.stdout
+    plan_quotes_the_measured_step_times(out, {s: results[f"6b ZeRO-{s} step"]["ratio"] for s in (0, 2)})
+
+
+def plan_quotes_the_measured_step_times(bench_json, ratios: dict[int, float]) -> None:
+    """Where ZeRO-0 fits, `sft-dist plan` of the tiny config (2 CPU workers, ZeRO-2) quotes what this very
+    bench measured, or, where bench measured no gain, leaves the advice out."""
+    done = subprocess.run([sys.executable, "-m", "sft_dist", "plan", str(REPO / "configs" / "tiny-cpu.yaml"),
+                           "--device-memory", "8GB", "--bench", str(bench_json)],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    speed = [line for line in done.stdout.splitlines() if line.startswith("speed:")]
+    lower_stage = (f"bench measured it at {ratios[0]:.2f}x against ZeRO-2's {ratios[2]:.2f}x the step time of one "
+                   f"process of 2 threads ({bench_json}); deepspeed.stage: 0")
+    assert any(lower_stage in line for line in speed) == (ratios[0] < ratios[2]), speed
+    threads = f"bench measured 2 processes of 1 thread at {ratios[0]:.2f}x"
+    assert any(threads in line for line in speed) == (ratios[0] > 1.0), speed
 
 
 def test_mfu_is_six_n_tokens_over_peak():

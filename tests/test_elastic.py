@@ -178,9 +178,24 @@ def start_nodes(env: dict) -> None:
 
 
 def stop_worker_node(env: dict) -> None:
-    """What a lost node does to the run: its `ray start` (raylet, agents, the worker on it) ends."""
+    """What a lost node does to the run: its `ray start` (raylet, agents, the worker on it) ends. Waits
+    until its processes are gone (as stop.sh: 10 s, then SIGKILL), so starting it again starts a new one."""
     pid = int((Path(env["SFT_DIST_RAY_TEMP_DIR"]) / "sft_dist_nodes" / "worker-1.pid").read_text())
     os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while group_alive(pid):
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @dataclass
@@ -188,6 +203,36 @@ class Drill:
     run_dir: Path
     exit_code: int
     out: str
+    timeline: list[str]
+
+    def account(self) -> str:
+        """What a failed drill shows: what it did when, Ray's and the run's lines about the worker group
+        and the cluster, and the end of the log."""
+        said = [line for line in self.out.splitlines()
+                if any(w in line for w in ("resiz", "Detected", "worker group", "Failed", "rror", "WARN", "restart"))]
+        return "\n".join(["timeline:", *self.timeline, "log lines:", *said[-40:], "log end:", self.out[-1500:]])
+
+
+class Timeline:
+    """The drill's actions with their time since it started (a thread's too), for a failure's account."""
+
+    def __init__(self):
+        self.start, self.lines = time.monotonic(), []
+
+    def note(self, what: str) -> None:
+        self.lines.append(f"{time.monotonic() - self.start:6.1f} s  {what}")
+
+    def timed(self, what: str, action, env: dict, view) -> None:
+        """`action(env)`, then twice, 30 s apart, what Ray's elastic policy sees (`view(env)`)."""
+        began = time.monotonic()
+        try:
+            action(env)
+            self.note(f"{what} took {time.monotonic() - began:.1f} s")
+            for _ in range(2):
+                time.sleep(30)
+                self.note(f"cluster: {view(env)}")
+        except BaseException as failed:  # a thread's failure would otherwise show nowhere
+            self.note(f"{what} failed after {time.monotonic() - began:.1f} s: {failed}")
 
 
 def nodes_alive(env: dict) -> int:
@@ -195,6 +240,35 @@ def nodes_alive(env: dict) -> int:
     driver_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], env=driver_env, capture_output=True, text=True, timeout=120)
     return int(done.stdout.strip().splitlines()[-1])
+
+
+# What Ray's elastic policy decides from: the alive nodes' CPUs, and its autoscaling coordinator's
+# requests (requester, priority, seconds left, CPUs reserved per node), read on the coordinator itself.
+CLUSTER_VIEW = """
+import time, ray
+ray.init(address='127.0.0.1:%d', logging_level='ERROR')
+print('nodes', [(n['NodeManagerPort'], n['Resources'].get('CPU')) for n in ray.nodes() if n['Alive']])
+try:
+    coordinator = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator')
+    def requests(self):
+        now = time.time()
+        return {k: (r.priority, round(r.expiration_time - now),
+                    {n[:6]: b.get('CPU') for n, b in r.reserved_resources.items()})
+                for k, r in self._ongoing_reqs.items()}
+    print('requests', ray.get(coordinator.__ray_call__.remote(requests), timeout=20))
+except Exception as e:
+    print('coordinator:', type(e).__name__, e)
+"""
+
+
+def cluster_view(env: dict) -> str:
+    driver_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    try:
+        done = subprocess.run([sys.executable, "-c", CLUSTER_VIEW % PORT], env=driver_env, capture_output=True,
+                              text=True, timeout=90)
+        return " ".join(done.stdout.split()) or done.stderr[-300:]
+    except subprocess.TimeoutExpired:
+        return "no view in 90 s"
 
 
 def train_records(events: list[dict]) -> list[dict]:
@@ -247,19 +321,24 @@ def drill(env: dict, output_dir: Path, order: tuple, *overrides: str, timeout_s:
         proc = subprocess.Popen([str(BIN / "sft-dist"), "train", str(TINY_CONFIG), *args], cwd=REPO, env=driver_env,
                                 stdout=out, stderr=subprocess.STDOUT)
     deadline, actions, restart, size_at_regain = time.monotonic() + timeout_s, list(order), None, 0
+    timeline = Timeline()
     try:
         while proc.poll() is None:
             assert time.monotonic() < deadline, f"the drill did not finish ({actions}): {log.read_text()[-3000:]}"
             events = read_events(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
             if hold.exists() and group_size(events) > size_at_regain:
                 hold.unlink()
+                timeline.note(f"hold released: a {group_size(events)}-worker group started")
             if actions and actions[0][1](events):
-                if actions.pop(0)[0] == "lose":
+                action = actions.pop(0)[0]
+                timeline.note(f"{action} after {len(train_records(events))} train records")
+                if action == "lose":
                     stop_worker_node(env)
                 else:
                     size_at_regain = group_size(events)
                     hold.touch()
-                    restart = threading.Thread(target=start_nodes, args=(env,), daemon=True)
+                    restart = threading.Thread(target=timeline.timed, args=("the worker node's start", start_nodes, env,
+                                                                            cluster_view), daemon=True)
                     restart.start()  # takes a while: the run waits for it
             time.sleep(0.5)
     finally:
@@ -271,7 +350,7 @@ def drill(env: dict, output_dir: Path, order: tuple, *overrides: str, timeout_s:
             restart.join(timeout=400)
     if order[-1][0] == "lose":  # leave the cluster whole for the next test
         start_nodes(env)
-    return Drill(run_dir, proc.returncode, log.read_text())
+    return Drill(run_dir, proc.returncode, log.read_text(), timeline.lines)
 
 
 def world_sizes(run_dir: Path) -> list[int]:
@@ -314,8 +393,9 @@ def uninterrupted(ray_cluster, variant, tmp_path_factory):
 def test_a_lost_node_shrinks_the_run_and_a_regained_one_grows_it_on_the_same_curve(cluster, variant, uninterrupted,
                                                                                    tmp_path):
     result = drill(cluster, tmp_path, variant.order, *variant.overrides)
-    assert result.exit_code == 0, result.out[-3000:]
-    assert world_sizes(result.run_dir) == variant.sizes, result.out[-3000:]
+    print("\n".join(result.timeline))  # pytest shows it with a failure
+    assert result.exit_code == 0, result.account()
+    assert world_sizes(result.run_dir) == variant.sizes, result.account()
     steps = [e["step"] for e in read_events(result.run_dir) if "loss" in e]
     assert steps == list(range(1, DRILL_STEPS + 1))  # steps trained again after a restart are recorded once
     assert train_losses(result.run_dir) == pytest.approx(train_losses(uninterrupted), rel=1e-4)

@@ -104,6 +104,51 @@ def test_plan_prints_the_table_and_recommends_offline(capsys):
         assert f"recommendation: {expected} with gradient checkpointing" in capsys.readouterr().out
 
 
+def speed_lines(capsys, *args: str) -> list[str]:
+    from sft_dist.cli import main
+
+    assert main(["plan", *args]) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed:")]
+
+
+def test_plan_advises_fewer_shards_where_they_fit_with_benchs_figures(capsys, tmp_path):
+    gpu, cpu = str(REPO / "configs" / "llama3-8b-gpu.yaml"), str(TINY_CONFIG)
+    measured = tmp_path / "bench.json"
+    measured.write_text(json.dumps({"results": [{"name": "6b ZeRO-1 step", "ratio": 1.1},
+                                                {"name": "6b ZeRO-3 step", "ratio": 1.9},
+                                                {"name": "6b ZeRO-0 step", "ratio": 1.05},
+                                                {"name": "6b ZeRO-2 step", "ratio": 1.2}]}))
+    # ZeRO-3 configured, ZeRO-1 fits 80 GB: said, without figures (no bench file), then with bench's.
+    plain = speed_lines(capsys, gpu, "--device-memory", "80GB")
+    assert plain[0].startswith("speed: ZeRO-1 without offload fits too") and "deepspeed.stage: 1" in plain[0]
+    assert "`sft-dist bench` measures these" in plain[-1] and len(plain) == 2  # a GPU config: no threads advice
+    quoted = speed_lines(capsys, gpu, "--device-memory", "80GB", "--bench", str(measured))
+    assert quoted == [f"speed: ZeRO-1 fits too, and bench measured it at 1.10x against ZeRO-3's 1.90x the step time "
+                      f"of one process of 2 threads ({measured}); deepspeed.stage: 1"]
+    # Where nothing fits but the configured setting, or bench measured no gain, nothing is advised.
+    assert speed_lines(capsys, gpu, "--device-memory", "16GB", "--bench", str(measured)) == []
+    # The tiny config on CPU: 2 workers at ZeRO-2, ZeRO-0 fits: a lower stage and one worker of 2 threads.
+    cpu_lines = speed_lines(capsys, cpu, "--device-memory", "8GB", "--bench", str(measured))
+    assert len(cpu_lines) == 2 and cpu_lines[0].endswith("deepspeed.stage: 0")
+    assert cpu_lines[1].endswith("ray.num_workers: 1, ray.threads_per_worker: 2")
+    assert "bench measured 2 processes of 1 thread at 1.05x" in cpu_lines[1]
+    measured.write_text(json.dumps({"results": [{"name": "6b ZeRO-0 step", "ratio": 0.9},
+                                                {"name": "6b ZeRO-2 step", "ratio": 0.8}]}))
+    assert speed_lines(capsys, cpu, "--device-memory", "8GB", "--bench", str(measured)) == []
+
+
+@pytest.mark.parametrize("content, words", [(None, "no such file"), ("[1, 2]", "not a `sft-dist bench` result")])
+def test_a_bench_file_plan_cannot_read_is_refused_in_one_line(capsys, tmp_path, content, words):
+    from sft_dist.cli import main
+
+    given = tmp_path / "bench.json"
+    if content is not None:
+        given.write_text(content)
+    assert main(["plan", str(TINY_CONFIG), "--device-memory", "8GB", "--bench", str(given)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--bench" in err[0] and words in err[0], err
+
+
 def test_bad_device_memory_exits_2(capsys):
     from sft_dist.cli import main
 
@@ -171,13 +216,13 @@ def bench_loss_peak(variant: str, parent_holds_bytes: int = 0) -> float:
 @pytest.fixture(scope="module")
 def decoder_floor() -> float:
     floor = bench_loss_peak("decoder", parent_holds_bytes=2**30)
-    assert floor < 2**29, floor  # the child's own peak (about 130 MB), not its parent's gigabyte
+    assert floor < 2**29, floor  # the child's own peak (about 110 MB), not its parent's gigabyte
     return floor
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("variant", ["full", "chunked"])
-def test_loss_path_estimate_is_within_15_percent_of_the_measured_peak(variant, decoder_floor, tmp_path):
+def test_loss_path_estimate_is_within_10_percent_of_the_measured_peak(variant, decoder_floor, tmp_path):
     """On bench's tiny-width 128k-vocabulary Llama, plan's loss-path bytes (full logits, or one chunk's)
     against what a real process measures: its peak in forward and backward over the same steps' peak
     without the loss over the head (decoder, gradients and allocator alike)."""
@@ -193,4 +238,4 @@ def test_loss_path_estimate_is_within_15_percent_of_the_measured_peak(variant, d
     chunk = plan.loss_chunk(cfg, shape)
     assert chunk == (size["chunk"] if variant == "chunked" else None)
     estimate = plan.loss_path_bytes(shape.vocab, shape.hidden, size["seq"], "fp32", chunk)
-    assert estimate == pytest.approx(bench_loss_peak(variant) - decoder_floor, rel=0.15)
+    assert estimate == pytest.approx(bench_loss_peak(variant) - decoder_floor, rel=0.10)

@@ -99,7 +99,13 @@ wait_for_nodes() {
   return 1
 }
 
-node_alive() { [ -s "$pids_dir/$1.pid" ] && kill -0 "$(cat "$pids_dir/$1.pid")" 2>/dev/null; }
+# A node whose `ray start` has exited but was not yet reaped (a zombie: where no init reaps the
+# orphans) is not alive.
+node_alive() {
+  local pid
+  pid=$(cat "$pids_dir/$1.pid" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
+}
 
 # Running already (the head's `ray start --block` is alive; asking Ray instead takes ~40 s to fail):
 # worker nodes that have stopped since (a drill stopped one, or it crashed) are started again.

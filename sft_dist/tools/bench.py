@@ -10,7 +10,8 @@ printed as a table and written as JSON.
    preparation of the same conversations (sft_dist.tools.bench_baselines).
 5. checkpoint: save and load MB/s; the share of training time spent saving at the checkpoint cadence.
 6. ZeRO memory: per-rank parameter + gradient + optimizer bytes at 2 workers over 1, stages 1-3, read
-   off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.tools.bench_zero).
+   off real DeepSpeed engines in 1 and 2 CPU processes (sft_dist.tools.bench_zero); (6b, CPU) each
+   stage's step time at 2 processes of 1 thread over one process of 2 threads, the same global batch.
 8. loss (full runs only): the chunked causal-LM loss over the full logits, loss-path peak memory and
    step time at a 128k vocabulary and a long sequence, one process per measurement (bench_loss).
 9. packed attention: tokens/s of packed rows with attention per example (sft_dist's, without
@@ -284,6 +285,22 @@ def zero_scaling_results(ctx: Any, config: str | None, quick: bool, out_dir: Pat
     return out
 
 
+def zero_speed_results(config: str | None, quick: bool, out_dir: Path) -> list[Result]:
+    """Step time of each ZeRO stage at 2 processes of 1 thread over one process of 2 threads (ZeRO-0), the
+    same global batch: what sharding costs where the model would fit unsharded (`sft-dist plan` quotes it)."""
+    from sft_dist.tools import bench_zero
+
+    one, two = bench_zero.step_times(config, quick, out_dir)
+    out = []
+    for stage in bench_zero.SPEED_STAGES:
+        ratios = [b / a for a, b in zip(one, two[stage])]
+        out.append(Result(f"6b ZeRO-{stage} step", "step s, 2 processes x 1 thread", float(np.median(two[stage])),
+                          "1 process x 2 threads, ZeRO-0", float(np.median(one)),
+                          median_spread(ratios)[1] if len(ratios) > 1 else None,
+                          note=f"same global batch; {len(ratios)} interleaved pair(s)"))
+    return out
+
+
 def loss_results(use_gpu: bool) -> list[Result]:
     """The chunked causal-LM loss over the full logits: loss-path peak memory and step time (bench_loss)."""
     from sft_dist.tools import bench_loss
@@ -370,6 +387,8 @@ def run(config: str | None, quick: bool, out_dir: Path, use_gpu: bool = False, p
     results.append(packing_result(plain_data, packed_data))
     results.append(preprocessing_result(cfg, trl_trainer, repeats=3 if quick else 5))
     results += zero_scaling_results(ctx, config, quick, out_dir)
+    if not use_gpu:  # on GPUs the alternative to sharding is not threads
+        results += zero_speed_results(config, quick, out_dir)
     results += attention_results(quick)
     from sft_dist.tools import bench_speech
 

@@ -5,7 +5,10 @@ The model is a tiny-width Llama with a 128k vocabulary, built from a config (no 
 is then most of its memory, as at a real model's long sequences. Each measurement is a process of its own
 (`python -m sft_dist.tools.bench_loss`), so its peak RSS (VmHWM; or, on a GPU, `torch.cuda.max_memory_allocated`)
 is that variant's alone; the loss-path peak is the peak during the steps over the memory held before them
-(model and inputs). Full and chunked processes alternate, so machine noise hits both.
+(model and inputs). On CPU the process first pins glibc's mmap threshold, so a freed tensor's pages go back
+at once and the RSS peak is the live bytes' peak, as cuda's max_memory_allocated is: with glibc's own
+threshold, which grows as large blocks are freed, freed logits stayed in the heap, and the peak varied by
+a fifth between machines. Full and chunked processes alternate, so machine noise hits both.
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ def _model(device: str) -> Any:
     return transformers.LlamaForCausalLM(config).to(device)
 
 
+def _return_freed_memory_at_once() -> None:
+    """glibc: every block of 64 KiB or more is its own mapping, unmapped when freed (setting the threshold
+    also stops glibc raising it). Elsewhere (no mallopt) the peak keeps the allocator's retention."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (malloc.h)
+
+
 def _reset_peak(device: str) -> None:
     """Start the peak from what the process holds now (model and inputs built)."""
     import torch
@@ -95,6 +109,8 @@ def one_process(variant: str, quick: bool, use_gpu: bool) -> dict[str, float]:
     from sft_dist.modeling.loss import chunked_loss_of, token_loss_sums
 
     size, device = sizes(quick), "cuda" if use_gpu else "cpu"
+    if device == "cpu":
+        _return_freed_memory_at_once()
     torch.set_num_threads(1)
     model = _model(device)
     ids = torch.randint(0, VOCAB, (1, size["seq"]), device=device)

@@ -33,6 +33,7 @@ from typing import Any
 from sft_dist.config import RunConfig
 from sft_dist.errors import UserError
 from sft_dist.tasks import TASKS, task_of
+from sft_dist.tools import plan_speed
 
 GiB = 2**30
 # Kept free of the device's memory: CUDA context, allocator fragmentation, communication buckets.
@@ -150,12 +151,13 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precisio
 def loss_path_bytes(vocab: int, hidden: int, tokens: int, precision: str, loss_chunk: int | None) -> int:
     """The logits rows held at once (all of a micro-batch's tokens, or one chunk of the chunked loss:
     `train.chunked_loss`) in the compute dtype, with a float32 copy and its gradient for the loss. The
-    chunked loss also holds about five float32 LM-head-sized buffers in its backward (each chunk's weight
-    gradient and their running sum; measured on bench's 128k-vocabulary model, a test keeps it so)."""
+    chunked loss also holds one float32 LM-head-sized buffer in its backward (a chunk's weight gradient,
+    before it joins the running sum; measured as live bytes on bench's 128k-vocabulary model, a test keeps
+    it so)."""
     compute = 2 if precision in ("bf16", "fp16") else 4
     if loss_chunk is None:
         return tokens * vocab * (compute + 8)
-    return min(loss_chunk, tokens) * vocab * (compute + 8) + 5 * vocab * hidden * 4
+    return min(loss_chunk, tokens) * vocab * (compute + 8) + vocab * hidden * 4
 
 
 # ---------------------------------------------------------------- the model
@@ -279,7 +281,8 @@ def recommend(table: list[dict[str, Any]], device_bytes: int) -> tuple[dict[str,
     return None
 
 
-def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per_node: int) -> str:
+def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per_node: int,
+           measured: tuple[dict[int, float], str] | None = None) -> str:
     t, ds = cfg.train, cfg.deepspeed
     table, chunk = rows(cfg, shape, gpus_per_node), loss_chunk(cfg, shape)
     gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
@@ -323,6 +326,9 @@ def report(cfg: RunConfig, shape: ModelShape, device_bytes: int | None, gpus_per
                 f"{need / GiB:.1f} GiB of {budget}: deepspeed.stage: {s.stage}, deepspeed.offload_optimizer: "
                 f"{str(s.offload_optimizer).lower()}, deepspeed.offload_params: {str(s.offload_params).lower()}, "
                 f"model.gradient_checkpointing: {str(gc).lower()}")
+            cpu_workers = 0 if cfg.ray.use_gpu else cfg.ray.max_workers
+            lines += plan_speed.advice(ds.stage, ds.offload_optimizer or ds.offload_params, s.stage, cpu_workers,
+                                       cfg.ray.threads_per_worker, measured)
     return "\n".join(lines)
 
 
@@ -346,7 +352,7 @@ def sequence_text(cfg: RunConfig, shape: ModelShape) -> str:
 
 
 def plan(config_path: str, overrides: list[str], device_memory: str | None, model_config: str | None,
-         gpus_per_node: int | None) -> str:
+         gpus_per_node: int | None, bench: str | None = None) -> str:
     from sft_dist import config as config_lib
 
     cfg = config_lib.load(config_path, overrides)
@@ -355,4 +361,5 @@ def plan(config_path: str, overrides: list[str], device_memory: str | None, mode
     num_labels = len(cfg.model.labels) if cfg.model.labels else cfg.model.num_labels or 2
     shape = model_shape(model_config_folder(cfg, Path(config_path), model_config), cfg.model.trust_remote_code,
                         cfg.model.task, num_labels, cfg.data.max_audio_s)
-    return report(cfg, shape, device_bytes, gpus_per_node or min(cfg.ray.max_workers, 8))
+    return report(cfg, shape, device_bytes, gpus_per_node or min(cfg.ray.max_workers, 8),
+                  plan_speed.bench_step_ratios(bench) if device_bytes else None)

@@ -36,7 +36,11 @@ def pace(debug: DebugConfig) -> None:
     if debug.step_sleep_s:
         time.sleep(debug.step_sleep_s)
     deadline = time.monotonic() + HOLD_LIMIT_S
-    while debug.hold_while_file and os.path.exists(debug.hold_while_file) and time.monotonic() < deadline:
+    while debug.hold_while_file and os.path.exists(debug.hold_while_file):
+        if time.monotonic() > deadline:
+            print(f"debug.hold_while_file: {debug.hold_while_file} still exists after {HOLD_LIMIT_S:g} s; "
+                  "this step goes on", flush=True)
+            return
         time.sleep(0.2)
 
 
